@@ -1,0 +1,34 @@
+# Two commands: `make demo` (set up, then run the main job on the embedded digits data) and `make test`.
+# TORCH_SPEC picks the torch wheel: any torch >= 2.2 by default; CI on our build machines pins the local CPU
+# wheel with TORCH_SPEC=torch==2.13.0.
+PYTHON ?= python3
+TORCH_SPEC ?= torch>=2.2
+VENV ?= .venv
+BIN := $(VENV)/bin
+SHARED_DATA := $(abspath ../shared/data)
+TEST_DATA_DIR := $(if $(LIFTKIT_DATA_DIR),$(LIFTKIT_DATA_DIR),$(if $(wildcard $(SHARED_DATA)),$(SHARED_DATA),))
+
+.PHONY: demo test lint unit setup clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+demo: setup
+	$(BIN)/liftkit bench --config configs/demo.json --out demo-out
+
+lint: setup
+	$(BIN)/ruff check src tests scripts
+	$(BIN)/mypy
+
+unit: setup
+	LIFTKIT_DATA_DIR="$(TEST_DATA_DIR)" $(BIN)/python -m pytest -q
+
+test: lint unit
+
+clean:
+	rm -rf $(VENV) demo-out bench-out runs

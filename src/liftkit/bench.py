@@ -1,0 +1,274 @@
+"""``liftkit bench``: several methods on the same data, model, initial weights and seed, one after the other.
+
+Each run is a separate ``liftkit train`` process, so its peak RSS and timing are its own. The bench writes
+``results.json`` (``{"machine": {...}, "runs": [summary, ...]}``), ``results.md`` (a table) and PNG plots of
+test accuracy and training loss against epochs and seconds.
+
+A run is named by a label: ``adam`` runs the ``adam`` method; ``proxprop@sgd`` runs ``proxprop`` under the
+label ``proxprop@sgd``, so one bench can hold the same method with different settings. Per-run settings are
+``LABEL.KEY=VALUE``: hyperparameters of the method, or one of the run keys ``loss``, ``epochs``,
+``batch_size``, ``activation``, ``sampling``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from liftkit.errors import LiftkitError
+from liftkit.io import atomic_write_json, atomic_write_text
+from liftkit.methods import get
+
+__all__ = ["RUN_KEYS", "BenchSpec", "machine_info", "render_table", "run_bench", "time_to_target"]
+
+RUN_KEYS = ("loss", "epochs", "batch_size", "activation", "sampling")
+
+
+@dataclass
+class BenchSpec:
+    """Settings of one benchmark (the options of ``liftkit bench``)."""
+
+    methods: list[str]
+    dataset: str
+    model: str
+    activation: str = "relu"
+    epochs: int = 5
+    batch_size: int | None = None
+    loss: str | None = None
+    seed: int = 0
+    settings: dict[str, dict[str, Any]] = field(default_factory=dict)  # label -> {key: value}
+    data_dir: str | None = None
+    out: str = "bench-out"
+    device: str = "cpu"
+    dtype: str = "float32"
+    split: str = "test"
+    sampling: str = "shuffle"
+    mean_subtract: bool = False
+    target_accuracy: float | None = None
+    threads: int | None = None
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: str = "cpu") -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": device,
+    }
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def time_to_target(summary: dict[str, Any], target: float) -> float | None:
+    """Cumulative training seconds at the first epoch whose test accuracy reaches ``target``."""
+    for h in summary.get("history", []):
+        acc = h.get("test_accuracy")
+        if acc is not None and acc >= target:
+            return float(h["seconds"])
+    return None
+
+
+def _split_label(label: str) -> str:
+    return label.split("@", 1)[0]
+
+
+def _validate(spec: BenchSpec) -> None:
+    if not spec.methods:
+        raise LiftkitError("bench needs at least one method: --methods adam,sgd,...")
+    if len(set(spec.methods)) != len(spec.methods):
+        raise LiftkitError("a method label appears twice in --methods; use name@label to run a method twice")
+    for label in spec.methods:
+        get(_split_label(label))  # unknown method -> ValueError listing the valid names
+    for label in spec.settings:
+        if label not in spec.methods:
+            raise LiftkitError(
+                f"--set names run {label!r}, which is not in --methods ({', '.join(spec.methods)})"
+            )
+
+
+def _train_command(spec: BenchSpec, label: str, out_dir: Path) -> list[str]:
+    settings = dict(spec.settings.get(label, {}))
+    run_opts = {k: settings.pop(k) for k in RUN_KEYS if k in settings}
+    cmd = [
+        sys.executable,
+        "-m",
+        "liftkit",
+        "train",
+        "--method",
+        _split_label(label),
+        "--label",
+        label,
+        "--dataset",
+        spec.dataset,
+        "--model",
+        spec.model,
+        "--activation",
+        str(run_opts.get("activation", spec.activation)),
+        "--epochs",
+        str(run_opts.get("epochs", spec.epochs)),
+        "--seed",
+        str(spec.seed),
+        "--out",
+        str(out_dir),
+        "--device",
+        spec.device,
+        "--dtype",
+        spec.dtype,
+        "--split",
+        spec.split,
+        "--sampling",
+        str(run_opts.get("sampling", spec.sampling)),
+    ]
+    batch = run_opts.get("batch_size", spec.batch_size)
+    if batch is not None:
+        cmd += ["--batch-size", str(batch)]
+    loss = run_opts.get("loss", spec.loss)
+    if loss is not None:
+        cmd += ["--loss", str(loss)]
+    if spec.data_dir is not None:
+        cmd += ["--data-dir", spec.data_dir]
+    if spec.mean_subtract:
+        cmd.append("--mean-subtract")
+    if spec.threads is not None:
+        cmd += ["--threads", str(spec.threads)]
+    for key, value in settings.items():
+        text = ",".join(str(v) for v in value) if isinstance(value, list | tuple) else str(value)
+        cmd += ["--set", f"{key}={text}"]
+    return cmd
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.2f}"
+
+
+def _num(x: float | None, fmt: str = ".4f") -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def render_table(results: dict[str, Any], target: float | None = None) -> str:
+    """The markdown table of ``results.md``."""
+    machine = results["machine"]
+    lines = [
+        f"Machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}, device {machine['device']}",
+        "",
+    ]
+    head = ["run", "method", "final test acc %", "best test acc %", "final train loss", "s/epoch"]
+    if target is not None:
+        head.append(f"s to {100 * target:g}%")
+    head.append("peak RSS MB")
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "---|" * len(head))
+    for r in results["runs"]:
+        if "error" in r:
+            row = [r["label"], r.get("method", ""), "failed: " + r["error"]] + [""] * (len(head) - 3)
+        else:
+            row = [
+                r["label"],
+                r.get("reporting_name", r["method"]),
+                _pct(r["test_accuracy"]),
+                _pct(r["best_test_accuracy"]),
+                _num(r["train_loss"]),
+                _num(r["seconds_per_epoch"], ".2f"),
+            ]
+            if target is not None:
+                row.append(_num(time_to_target(r, target), ".1f"))
+            row.append(_num(r["peak_rss_mb"], ".0f"))
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot(results: dict[str, Any], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in results["runs"] if "error" not in r and r.get("history")]
+    written: list[Path] = []
+    panels = [("train_loss", "training loss", "loss.png")]
+    if any(h.get("test_accuracy") is not None for r in runs for h in r["history"]):
+        panels.insert(0, ("test_accuracy", "test accuracy", "accuracy.png"))
+    for key, title, name in panels:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for r in runs:
+            epochs = [h["epoch"] for h in r["history"]]
+            secs = [h["seconds"] for h in r["history"]]
+            vals = [h[key] for h in r["history"]]
+            axes[0].plot(epochs, vals, marker=".", label=r["label"])
+            axes[1].plot(secs, vals, marker=".", label=r["label"])
+        axes[0].set_xlabel("epoch")
+        axes[1].set_xlabel("training seconds")
+        for ax in axes:
+            ax.set_ylabel(title)
+            ax.grid(alpha=0.3)
+            if key == "train_loss":
+                ax.set_yscale("log")
+        axes[1].legend(fontsize=8)
+        fig.suptitle(f"{title}: {results['runs'][0].get('dataset', '')} {results['runs'][0].get('model', '')}")
+        fig.tight_layout()
+        path = out / name
+        tmp = out / f".{name}.tmp.png"
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, path)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def run_bench(spec: BenchSpec, *, echo: bool = True) -> dict[str, Any]:
+    """Run every method of ``spec`` in turn and write the results; returns ``results.json``'s content."""
+    _validate(spec)
+    out = Path(spec.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {"machine": machine_info(spec.device), "runs": []}
+    if spec.threads is not None:
+        results["machine"]["torch_threads"] = spec.threads
+    for label in spec.methods:
+        run_dir = out / "runs" / label.replace("/", "_")
+        cmd = _train_command(spec, label, run_dir)
+        if echo:
+            print(f"[bench] {label}: {' '.join(cmd[2:])}", file=sys.stderr, flush=True)
+        proc = subprocess.run(cmd, check=False)
+        summary_path = run_dir / "summary.json"
+        if proc.returncode == 0 and summary_path.exists():
+            with open(summary_path, encoding="utf-8") as fh:
+                results["runs"].append(json.load(fh))
+        else:
+            failed = run_dir / "failed.json"
+            message = f"exit code {proc.returncode}"
+            if failed.exists():
+                with open(failed, encoding="utf-8") as fh:
+                    message = json.load(fh).get("error", message)
+            if proc.returncode == 2 and len(results["runs"]) == 0 and label == spec.methods[0]:
+                # An input error (bad dataset, model or hyperparameter) would fail every run alike.
+                raise LiftkitError(message)
+            results["runs"].append({"label": label, "method": _split_label(label), "error": message})
+        atomic_write_json(out / "results.json", results)
+    table = render_table(results, spec.target_accuracy)
+    atomic_write_text(out / "results.md", table)
+    plots = _plot(results, out)
+    results["plots"] = [str(p) for p in plots]
+    return results

@@ -1,0 +1,13 @@
+"""Exception types. Every liftkit error carries a one-line message naming the problem and the fix."""
+
+
+class LiftkitError(Exception):
+    """Base class: an input or usage problem the CLI reports as one line with exit code 2."""
+
+
+class DataError(LiftkitError):
+    """A dataset file is missing, corrupt, or has the wrong format."""
+
+
+class DivergenceError(LiftkitError):
+    """Training produced a non-finite loss; the CLI exits with code 1."""

@@ -1,0 +1,319 @@
+"""Model builders and the layer-chain view used by the lifted methods.
+
+Every builder returns an ordinary :class:`torch.nn.Sequential`; the methods train it in place and hand the same
+module back, so inference is always the plain forward pass.
+
+Spec strings (what ``--model`` takes):
+
+* ``"784-500-10"``: an MLP (``Flatten``, then ``Linear``/activation pairs, the last ``Linear`` bare unless
+  ``output_activation`` is given);
+* ``"lenet5"``: LeNet-5 with average pooling (METHODS.md §3.4);
+* ``"ae:784-1000-500-250-30"``: the mirrored autoencoder 784-1000-500-250-30-250-500-1000-784.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from liftkit.activations import ACTIVATIONS, Activation, activation_from_module, get_activation
+
+__all__ = [
+    "ChainLayer",
+    "ModelSpec",
+    "as_chain",
+    "autoencoder",
+    "build_model",
+    "lenet5",
+    "mlp",
+    "parse_model_spec",
+]
+
+# Modules that are linear and parameter-free, so a lifted method can fold them into the next layer's linear map
+# (e.g. LeNet-5's average pooling, METHODS.md §3.4).
+_LINEAR_GLUE = (nn.Flatten, nn.AvgPool2d, nn.ZeroPad2d, nn.Identity)
+
+
+def _parse_widths(text: str, what: str) -> list[int]:
+    parts = text.split("-")
+    try:
+        widths = [int(p) for p in parts]
+    except ValueError:
+        raise ValueError(
+            f"invalid {what} spec {text!r}: expected widths separated by '-', e.g. 784-500-10"
+        ) from None
+    if len(widths) < 2 or any(w <= 0 for w in widths):
+        raise ValueError(f"invalid {what} spec {text!r}: need at least two positive widths, e.g. 784-500-10")
+    return widths
+
+
+def _act_module(name: str | None) -> nn.Module | None:
+    if name is None or name == "none":
+        return None
+    return get_activation(name).module()
+
+
+def mlp(spec: str | Sequence[int], activation: str = "relu", output_activation: str | None = None) -> nn.Sequential:
+    """A fully connected network ``Flatten -> (Linear -> act) * (L-1) -> Linear [-> output_activation]``.
+
+    ``spec`` is ``"784-500-10"`` or a list of widths. ``activation`` names the hidden activation (one of
+    :data:`liftkit.activations.ACTIVATIONS`). The output is bare logits unless ``output_activation`` is given
+    (LPOM's papers apply the activation at the output too, METHODS.md §2.2).
+    """
+    widths = _parse_widths(spec, "mlp") if isinstance(spec, str) else list(spec)
+    if len(widths) < 2:
+        raise ValueError("an mlp needs at least an input and an output width")
+    modules: list[nn.Module] = [nn.Flatten()]
+    for i, (n_in, n_out) in enumerate(itertools.pairwise(widths)):
+        modules.append(nn.Linear(n_in, n_out))
+        last = i == len(widths) - 2
+        act = _act_module(output_activation if last else activation)
+        if act is not None:
+            modules.append(act)
+    return nn.Sequential(*modules)
+
+
+def lenet5(
+    in_channels: int = 1, input_size: int = 28, num_classes: int = 10, activation: str = "relu"
+) -> nn.Sequential:
+    """LeNet-5 with average pooling, as in the Fenchel lifted networks code (METHODS.md §3.4).
+
+    ``28x28`` inputs are zero-padded to ``32x32``; conv 6@5x5 -> act -> avgpool2 -> conv 16@5x5 -> act ->
+    avgpool2 -> flatten (400) -> 120 -> act -> 84 -> act -> ``num_classes`` logits.
+    """
+    pad = (32 - input_size) // 2
+    if input_size + 2 * pad != 32:
+        raise ValueError(f"lenet5 expects 28x28 or 32x32 inputs, got {input_size}x{input_size}")
+    layers: list[nn.Module] = []
+    if pad:
+        layers.append(nn.ZeroPad2d(pad))
+    act = get_activation(activation)
+    layers += [
+        nn.Conv2d(in_channels, 6, 5),
+        act.module(),
+        nn.AvgPool2d(2),
+        nn.Conv2d(6, 16, 5),
+        act.module(),
+        nn.AvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16 * 5 * 5, 120),
+        act.module(),
+        nn.Linear(120, 84),
+        act.module(),
+        nn.Linear(84, num_classes),
+    ]
+    return nn.Sequential(*layers)
+
+
+def autoencoder(
+    spec: str | Sequence[int], activation: str = "relu", output_activation: str | None = "sigmoid"
+) -> nn.Sequential:
+    """The mirrored autoencoder of ``spec`` (``"784-1000-500-250-30"`` gives 784-...-30-...-784).
+
+    Every layer, the code layer included, applies ``activation`` so that each layer is a (linear map,
+    activation) pair a lifted method can handle; the reconstruction passes through ``output_activation``
+    (sigmoid by default, since pixels lie in [0, 1]; METHODS.md §8.5).
+    """
+    enc = _parse_widths(spec, "autoencoder") if isinstance(spec, str) else list(spec)
+    widths = enc + enc[-2::-1]
+    modules: list[nn.Module] = [nn.Flatten()]
+    for i, (n_in, n_out) in enumerate(itertools.pairwise(widths)):
+        modules.append(nn.Linear(n_in, n_out))
+        last = i == len(widths) - 2
+        act = _act_module(output_activation if last else activation)
+        if act is not None:
+            modules.append(act)
+    return nn.Sequential(*modules)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A parsed ``--model`` string."""
+
+    kind: str  # "mlp", "lenet5" or "ae"
+    widths: tuple[int, ...] = ()
+
+    @property
+    def is_autoencoder(self) -> bool:
+        return self.kind == "ae"
+
+    def __str__(self) -> str:
+        if self.kind == "lenet5":
+            return "lenet5"
+        body = "-".join(str(w) for w in self.widths)
+        return f"ae:{body}" if self.kind == "ae" else body
+
+
+def parse_model_spec(text: str) -> ModelSpec:
+    """Parse ``"784-500-10"``, ``"lenet5"`` or ``"ae:784-1000-500-250-30"``; ``ValueError`` otherwise."""
+    text = text.strip()
+    if text.lower() == "lenet5":
+        return ModelSpec("lenet5")
+    if text.lower().startswith("ae:"):
+        return ModelSpec("ae", tuple(_parse_widths(text[3:], "autoencoder")))
+    return ModelSpec("mlp", tuple(_parse_widths(text, "model")))
+
+
+def build_model(
+    spec: str | ModelSpec,
+    *,
+    input_shape: Sequence[int],
+    num_classes: int,
+    activation: str = "relu",
+    output_activation: str | None = None,
+    seed: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> nn.Sequential:
+    """Build the model of a spec string for a dataset, checking that its input and output sizes fit.
+
+    With ``seed`` the weights are drawn from a freshly seeded generator state, so every method of a benchmark
+    starts from the same initial weights. ``output_activation`` applies to MLPs only (autoencoders end in a
+    sigmoid; LeNet-5 in logits).
+    """
+    parsed = parse_model_spec(spec) if isinstance(spec, str) else spec
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; choose one of {', '.join(ACTIVATIONS)}")
+    input_dim = 1
+    for s in input_shape:
+        input_dim *= int(s)
+    fork = torch.random.fork_rng() if seed is not None else _nullcontext()
+    with fork:
+        if seed is not None:
+            torch.manual_seed(seed)
+        if parsed.kind == "lenet5":
+            if len(input_shape) != 3 or input_shape[1] != input_shape[2]:
+                raise ValueError(f"lenet5 needs square image inputs (C,H,W), got shape {tuple(input_shape)}")
+            model = lenet5(int(input_shape[0]), int(input_shape[1]), num_classes, activation)
+        elif parsed.kind == "ae":
+            if parsed.widths[0] != input_dim:
+                raise ValueError(
+                    f"autoencoder input width {parsed.widths[0]} does not match the data's {input_dim} features; "
+                    f"use --model ae:{input_dim}-..."
+                )
+            model = autoencoder(parsed.widths, activation)
+        else:
+            if parsed.widths[0] != input_dim:
+                raise ValueError(
+                    f"model input width {parsed.widths[0]} does not match the data's {input_dim} features; "
+                    f"use --model {input_dim}-...-{num_classes}"
+                )
+            if parsed.widths[-1] != num_classes:
+                raise ValueError(
+                    f"model output width {parsed.widths[-1]} does not match the data's {num_classes} classes; "
+                    f"use --model {'-'.join(str(w) for w in parsed.widths[:-1])}-{num_classes}"
+                )
+            model = mlp(parsed.widths, activation, output_activation)
+    return model.to(device=device, dtype=dtype)
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+@dataclass
+class ChainLayer:
+    """One (linear map, activation) pair of a :func:`as_chain` view.
+
+    The layer computes ``act(linear(pre(x)))``. ``pre`` holds parameter-free linear glue (flatten, average
+    pooling, zero padding) that a lifted method folds into the layer's linear operator (METHODS.md §3.4).
+    ``activation`` is ``None`` for a bare output layer (logits).
+    """
+
+    index: int
+    linear: nn.Linear | nn.Conv2d
+    activation: Activation | None
+    pre: list[nn.Module] = field(default_factory=list)
+    activation_index: int | None = None
+
+    @property
+    def is_conv(self) -> bool:
+        return isinstance(self.linear, nn.Conv2d)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.linear.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.linear.bias
+
+    def apply_pre(self, x: torch.Tensor) -> torch.Tensor:
+        for m in self.pre:
+            x = m(x)
+        return x
+
+    def preactivation(self, x: torch.Tensor) -> torch.Tensor:
+        """``linear(pre(x))``: the layer's pre-activation for layer input ``x``."""
+        return self.linear(self.apply_pre(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u = self.preactivation(x)
+        return u if self.activation is None else self.activation.phi(u)
+
+
+def as_chain(
+    model: nn.Module,
+    *,
+    method: str,
+    allow_conv: bool = False,
+    allowed_activations: Iterable[str] | None = None,
+    require_bias: bool = False,
+) -> list[ChainLayer]:
+    """View an ``nn.Sequential`` as a chain of (linear map, activation) layers.
+
+    Raises ``ValueError`` naming the first module ``method`` cannot handle: anything that is not a Linear
+    (or Conv2d with ``allow_conv``), a known monotone activation, or parameter-free linear glue; two activations
+    in a row; or an activation outside ``allowed_activations``.
+    """
+    if not isinstance(model, nn.Sequential):
+        raise ValueError(f"{method} needs an nn.Sequential model, got {type(model).__name__}")
+    allowed = None if allowed_activations is None else set(allowed_activations)
+    chain: list[ChainLayer] = []
+    pending_pre: list[nn.Module] = []
+    for i, module in enumerate(model):
+        where = f"module {i} ({type(module).__name__})"
+        if isinstance(module, nn.Linear | nn.Conv2d):
+            if isinstance(module, nn.Conv2d) and not allow_conv:
+                raise ValueError(f"{method} cannot train {where}: it handles fully connected layers only")
+            if require_bias and module.bias is None:
+                raise ValueError(f"{method} needs a bias in {where}; build the layer with bias=True")
+            chain.append(ChainLayer(index=i, linear=module, activation=None, pre=pending_pre))
+            pending_pre = []
+            continue
+        if isinstance(module, _LINEAR_GLUE):
+            if isinstance(module, nn.AvgPool2d | nn.ZeroPad2d) and not allow_conv:
+                raise ValueError(f"{method} cannot train {where}: it handles fully connected layers only")
+            pending_pre.append(module)
+            continue
+        try:
+            act = activation_from_module(module)
+        except ValueError as exc:
+            raise ValueError(f"{method} cannot train {where}: {exc}") from None
+        if act is None:
+            raise ValueError(
+                f"{method} cannot train {where}: only Linear{'/Conv2d' if allow_conv else ''} layers, "
+                "monotone activations and flatten/pooling glue are supported"
+            )
+        if not chain or chain[-1].activation is not None or pending_pre:
+            raise ValueError(f"{method} cannot train {where}: an activation must directly follow a linear layer")
+        if allowed is not None and act.name not in allowed:
+            raise ValueError(
+                f"{method} does not support the {act.name} activation ({where}); "
+                f"supported: {', '.join(sorted(allowed))}"
+            )
+        chain[-1].activation = act
+        chain[-1].activation_index = i
+    if pending_pre:
+        raise ValueError(f"{method} cannot train a model that ends in {type(pending_pre[-1]).__name__}")
+    if not chain:
+        raise ValueError(f"{method} found no Linear layer in the model")
+    return chain

@@ -1,0 +1,406 @@
+"""The trainer: one epoch loop for every method.
+
+``fit(method, data, epochs=..., batch_size=...)`` draws deterministic seeded batches, calls
+``method.step(x, y, idx=idx)`` on each, evaluates after every epoch (training loss on the full training set,
+test loss and accuracy), appends a line to ``metrics.jsonl``, writes an atomic checkpoint, and at the end
+``summary.json``. A run killed after epoch k and resumed with ``resume=True`` ends with exactly the weights,
+metrics and history of an uninterrupted run (same seed, CPU). A non-finite loss stops the run with a
+:class:`~liftkit.errors.DivergenceError` and leaves the last good checkpoint untouched.
+
+``run(RunSpec(...))`` is the same from plain settings (what ``liftkit train`` calls): it loads the data, builds
+the model from its spec string and the method from the registry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import resource
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from liftkit import data as data_mod
+from liftkit.errors import DivergenceError, LiftkitError
+from liftkit.io import atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint
+from liftkit.methods import Method, evaluate_loss, get
+from liftkit.models import build_model, parse_model_spec
+
+__all__ = ["RunSpec", "evaluate", "fit", "run"]
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def _peak_rss_mb() -> float:
+    # ru_maxrss is in KiB on Linux and bytes on macOS.
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss: str,
+    *,
+    autoencoder: bool = False,
+    batch_size: int = 4096,
+) -> tuple[float, float | None]:
+    """Mean declared loss and accuracy (``None`` for autoencoders) of ``model`` on ``(x, y)``."""
+    was_training = model.training
+    model.eval()
+    total_loss = 0.0
+    correct = 0
+    n = x.shape[0]
+    for start in range(0, n, batch_size):
+        xb = x[start : start + batch_size]
+        out = model(xb)
+        target = xb if autoencoder else y[start : start + batch_size]
+        total_loss += float(evaluate_loss(loss, out, target, reduction="sum"))
+        if not autoencoder:
+            correct += int((out.reshape(out.shape[0], -1).argmax(dim=1) == target).sum())
+    model.train(was_training)
+    return total_loss / n, (None if autoencoder else correct / n)
+
+
+def _is_finite_model(model: torch.nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def fit(
+    method: Method,
+    data: data_mod.Dataset,
+    *,
+    epochs: int,
+    batch_size: int | None = None,
+    seed: int = 0,
+    out_dir: str | Path | None = None,
+    resume: bool = False,
+    sampling: str = "shuffle",
+    autoencoder: bool = False,
+    progress: bool | None = None,
+    run_info: dict[str, Any] | None = None,
+    eval_batch_size: int = 4096,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Train ``method`` (and so its model, in place) on ``data`` for ``epochs`` epochs; return the summary.
+
+    ``batch_size`` ``None`` takes the method's default; ``0`` (or anything >= the training-set size) is full
+    batch, one step per epoch. ``sampling`` is ``"shuffle"`` (a seeded permutation per epoch) or
+    ``"replacement"`` (batches drawn uniformly with replacement). With ``out_dir`` the run writes
+    ``metrics.jsonl``, ``checkpoint.pt`` (after every epoch) and ``summary.json``; ``resume=True`` continues
+    from the checkpoint there.
+    """
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
+    if sampling not in ("shuffle", "replacement"):
+        raise ValueError(f"sampling must be shuffle or replacement, got {sampling!r}")
+    n_train = int(data.x_train.shape[0])
+    if batch_size is None:
+        batch_size = method.default_batch_size
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 0:
+        raise ValueError(f"batch size must be a non-negative integer (0 = full batch), got {batch_size!r}")
+    effective_batch = n_train if batch_size == 0 else min(batch_size, n_train)
+    device, dtype = method.device, method.dtype
+    classes = None if autoencoder else data.num_classes
+    data_mod.check_inputs(data.x_train, None if autoencoder else data.y_train, classes)
+    data_mod.check_inputs(data.x_test, None if autoencoder else data.y_test, classes)
+    x_train = data.x_train.to(device=device, dtype=dtype)
+    y_train = data.y_train.to(device)
+    x_test = data.x_test.to(device=device, dtype=dtype)
+    y_test = data.y_test.to(device)
+
+    info = dict(run_info or {})
+    info.setdefault("method", method.name)
+    info.setdefault("dataset", data.name)
+    info.update(
+        epochs=epochs,
+        batch_size=effective_batch,
+        seed=seed,
+        sampling=sampling,
+        loss=method.loss,
+        hparams=method.hparams,
+        split=data.split,
+    )
+    out = Path(out_dir) if out_dir is not None else None
+    history: list[dict[str, Any]] = []
+    train_seconds = 0.0
+    start_epoch = 0
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        ckpt_path = out / CHECKPOINT
+        if resume and ckpt_path.exists():
+            state = load_checkpoint(ckpt_path)
+            saved = state["run_info"]
+            for key in ("method", "dataset", "model", "batch_size", "seed", "sampling", "loss", "hparams", "split"):
+                if key in saved and key in info and saved[key] != info[key]:
+                    raise LiftkitError(
+                        f"cannot resume: the checkpoint in {out} was written with {key}={saved[key]!r}, this run has "
+                        f"{key}={info[key]!r}; use the same settings or a new --out directory"
+                    )
+            method.load_state_dict(state["method_state"])
+            _set_rng_state(state["rng"])
+            history = list(state["history"])
+            train_seconds = float(state["train_seconds"])
+            start_epoch = int(state["epoch"])
+            if start_epoch > epochs:
+                raise LiftkitError(
+                    f"cannot resume: the checkpoint in {out} is at epoch {start_epoch}, past --epochs {epochs}"
+                )
+        elif resume:
+            print(f"liftkit: no checkpoint in {out}; starting from scratch", file=sys.stderr)
+        # The metrics file is rewritten from the checkpoint's history, so epochs after the checkpoint that a
+        # killed run had already logged do not appear twice.
+        atomic_write_text(out / METRICS, "".join(json.dumps(h) + "\n" for h in history))
+
+    show_progress = sys.stderr.isatty() if progress is None else progress
+    for epoch in range(start_epoch, epochs):
+        batches = data_mod.batch_indices(n_train, effective_batch, seed=seed, epoch=epoch, sampling=sampling)
+        sums: dict[str, float] = {}
+        step_loss_sum = 0.0
+        bar = None
+        if show_progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(batches), desc=f"{method.name} epoch {epoch + 1}/{epochs}", leave=False)
+        t0 = time.perf_counter()
+        for b, idx in enumerate(batches):
+            idx_dev = idx.to(device)
+            xb = x_train[idx_dev]
+            yb = xb if autoencoder else y_train[idx_dev]
+            stats = method.step(xb, yb, idx=idx_dev)
+            if not math.isfinite(stats.loss):
+                if bar is not None:
+                    bar.close()
+                where = f"epoch {epoch + 1}, batch {b + 1}/{len(batches)}"
+                kept = f"; the last good checkpoint ({out / CHECKPOINT}) is kept" if out is not None else ""
+                raise DivergenceError(
+                    f"training diverged: non-finite loss at {where} of {method.name}{kept}; "
+                    "lower the step size or change the penalty weights"
+                )
+            step_loss_sum += stats.loss
+            for k, v in stats.info.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{stats.loss:.4g}", refresh=False)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        train_seconds += time.perf_counter() - t0
+        if bar is not None:
+            bar.close()
+        if not _is_finite_model(method.model):
+            raise DivergenceError(
+                f"training diverged: non-finite weights after epoch {epoch + 1} of {method.name}"
+                + (f"; the last good checkpoint ({out / CHECKPOINT}) is kept" if out is not None else "")
+            )
+        train_loss, train_acc = evaluate(
+            method.model, x_train, y_train, method.loss, autoencoder=autoencoder, batch_size=eval_batch_size
+        )
+        test_loss, test_acc = evaluate(
+            method.model, x_test, y_test, method.loss, autoencoder=autoencoder, batch_size=eval_batch_size
+        )
+        if not math.isfinite(train_loss):
+            raise DivergenceError(
+                f"training diverged: non-finite training loss after epoch {epoch + 1} of {method.name}"
+                + (f"; the last good checkpoint ({out / CHECKPOINT}) is kept" if out is not None else "")
+            )
+        record = {
+            "epoch": epoch + 1,
+            "train_loss": train_loss,
+            "test_loss": test_loss,
+            "test_accuracy": test_acc,
+            "train_accuracy": train_acc,
+            "seconds": train_seconds,
+            "step_loss": step_loss_sum / max(len(batches), 1),
+            "info": {k: v / max(len(batches), 1) for k, v in sums.items()},
+        }
+        history.append(record)
+        if out is not None:
+            with open(out / METRICS, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(record) + "\n")
+            save_checkpoint(
+                out / CHECKPOINT,
+                {
+                    "format": 1,
+                    "epoch": epoch + 1,
+                    "method_state": method.state_dict(),
+                    "rng": _rng_state(),
+                    "history": history,
+                    "train_seconds": train_seconds,
+                    "run_info": info,
+                },
+            )
+        if on_epoch is not None:
+            on_epoch(record)
+        if show_progress:
+            acc = "" if test_acc is None else f" test_acc {test_acc:.4f}"
+            print(
+                f"{method.name} epoch {epoch + 1}/{epochs}: train_loss {train_loss:.4f} test_loss {test_loss:.4f}"
+                f"{acc} ({train_seconds:.1f}s)",
+                file=sys.stderr,
+            )
+
+    accs = [h["test_accuracy"] for h in history if h["test_accuracy"] is not None]
+    epochs_run = len(history)
+    summary: dict[str, Any] = {
+        **{k: info[k] for k in ("method", "dataset", "model") if k in info},
+        "label": info.get("label", method.name),
+        "reporting_name": type(method).reporting_name or method.name,
+        "epochs": epochs,
+        "batch_size": effective_batch,
+        "seed": seed,
+        "hparams": method.hparams,
+        "loss": method.loss,
+        "split": data.split,
+        "sampling": sampling,
+        "test_accuracy": history[-1]["test_accuracy"] if history else None,
+        "best_test_accuracy": max(accs) if accs else None,
+        "train_loss": history[-1]["train_loss"] if history else None,
+        "test_loss": history[-1]["test_loss"] if history else None,
+        "train_seconds": train_seconds,
+        "seconds_per_epoch": train_seconds / epochs_run if epochs_run else None,
+        "peak_rss_mb": _peak_rss_mb(),
+        "history": [
+            {k: h[k] for k in ("epoch", "train_loss", "test_loss", "test_accuracy", "seconds")} for h in history
+        ],
+    }
+    if out is not None:
+        atomic_write_json(out / SUMMARY, summary)
+    return summary
+
+
+@dataclass
+class RunSpec:
+    """Plain settings of one training run (the options of ``liftkit train``)."""
+
+    method: str
+    dataset: str
+    model: str
+    activation: str = "relu"
+    epochs: int = 5
+    batch_size: int | None = None
+    loss: str | None = None
+    seed: int = 0
+    hparams: dict[str, Any] = field(default_factory=dict)
+    data_dir: str | None = None
+    out: str | None = None
+    resume: bool = False
+    device: str = "cpu"
+    dtype: str = "float32"
+    split: str = "test"
+    sampling: str = "shuffle"
+    mean_subtract: bool = False
+    progress: bool | None = None
+    label: str | None = None
+    threads: int | None = None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cpu":
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise LiftkitError("--device cuda was requested but no CUDA device is available; use --device cpu")
+        return torch.device(name)
+    raise LiftkitError(f"unknown device {name!r}; use cpu or cuda")
+
+
+def run(spec: RunSpec) -> dict[str, Any]:
+    """Build data, model and method from ``spec``, then :func:`fit`. Returns the summary."""
+    if spec.threads is not None:
+        torch.set_num_threads(spec.threads)
+    if spec.dtype not in DTYPES:
+        raise LiftkitError(f"unknown dtype {spec.dtype!r}; use float32 or float64")
+    if spec.split not in ("test", "validation"):
+        raise LiftkitError(f"unknown split {spec.split!r}; use test or validation")
+    device = resolve_device(spec.device)
+    method_cls = get(spec.method)
+    model_spec = parse_model_spec(spec.model)
+    data = data_mod.load_dataset(
+        spec.dataset, spec.data_dir, split=spec.split, mean_subtract=spec.mean_subtract, dtype=DTYPES[spec.dtype]
+    )
+    model = build_model(
+        model_spec,
+        input_shape=data.input_shape,
+        num_classes=data.num_classes,
+        activation=spec.activation,
+        output_activation=method_cls.model_output_activation,
+        seed=spec.seed,
+        dtype=DTYPES[spec.dtype],
+        device=device,
+    )
+    loss = spec.loss
+    if model_spec.is_autoencoder:
+        if loss not in (None, "mse"):
+            raise LiftkitError("autoencoders train on reconstruction error: use --loss mse (or omit --loss)")
+        loss = "mse"
+    method = method_cls(model, loss=loss, **spec.hparams)
+    # The same seed also fixes the global RNG that methods or modules may draw from during training.
+    torch.manual_seed(spec.seed)
+    random.seed(spec.seed)
+    np.random.seed(spec.seed)
+    run_info = {
+        "method": spec.method,
+        "label": spec.label or spec.method,
+        "dataset": spec.dataset,
+        "model": str(model_spec),
+        "activation": spec.activation,
+        "device": str(device),
+        "dtype": spec.dtype,
+        "model_spec": dataclasses.asdict(model_spec),
+    }
+    summary = fit(
+        method,
+        data,
+        epochs=spec.epochs,
+        batch_size=spec.batch_size,
+        seed=spec.seed,
+        out_dir=spec.out,
+        resume=spec.resume,
+        sampling=spec.sampling,
+        autoencoder=model_spec.is_autoencoder,
+        progress=spec.progress,
+        run_info=run_info,
+    )
+    if model_spec.is_autoencoder:
+        summary["test_accuracy"] = None
+        summary["best_test_accuracy"] = None
+    summary["activation"] = spec.activation
+    summary["dtype"] = spec.dtype
+    summary["device"] = str(device)
+    if spec.out is not None:
+        atomic_write_json(Path(spec.out) / SUMMARY, summary)
+    return summary
