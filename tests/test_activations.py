@@ -291,6 +291,31 @@ def test_prox_solves_root_equation(act: Activation) -> None:
     assert x.dtype == D
 
 
+def _bisect_root(act: Activation, y: torch.Tensor, t: float) -> torch.Tensor:
+    """Reference: plain bisection on dom F for t φ⁻¹(x) + (1 − t) x = y, down to adjacent floats."""
+    lo_d, hi_d = act.domain
+    lo = torch.full_like(y, max(lo_d, -1e3))
+    hi = torch.full_like(y, min(hi_d, 1e3))
+    for _ in range(3000):
+        mid = lo + 0.5 * (hi - lo)
+        if not ((mid > lo) & (mid < hi)).any():
+            break
+        below = t * act.inverse(mid) + (1 - t) * mid < y
+        lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
+    return lo + 0.5 * (hi - lo)
+
+
+@pytest.mark.parametrize("act", SMOOTH, ids=[i for a, i in zip(ACTS, ACT_IDS) if not a.cheap_prox])
+@pytest.mark.parametrize("t", [0.05, 0.5, 1.5])
+def test_prox_matches_reference_bisection(act: Activation, t: float) -> None:
+    y = torch.cat([torch.linspace(-20.0, 20.0, 81, dtype=D), t64(-300.0, 300.0)])
+    got = act.prox_f(y, t)
+    ref = _bisect_root(act, y, t)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-15)
+    lo, hi = act.domain
+    assert ((got >= lo) & (got <= hi)).all()
+
+
 def test_prox_leaky_closed_form_and_errors() -> None:
     act = get_activation("leaky_relu", 0.25)
     y = t64(-2.0, 3.0)
@@ -358,7 +383,7 @@ def test_activation_from_module_non_activations_and_errors() -> None:
         assert activation_from_module(m) is None
     assert activation_from_module(nn.Softplus(beta=1.0, threshold=5.0)) == Activation("softplus")
     assert activation_from_module(nn.ReLU(inplace=True)) == Activation("relu")
-    bad = {
+    bad: dict[str, nn.Module] = {
         "GELU": nn.GELU(),
         "SiLU": nn.SiLU(),
         "Softplus": nn.Softplus(beta=2.0),
@@ -369,9 +394,9 @@ def test_activation_from_module_non_activations_and_errors() -> None:
         "PReLU": nn.PReLU(),
         "Softmax": nn.Softmax(dim=1),
     }
-    for label, m in bad.items():
+    for label, bad_module in bad.items():
         with pytest.raises(ValueError, match=label):
-            activation_from_module(m)
+            activation_from_module(bad_module)
     with pytest.raises(ValueError, match="not monotone"):
         activation_from_module(nn.GELU())
 

@@ -5,7 +5,8 @@ Grams and Cholesky factors are built in float64 and results are cast back to the
 
 * :func:`spectral_norm`, :func:`spectral_norm_op`: power-iteration estimates of ‖·‖₂ for FISTA step sizes.
 * :func:`ridge_solve`, :func:`linear_prox_direction`: the linear-layer prox of §1.3/§4.5 (Gram or
-  push-through).
+  push-through); :func:`push_through_coefficients` and :func:`spd_ridge_solve` expose its two halves for
+  callers that form Āᵀ(·) or the Gram themselves (ProxProp's chunked conv Gram).
 * :func:`block_cg`: ProxProp's per-column conjugate gradients as implemented officially (§4.6).
 * :func:`projected_fista`: the X-block solver of LPOM (§2.3) and Fenchel (§3.5).
 * :func:`batch_pinv`: the Moore–Penrose pseudo-inverse for LPOM's W-step (§2.4).
@@ -91,16 +92,12 @@ def spectral_norm_op(
         raise ValueError(f"spectral_norm: iters must be >= 1, got {iters}")
     v = _start_vector(shape_in, dtype, device)
     v = v / v.norm()
-    sigma = 0.0
+    tiny = torch.finfo(v.dtype).tiny
+    # No host sync inside the loop; a zero operator drives v to 0 and the estimate to 0.
     for _ in range(iters):
         w = apply_t(apply(v))
-        nw = float(w.norm().item())
-        if nw == 0.0 or not math.isfinite(nw):
-            break
-        v = w / nw
-    av = apply(v)
-    sigma = float(av.norm().item())
-    return sigma * float(safety)
+        v = w / w.norm().clamp_min(tiny)
+    return float(apply(v).norm().item()) * float(safety)
 
 
 def spectral_norm(W: Tensor, iters: int = 20, safety: float = 1.05) -> float:
@@ -129,6 +126,20 @@ def _pick_form(form: str, n: int, p: int) -> str:
     return form
 
 
+def _check_beta(beta: float) -> float:
+    beta = float(beta)
+    if not beta > 0.0:
+        raise ValueError(f"ridge weight beta must be > 0, got {beta}")
+    return beta
+
+
+def _shifted_solve(S64: Tensor, R64: Tensor, beta: float) -> Tensor:
+    """(S + βI)⁻¹R for a float64 PSD Gram S, leaving S untouched (callers may pass their own Gram)."""
+    M = S64.clone()
+    M.diagonal().add_(beta)
+    return _spd_solve(M, R64)
+
+
 def linear_prox_direction(A_bar: Tensor, G: Tensor, beta: float, *, form: str = "auto") -> Tensor:
     r"""ProxProp's direction g = (ĀᵀĀ + βI)⁻¹ĀᵀG = Āᵀ(ĀĀᵀ + βI_N)⁻¹G (METHODS.md §1.3, §4.5).
 
@@ -138,29 +149,21 @@ def linear_prox_direction(A_bar: Tensor, G: Tensor, beta: float, *, form: str = 
     single process only, §7), and ``"auto"`` picks push-through when N < p. Both are float64 Cholesky
     solves; β > 0. This is the residual form of :func:`ridge_solve`, which calls it.
     """
-    beta = float(beta)
-    if not beta > 0.0:
-        raise ValueError(f"ridge weight beta must be > 0, got {beta}")
+    beta = _check_beta(beta)
     if A_bar.ndim != 2:
         raise ValueError(f"A must be 2-D (N x p), got shape {tuple(A_bar.shape)}")
     vec = G.ndim == 1
     G2 = G.unsqueeze(1) if vec else G
     n, p = A_bar.shape
     if G2.ndim != 2 or G2.shape[0] != n:
-        raise ValueError(
-            f"right-hand side must have {n} rows to match A {tuple(A_bar.shape)}, got {tuple(G.shape)}"
-        )
+        raise ValueError(f"right-hand side must have {n} rows to match A {tuple(A_bar.shape)}, got {tuple(G.shape)}")
     out_dtype = torch.promote_types(A_bar.dtype, G.dtype)
     A64 = A_bar.detach().to(torch.float64)
     G64 = G2.detach().to(torch.float64)
     if _pick_form(form, n, p) == "gram":
-        K = A64.T @ A64
-        K.diagonal().add_(beta)
-        g = _spd_solve(K, A64.T @ G64)
+        g = _shifted_solve(A64.T @ A64, A64.T @ G64, beta)
     else:
-        K = A64 @ A64.T
-        K.diagonal().add_(beta)
-        g = A64.T @ _spd_solve(K, G64)
+        g = A64.T @ _shifted_solve(A64 @ A64.T, G64, beta)
     g = g.to(out_dtype)
     return g.squeeze(1) if vec else g
 
@@ -175,9 +178,7 @@ def ridge_solve(A: Tensor, T: Tensor, beta: float, theta0: Tensor, *, form: str 
     function with A = a or A = 1.
     """
     if theta0.shape[0] != A.shape[1] or theta0.ndim != T.ndim:
-        raise ValueError(
-            f"theta0 {tuple(theta0.shape)} does not match A {tuple(A.shape)} and T {tuple(T.shape)}"
-        )
+        raise ValueError(f"theta0 {tuple(theta0.shape)} does not match A {tuple(A.shape)} and T {tuple(T.shape)}")
     out_dtype = torch.promote_types(torch.promote_types(A.dtype, T.dtype), theta0.dtype)
     A64 = A.detach().to(torch.float64)
     th64 = theta0.detach().to(torch.float64)
@@ -223,8 +224,7 @@ def block_cg(
         raise ValueError(f"unknown stop rule {stop!r}; choose 'tol' or 'fixed'")
     if rhs.ndim != 2 or x0.shape != rhs.shape:
         raise ValueError(
-            f"block_cg: rhs must be 2-D (p, k) and x0 of the same shape, got {tuple(rhs.shape)} and "
-            f"{tuple(x0.shape)}"
+            f"block_cg: rhs must be 2-D (p, k) and x0 of the same shape, got {tuple(rhs.shape)} and {tuple(x0.shape)}"
         )
     if maxit < 0:
         raise ValueError(f"block_cg: maxit must be >= 0, got {maxit}")
@@ -293,8 +293,7 @@ def projected_fista(
         s_new = 0.5 * (1.0 + math.sqrt(1.0 + 4.0 * s * s))
         dx = x_new - x
         v = x_new + ((s - 1.0) / s_new) * dx
-        dnorm = float(dx.norm().item())
-        xnorm = float(x.norm().item())
+        dnorm, xnorm = (float(n) for n in torch.stack([dx.norm(), x.norm()]).tolist())  # one host sync
         x, s = x_new, s_new
         it += 1
         rel = dnorm / xnorm if xnorm > 0.0 else (0.0 if dnorm == 0.0 else math.inf)
@@ -351,9 +350,12 @@ def batch_pinv(X: Tensor, *, side: str = "auto", ridge_rel: float = 1e-10, rcond
     return P.to(X.dtype)
 
 
-def push_through_coefficients(A_bar: Tensor, G: Tensor, beta: float) -> tuple[Tensor, Tensor]:
+def push_through_coefficients(
+    A: Tensor, G: Tensor, beta: float, *, ones_column: bool = False
+) -> tuple[Tensor, Tensor]:
     r"""The N×N half of the push-through prox (METHODS.md §1.3, §4.5): Z = (ĀĀᵀ + βI_N)⁻¹G and K = ĀĀᵀ.
 
+    Ā is ``A`` (N×n), or [A, 1] with ``ones_column=True`` (then ĀĀᵀ = AAᵀ + 11ᵀ, without materialising Ā).
     ``linear_prox_direction(A_bar, G, beta, form="push_through")`` equals ``A_bar.T @ Z``. Callers that apply
     the final Āᵀ themselves (ProxProp does it in the model's dtype, writing W.grad = Zᵀa directly) or need
     K for cheap diagnostics (⟨∇J, g⟩ = ⟨G, KZ⟩, ‖∇J‖² = ⟨G, KG⟩) use this. K and Z are float64 (§0.4); β > 0.
@@ -362,13 +364,15 @@ def push_through_coefficients(A_bar: Tensor, G: Tensor, beta: float) -> tuple[Te
     beta = float(beta)
     if not beta > 0.0:
         raise ValueError(f"ridge weight beta must be > 0, got {beta}")
-    if A_bar.ndim != 2 or G.ndim != 2 or G.shape[0] != A_bar.shape[0]:
+    if A.ndim != 2 or G.ndim != 2 or G.shape[0] != A.shape[0]:
         raise ValueError(
-            f"push_through_coefficients: A (N x p) and G (N x q) must share N, got {tuple(A_bar.shape)}, "
+            f"push_through_coefficients: A (N x n) and G (N x q) must share N, got {tuple(A.shape)}, "
             f"{tuple(G.shape)}"
         )
-    A64 = A_bar.detach().to(torch.float64)
+    A64 = A.detach().to(torch.float64)
     K = A64 @ A64.T
+    if ones_column:
+        K += 1.0
     M = K.clone()
     M.diagonal().add_(beta)
     return _spd_solve(M, G.detach().to(torch.float64)), K
@@ -378,12 +382,9 @@ def spd_ridge_solve(S: Tensor, R: Tensor, beta: float) -> Tensor:
     r"""X = (S + βI)⁻¹R for a symmetric positive semi-definite Gram S that the caller accumulated itself
     (e.g. ProxProp's chunked unfold Gram PᵀP of a convolution, METHODS.md §4.5). Cholesky in float64; the
     result has R's dtype; β > 0."""
-    beta = float(beta)
-    if not beta > 0.0:
-        raise ValueError(f"ridge weight beta must be > 0, got {beta}")
+    beta = _check_beta(beta)
     if S.ndim != 2 or S.shape[0] != S.shape[1] or R.shape[0] != S.shape[0]:
-        raise ValueError(f"spd_ridge_solve: S must be square and R must have its rows, got {tuple(S.shape)}, "
-                         f"{tuple(R.shape)}")
-    M = S.detach().to(torch.float64).clone()
-    M.diagonal().add_(beta)
-    return _spd_solve(M, R.detach().to(torch.float64)).to(R.dtype)
+        raise ValueError(
+            f"spd_ridge_solve: S must be square and R must have its rows, got {tuple(S.shape)}, {tuple(R.shape)}"
+        )
+    return _shifted_solve(S.detach().to(torch.float64), R.detach().to(torch.float64), beta).to(R.dtype)
