@@ -221,15 +221,39 @@ def test_cli_autoencoder_reports_reconstruction_error(tmp_path, capsys):
 
 def test_bench_writes_results_table_and_plots(tmp_path, capsys):
     code, _out, _ = _cli(
-        capsys, "bench", "--methods", "adam,sgd,adam@fast", "--dataset", "digits", "--model", "64-32-10",
-        "--epochs", "2", "--set", "adam@fast.lr=0.01", "--out", str(tmp_path), "--target-accuracy", "0.5",
+        capsys, "bench", "--methods", "adam,sgd,adam@1e.2", "--dataset", "digits", "--model", "64-32-10",
+        "--epochs", "2", "--set", "adam@1e.2.lr=0.01", "--out", str(tmp_path), "--target-accuracy", "0.5",
     )
     assert code == 0
     results = json.loads((tmp_path / "results.json").read_text())
     assert {"cpu", "cores", "torch", "device"} <= set(results["machine"])
-    assert [r["label"] for r in results["runs"]] == ["adam", "sgd", "adam@fast"]
+    assert [r["label"] for r in results["runs"]] == ["adam", "sgd", "adam@1e.2"]
     assert results["runs"][2]["hparams"]["lr"] == 0.01
     # same initial weights: the first epoch's loss only differs through the method
     table = (tmp_path / "results.md").read_text()
-    assert "| adam@fast |" in table and "s to 50%" in table
+    assert "| adam@1e.2 |" in table and "s to 50%" in table
     assert (tmp_path / "accuracy.png").stat().st_size > 0 and (tmp_path / "loss.png").stat().st_size > 0
+
+
+def test_checkpoint_every_resumes_from_the_last_written_epoch(tmp_path):
+    data = load_dataset("digits")
+    common = dict(epochs=4, batch_size=64, seed=1, progress=False, checkpoint_every=2)
+    info = {"method": "adam", "dataset": "digits", "model": "64-16-10"}
+
+    def fresh():
+        model = build_model("64-16-10", input_shape=data.input_shape, num_classes=10, seed=1)
+        torch.manual_seed(1)
+        return get("adam")(model)
+
+    full = liftkit.fit(fresh(), data, out_dir=tmp_path / "full", run_info=info, **common)
+
+    def kill_after_three(record):
+        if record["epoch"] == 3:
+            raise Killed
+
+    with pytest.raises(Killed):
+        liftkit.fit(fresh(), data, out_dir=tmp_path / "cut", run_info=info, on_epoch=kill_after_three, **common)
+    assert load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["epoch"] == 2
+    resumed = liftkit.fit(fresh(), data, out_dir=tmp_path / "cut", run_info=info, resume=True, **common)
+    assert _without_seconds(full["history"]) == _without_seconds(resumed["history"])
+    assert _metrics(tmp_path / "full" / "metrics.jsonl") == _metrics(tmp_path / "cut" / "metrics.jsonl")

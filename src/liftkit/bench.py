@@ -54,6 +54,7 @@ class BenchSpec:
     mean_subtract: bool = False
     target_accuracy: float | None = None
     threads: int | None = None
+    checkpoint_every: int = 1
 
 
 def _cpu_model() -> str:
@@ -154,6 +155,8 @@ def _train_command(spec: BenchSpec, label: str, out_dir: Path) -> list[str]:
         cmd.append("--mean-subtract")
     if spec.threads is not None:
         cmd += ["--threads", str(spec.threads)]
+    if spec.checkpoint_every != 1:
+        cmd += ["--checkpoint-every", str(spec.checkpoint_every)]
     for key, value in settings.items():
         text = ",".join(str(v) for v in value) if isinstance(value, list | tuple) else str(value)
         cmd += ["--set", f"{key}={text}"]

@@ -63,6 +63,7 @@ def _common(p: argparse.ArgumentParser, *, bench: bool) -> None:
     p.add_argument("--sampling", choices=["shuffle", "replacement"], help="batch sampling (default shuffle)")
     p.add_argument("--mean-subtract", action="store_true", default=None, help="subtract per-channel pixel means")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    p.add_argument("--checkpoint-every", type=int, help="write the checkpoint every N epochs (default 1)")
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -104,6 +105,7 @@ _DEFAULTS: dict[str, Any] = {
     "sampling": "shuffle",
     "mean_subtract": False,
     "threads": None,
+    "checkpoint_every": 1,
 }
 
 
@@ -199,7 +201,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     for key, value in raw_sets:
         if "." not in key:
             raise LiftkitError(f"bench settings are METHOD.KEY=VALUE, got {key!r}")
-        label, hkey = key.split(".", 1)
+        label, hkey = key.rsplit(".", 1)
         if label not in methods:
             raise LiftkitError(f"--set names run {label!r}, which is not in --methods ({', '.join(methods)})")
         if hkey not in RUN_KEYS:

@@ -113,6 +113,7 @@ def fit(
     progress: bool | None = None,
     run_info: dict[str, Any] | None = None,
     eval_batch_size: int = 4096,
+    checkpoint_every: int = 1,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Train ``method`` (and so its model, in place) on ``data`` for ``epochs`` epochs; return the summary.
@@ -121,10 +122,13 @@ def fit(
     batch, one step per epoch. ``sampling`` is ``"shuffle"`` (a seeded permutation per epoch) or
     ``"replacement"`` (batches drawn uniformly with replacement). With ``out_dir`` the run writes
     ``metrics.jsonl``, ``checkpoint.pt`` (after every epoch) and ``summary.json``; ``resume=True`` continues
-    from the checkpoint there.
+    from the checkpoint there. ``checkpoint_every=k`` writes the checkpoint every k epochs (and after the last);
+    methods with large per-sample state (full-batch TIAM) use it to keep the disk traffic down.
     """
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
+    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be a positive integer, got {checkpoint_every!r}")
     if sampling not in ("shuffle", "replacement"):
         raise ValueError(f"sampling must be shuffle or replacement, got {sampling!r}")
     n_train = int(data.x_train.shape[0])
@@ -251,6 +255,7 @@ def fit(
         if out is not None:
             with open(out / METRICS, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(record) + "\n")
+        if out is not None and ((epoch + 1) % checkpoint_every == 0 or epoch + 1 == epochs):
             save_checkpoint(
                 out / CHECKPOINT,
                 {
@@ -326,6 +331,7 @@ class RunSpec:
     progress: bool | None = None
     label: str | None = None
     threads: int | None = None
+    checkpoint_every: int = 1
 
 
 def resolve_device(name: str) -> torch.device:
@@ -394,6 +400,7 @@ def run(spec: RunSpec) -> dict[str, Any]:
         autoencoder=model_spec.is_autoencoder,
         progress=spec.progress,
         run_info=run_info,
+        checkpoint_every=spec.checkpoint_every,
     )
     if model_spec.is_autoencoder:
         summary["test_accuracy"] = None
