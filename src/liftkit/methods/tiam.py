@@ -1,0 +1,935 @@
+r"""TIAM: triple-inertial accelerated alternating minimization, and its un-accelerated base ``am``.
+
+Paper: C. Yan, J. Xu, Q. Wang, Z. Peng, "A Triple-Inertial Accelerated Alternating Optimization Method for
+Deep Learning Training", arXiv 2503.08489. No code was released; only the paper's template is public, so this
+module is the reconstruction of METHODS.md §6.3–6.5 on the base objective of mDLAM (Wang, Li, Zhao,
+Neurocomputing 2022). Results are reported as "TIAM (reconstructed from the paper's template)".
+
+Objective (METHODS.md §6.3; written row-major here, one sample per row, weights stored as in ``nn.Linear``):
+
+.. math::
+
+    F(W,b,z,a) = \mathrm{CE}_{\mathrm{sum}}(y, z_L)
+        + \sum_{l=1}^{L} \Big[\tfrac{\rho}{2}\|z_l - a_{l-1}W_l^\top - 1b_l^\top\|^2
+        + \tfrac{\mu}{2}\|W_l\|^2\Big],
+    \qquad (z_l, a_l) \in C_l(\varepsilon) = \{h(z_l) - \varepsilon \le a_l \le h(z_l) + \varepsilon\}
+
+with a_0 = x and ε_k = max(ε_0 · decay^k, ε_min). The alternative ``constraint='penalty'`` replaces C_l(ε) by
+(ν/2)‖a_l − h(z_l)‖².
+
+Every block u ∈ {W_l, b_l, z_l, a_l, z_L} (in that order, layer by layer; §6.5) takes one triple-inertial step
+with Δ = u^k − u^{k−1}:
+
+.. code-block:: text
+
+    ũ = u^k + p1 Δ    (centre of the proximal term)      û = u^k + p2 Δ    (gradient point)
+    u⁺ = prox_{P_u/θ}(ũ − ∇S_u(û)/θ)   accepted iff  S_u(u⁺) ≤ S_u(û) + ⟨∇S_u(û), u⁺ − û⟩ + θ/2 ‖u⁺ − û‖²
+         (θ ← factor·θ from θ0, at most ``max_doublings`` times; then retry with p1 = p2 = 0; then keep u^k)
+    u^{k+1} = u⁺ + p3 (u⁺ − u^k)       (what every later block sees)
+
+* W_l: S = (ρ/2)‖z_l − a W^T − 1bᵀ‖² + (μ/2)‖W‖², no prox, backtracking. S is quadratic, so the acceptance
+  test is evaluated exactly from three inner products (no extra pass over the data per trial).
+* b_l: exact step θ = ρN: b⁺ = b̃ − mean_rows(aWᵀ + 1b̂ᵀ − z); with p1 = p2 it is the exact minimiser.
+* z_l (l < L): θ = ρ: z⁺ = Π(z̃ − ẑ + v), v = aWᵀ + 1bᵀ, Π the projection onto {z : h(z) ∈ [a_l ± ε]}
+  (ReLU: z = min(v', a + ε), then max(z, a − ε) where a − ε > 0; strictly increasing h: a clip to
+  [h⁻¹(a − ε), h⁻¹(a + ε)]). Penalty variant: the two-candidate closed form (ReLU, leaky ReLU).
+* a_l (l < L): S = (ρ/2)‖z_{l+1} − aW_{l+1}ᵀ − 1b_{l+1}ᵀ‖², prox = box [h(z_l) ± ε], backtracking.
+* z_L: S = CE_sum, prox of (ρ/2)‖z − v_L‖²: z⁺ = (θw + ρv_L)/(θ + ρ); or ``zL_solver='fista'`` (mDLAM): FISTA
+  on the whole z_L subproblem from z̃.
+
+After the third inertia z_l is re-projected (given a_l) and a_l (given the new z_l), so (z_l, a_l) ∈ C_l(ε).
+With ``safeguard`` on, a block whose local objective (the terms of F that contain it) rises is redone with
+p1 = p2 = p3 = 0, so F does not increase across the blocks of one sweep at fixed ε.
+
+Modes. ``full`` (the paper's): the trainer passes the whole training set as one batch each step; the auxiliary
+variables z_l, a_l, z_L and their previous iterates persist across steps, stored per dataset index (``idx``),
+so a reshuffled batch stays aligned. ``minibatch``: the auxiliary variables are fresh per batch (forward pass;
+z_L by ``zL_init``), ε restarts at ε_0 for each batch and decays per sweep, ``minibatch_sweeps`` sweeps run
+on each batch, and only the weights, biases and their inertia history persist (assumption: the paper leaves
+mini-batching to future work). ``auto``: full when ``idx`` covers 0..max(idx) exactly, otherwise minibatch.
+
+``am`` is this same code with p1 = p2 = p3 = 0 ("AM (mDLAM base, p=0)"), so the acceleration is measured.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as tF
+from torch import Tensor, nn
+
+from liftkit.activations import Activation
+from liftkit.methods.base import Method, MethodConfig, StepStats, evaluate_loss, register
+from liftkit.models import ChainLayer, as_chain
+from liftkit.solvers import projected_fista
+
+__all__ = ["AM", "TIAM", "AMConfig", "TIAMConfig", "TIAMState", "grad_a", "grad_b", "grad_ce_sum", "grad_w"]
+
+_SUPPORTED_ACTIVATIONS = ("relu", "leaky_relu", "elu")
+_PENALTY_ACTIVATIONS = ("relu", "leaky_relu")
+
+
+@dataclass
+class TIAMConfig(MethodConfig):
+    """TIAM hyperparameters (METHODS.md §6.6). Defaults: ρ, μ, ε schedule, θ0, ×2, ≤10 doublings from the
+    mDLAM code; p1 = p2 = p3 = 0.3 (assumption). Every (assumption) of §6.4 is a field here."""
+
+    rho: float = 1e-3  # weight of the linear-constraint penalties (official code, mDLAM)
+    mu: float = 0.05  # weight regulariser (μ/2)‖W‖² (official code, mDLAM)
+    eps0: float = 100.0  # initial half-width of C_l(ε)
+    eps_decay: float = 0.5  # ε ← max(decay·ε, eps_min) after every full-batch iteration
+    eps_min: float = 1e-3
+    p1: float = 0.3  # 1st inertia: centre of the proximal term (assumption)
+    p2: float = 0.3  # 2nd inertia: gradient point (assumption)
+    p3: float = 0.3  # 3rd inertia: post-update extrapolation (assumption)
+    safeguard: bool = True  # redo a block with p = 0 when its local objective rises (assumption)
+    history: str = "extrapolated"  # 'extrapolated': Δ = u^k − u^{k−1}; 'raw': Δ between raw prox outputs u⁺
+    zL_solver: str = "prox_step"  # 'prox_step' (assumption) | 'fista' (mDLAM)
+    zL_init: str = "target"  # 'target': z_L = 2y − 1 (mDLAM) | 'forward': the network's logits
+    theta0: float = 1.0  # first trial θ of every backtracking call (mDLAM)
+    backtrack_factor: float = 2.0
+    max_doublings: int = 10
+    theta_warm_start: bool = False  # start each block's backtracking at its last accepted θ (assumption)
+    constraint: str = "box"  # 'box': C_l(ε) | 'penalty': (ν/2)‖a_l − h(z_l)‖² (assumption)
+    nu: float = 1e-3  # weight of the 'penalty' constraint
+    init: str = "pytorch"  # 'pytorch': the model's own weights | 'mdlam': W, b ~ N(0, 0.1²)
+    mode: str = "auto"  # 'auto' | 'full' | 'minibatch'
+    minibatch_sweeps: int = 1
+    projection_margin: float = 1e-9  # shrink the bounds of C_l(ε) inward (mDLAM)
+    fista_step: float = 4.0  # step of zL_solver='fista' (mDLAM)
+    fista_max_iter: int = 500
+    fista_tol: float = 1e-4  # relative-change stop of the shared projected_fista
+
+    def validate(self) -> None:
+        self._positive("rho", "nu", "eps0", "eps_min", "theta0", "fista_step")
+        self._nonnegative("mu", "projection_margin", "fista_tol")
+        for name in ("p1", "p2", "p3"):
+            v = getattr(self, name)
+            if not (isinstance(v, int | float) and 0.0 <= v < 1.0):
+                raise ValueError(f"{name} must lie in [0, 1), got {v!r}")
+        if not 0.0 < self.eps_decay <= 1.0:
+            raise ValueError(f"eps_decay must lie in (0, 1], got {self.eps_decay!r}")
+        if not (math.isfinite(self.backtrack_factor) and self.backtrack_factor > 1.0):
+            raise ValueError(f"backtrack_factor must be a finite number > 1, got {self.backtrack_factor!r}")
+        self._int_at_least("max_doublings", 0)
+        self._int_at_least("minibatch_sweeps", 1)
+        self._int_at_least("fista_max_iter", 1)
+        self._choice("history", ("extrapolated", "raw"))
+        self._choice("zL_solver", ("prox_step", "fista"))
+        self._choice("zL_init", ("target", "forward"))
+        self._choice("constraint", ("box", "penalty"))
+        self._choice("init", ("pytorch", "mdlam"))
+        self._choice("mode", ("auto", "full", "minibatch"))
+
+
+@dataclass
+class AMConfig(TIAMConfig):
+    """``am``: the TIAM code with the three inertias switched off (p1 = p2 = p3 = 0)."""
+
+    p1: float = 0.0
+    p2: float = 0.0
+    p3: float = 0.0
+
+    def validate(self) -> None:
+        super().validate()
+        if self.p1 or self.p2 or self.p3:
+            raise ValueError("am has p1 = p2 = p3 = 0 by definition; use method tiam for inertia")
+
+
+@dataclass
+class _BlockHistory:
+    """Anchor of one block's inertia: ``prev`` is u^{k−1} (or the raw r^{k−1}); ``raw`` is r^k when
+    ``history='raw'``."""
+
+    prev: Tensor
+    raw: Tensor | None = None
+
+
+@dataclass
+class TIAMState:
+    """Everything TIAM keeps across steps beyond the model's parameters.
+
+    Weights: per-layer inertia anchors for W_l and b_l and the last accepted θ of each backtracking block.
+    Full mode: the auxiliary variables per dataset index (row i belongs to sample i), their inertia anchors,
+    a mask of initialised rows and the iteration counter k that drives ε_k.
+    """
+
+    W_prev: list[Tensor] = field(default_factory=list)
+    b_prev: list[Tensor] = field(default_factory=list)
+    W_raw: list[Tensor] = field(default_factory=list)
+    b_raw: list[Tensor] = field(default_factory=list)
+    theta_W: list[float] = field(default_factory=list)
+    theta_a: list[float] = field(default_factory=list)
+    theta_zL: float = 0.0
+    iteration: int = 0
+    # full-batch auxiliary variables, indexed by dataset index: z[l], a[l] (l < L) and z[L-1] = z_L
+    z: list[Tensor] = field(default_factory=list)
+    a: list[Tensor] = field(default_factory=list)
+    z_prev: list[Tensor] = field(default_factory=list)
+    a_prev: list[Tensor] = field(default_factory=list)
+    z_raw: list[Tensor] = field(default_factory=list)
+    a_raw: list[Tensor] = field(default_factory=list)
+    initialised: Tensor | None = None
+
+
+_P = tuple[float, float, float]
+
+
+@dataclass
+class _AuxStep:
+    """One auxiliary block's result: u^{k+1}, the raw prox output u⁺, and the block's local objective (the
+    terms of F containing it) at u^{k+1} and at u^k."""
+
+    new: Tensor
+    raw: Tensor
+    f_new: float
+    f_old: float
+
+
+@dataclass
+class _Counters:
+    backtracks: int = 0
+    backtrack_failures: int = 0
+    safeguard_restarts: int = 0
+    fista_iters: int = 0
+    theta_max: float = 0.0
+
+    def add_trials(self, trials: int, theta: float) -> None:
+        self.backtracks += trials
+        self.theta_max = max(self.theta_max, theta)
+
+
+def _risen(new: float, old: float, dtype: torch.dtype) -> bool:
+    # A rise below a few ulps of the compared sums is rounding, not an ascent.
+    return new > old + 64 * torch.finfo(dtype).eps * max(abs(old), abs(new), 1e-30)
+
+
+def grad_w(a_in: Tensor, z: Tensor, W: Tensor, b: Tensor, rho: float, mu: float, aWt: Tensor | None = None) -> Tensor:
+    """∇_W of S_W = (ρ/2)‖z − a Wᵀ − 1bᵀ‖² + (μ/2)‖W‖² (row-major: ρ(aWᵀ + 1bᵀ − z)ᵀa + μW).
+    ``aWt`` is a precomputed a Wᵀ (saves the pass over the data)."""
+    if aWt is None:
+        aWt = a_in @ W.T
+    return rho * ((aWt + b - z).T @ a_in) + mu * W
+
+
+def grad_b(a_in: Tensor, z: Tensor, W: Tensor, b: Tensor, rho: float) -> Tensor:
+    """∇_b of S_b = (ρ/2)‖z − a Wᵀ − 1bᵀ‖²: ρ Σ_rows(aWᵀ + 1bᵀ − z)."""
+    return rho * (a_in @ W.T + b - z).sum(dim=0)
+
+
+def grad_a(a: Tensor, z_next: Tensor, W_next: Tensor, b_next: Tensor, rho: float) -> Tensor:
+    """∇_a of S_a = (ρ/2)‖z_{l+1} − a W_{l+1}ᵀ − 1b_{l+1}ᵀ‖²: ρ(aWᵀ + 1bᵀ − z_{l+1})W."""
+    return rho * ((a @ W_next.T + b_next - z_next) @ W_next)
+
+
+def grad_ce_sum(z: Tensor, onehot: Tensor) -> Tensor:
+    """∇_z of CE_sum(y, z) = −Σ y ⊙ log softmax(z): softmax(z) − y."""
+    return torch.softmax(z, dim=1) - onehot
+
+
+def _dot(u: Tensor, v: Tensor) -> float:
+    # one fused pass, no temporary (these run on N x width arrays several times per block)
+    return float(torch.vdot(u.detach().reshape(-1), v.detach().reshape(-1)))
+
+
+def _sq(u: Tensor) -> float:
+    return float(torch.linalg.vector_norm(u.detach())) ** 2
+
+
+@register
+class TIAM(Method):
+    """TIAM (reconstructed from the paper's template): triple-inertial block steps on mDLAM's objective.
+
+    See the module docstring for the objective, block operators and modes; hyperparameters in
+    :class:`TIAMConfig`. Fully connected ``nn.Sequential`` models only (``Flatten``, ``Linear`` with bias,
+    ReLU / LeakyReLU / ELU hidden activations, bare ``Linear`` output).
+    """
+
+    name = "tiam"
+    Config = TIAMConfig
+    config: TIAMConfig
+    default_loss = "ce"
+    supported_losses = ("ce",)
+    reporting_name = "TIAM (reconstructed from the paper's template)"
+    paper = (
+        "Yan, Xu, Wang, Peng, A Triple-Inertial Accelerated Alternating Optimization Method for Deep "
+        "Learning Training, arXiv 2503.08489 (reconstructed on mDLAM: Wang, Li, Zhao, Neurocomputing 2022)"
+    )
+    default_batch_size = 0
+
+    def __init__(self, model: nn.Module, *, loss: str | None = None, **hparams: Any) -> None:
+        super().__init__(model, loss=loss, **hparams)
+        c = self.config
+        self.chain: list[ChainLayer] = as_chain(
+            model, method=self.name, allowed_activations=_SUPPORTED_ACTIVATIONS, require_bias=True
+        )
+        if len(self.chain) < 2:
+            raise ValueError(f"{self.name} needs at least one hidden layer (Linear -> activation -> Linear)")
+        for layer in self.chain[:-1]:
+            if layer.activation is None:
+                raise ValueError(
+                    f"{self.name}: hidden Linear at module {layer.index} has no activation; put a ReLU, "
+                    "LeakyReLU or ELU after every hidden Linear"
+                )
+        if self.chain[-1].activation is not None:
+            raise ValueError(
+                f"{self.name} trains on the output pre-activation z_L (cross-entropy on logits); remove the "
+                f"output activation at module {self.chain[-1].activation_index}"
+            )
+        for layer in self.chain[1:]:
+            if layer.pre:
+                raise ValueError(f"{self.name}: only a Flatten before the first Linear is supported")
+        if c.constraint == "penalty":
+            for layer in self.chain[:-1]:
+                act = layer.activation
+                assert act is not None
+                if act.name not in _PENALTY_ACTIVATIONS:
+                    raise ValueError(
+                        f"{self.name}: constraint='penalty' has a closed-form z-step for "
+                        f"{', '.join(_PENALTY_ACTIVATIONS)} only, not {act.name}; use constraint='box'"
+                    )
+        if c.init == "mdlam":
+            with torch.no_grad():
+                for layer in self.chain:
+                    layer.weight.normal_(0.0, 0.1)
+                    assert layer.bias is not None
+                    layer.bias.normal_(0.0, 0.1)
+        self.state = TIAMState()
+        with torch.no_grad():
+            for layer in self.chain:
+                self.state.W_prev.append(layer.weight.detach().clone())
+                self.state.b_prev.append(self._bias(layer).detach().clone())
+                if c.history == "raw":
+                    self.state.W_raw.append(layer.weight.detach().clone())
+                    self.state.b_raw.append(self._bias(layer).detach().clone())
+        n_layers = len(self.chain)
+        self.state.theta_W = [c.theta0] * n_layers
+        self.state.theta_a = [c.theta0] * (n_layers - 1)
+        self.state.theta_zL = c.theta0
+
+    # -- helpers ------------------------------------------------------------------------------------
+    @staticmethod
+    def _bias(layer: ChainLayer) -> Tensor:
+        b = layer.bias
+        assert b is not None
+        return b
+
+    def _acts(self) -> list[Activation]:
+        acts = []
+        for layer in self.chain[:-1]:
+            assert layer.activation is not None
+            acts.append(layer.activation)
+        return acts
+
+    def _eps(self, k: int) -> float:
+        c = self.config
+        return max(c.eps0 * c.eps_decay**k, c.eps_min)
+
+    def _theta_start(self, stored: float) -> float:
+        return stored if self.config.theta_warm_start else self.config.theta0
+
+    # -- the box C_l(ε) -----------------------------------------------------------------------------
+    def _project_z(self, act: Activation, w: Tensor, a: Tensor, eps: float) -> Tensor:
+        """Euclidean projection of w onto {z : h(z) ∈ [a − ε, a + ε]} (element-wise, exact)."""
+        m = self.config.projection_margin
+        lo_a, hi_a = a - eps + m, a + eps - m
+        if act.name == "relu":
+            # z ≤ a + ε always; z ≥ a − ε only where a − ε > 0 (elsewhere h(z) ≥ a − ε holds for every z)
+            return torch.clamp(w, min=lo_a.masked_fill_(lo_a <= 0, -math.inf), max=hi_a)
+        if act.name == "elu":
+            floor = -act._a
+            lo = torch.where(lo_a > floor, act.inverse(torch.clamp(lo_a, min=floor)), -math.inf)
+            hi = act.inverse(torch.clamp(hi_a, min=floor * (1 - 1e-12)))
+            return torch.minimum(torch.maximum(w, lo), hi)
+        lo, hi = act.inverse(lo_a), act.inverse(hi_a)  # leaky ReLU: bijective
+        return torch.minimum(torch.maximum(w, lo), hi)
+
+    def _project_a(self, act: Activation, w: Tensor, z: Tensor, eps: float) -> Tensor:
+        m = self.config.projection_margin
+        hz = act.phi(z)
+        return torch.clamp(w, min=hz - (eps - m), max=hz + (eps - m))
+
+    def _feasible(self, act: Activation, z: Tensor, a: Tensor, eps: float) -> bool:
+        tol = 8 * torch.finfo(z.dtype).eps * (1.0 + float(a.abs().max()) if a.numel() else 1.0)
+        return bool(((a - act.phi(z)).abs() <= eps + tol).all())
+
+    def _penalty_z(self, act: Activation, w: Tensor, a: Tensor) -> Tensor:
+        """argmin_z (ρ/2)(z − w)² + (ν/2)(a − h(z))², element-wise, for ReLU / leaky ReLU (two candidates)."""
+        rho, nu = self.config.rho, self.config.nu
+        slope = 0.0 if act.name == "relu" else act._a
+        pos = torch.clamp((rho * w + nu * a) / (rho + nu), min=0.0)
+        neg = torch.clamp((rho * w + nu * slope * a) / (rho + nu * slope**2), max=0.0)
+
+        def cost(z: Tensor) -> Tensor:
+            return rho * (z - w).pow(2) + nu * (a - act.phi(z)).pow(2)
+
+        return torch.where(cost(pos) <= cost(neg), pos, neg)
+
+    # -- objective pieces ---------------------------------------------------------------------------
+    @staticmethod
+    def _ce_sum(z: Tensor, onehot: Tensor) -> Tensor:
+        return -(onehot * tF.log_softmax(z, dim=1)).sum()
+
+    def _local_a(self, act: Activation, a: Tensor, z_l: Tensor, z_next: Tensor, v_next_of: Tensor) -> float:
+        """Terms of F that contain a_l: (ρ/2)‖z_{l+1} − a W_{l+1}ᵀ − b‖² (+ ν-penalty)."""
+        c = self.config
+        val = 0.5 * c.rho * _sq(z_next - v_next_of)
+        if c.constraint == "penalty":
+            val += 0.5 * c.nu * _sq(a - act.phi(z_l))
+        return val
+
+    # -- the W block --------------------------------------------------------------------------------
+    def _w_block(
+        self, l: int, a_in: Tensor, z: Tensor, P0: Tensor, p: _P, cnt: _Counters
+    ) -> tuple[Tensor, Tensor, Tensor] | None:
+        """One inertial W-step from W^k (with P0 = a W^kᵀ); returns (W^{k+1}, a W^{k+1}ᵀ, W⁺), or None when
+        backtracking fails."""
+        c = self.config
+        p1, p2, p3 = p
+        layer = self.chain[l]
+        W = layer.weight.detach()
+        b = self._bias(layer).detach()
+        delta = (self.state.W_raw[l] if c.history == "raw" else W) - self.state.W_prev[l]
+        use_delta = (p1 != 0.0 or p2 != 0.0) and bool(delta.any())
+        W_hat = W + p2 * delta
+        # One pass over the data per product: a Ŵᵀ directly when p1 = p2 (then a Δᵀ is never needed).
+        Pd: Tensor | None = None
+        if not use_delta:
+            P_hat = P0
+        elif p1 == p2:
+            P_hat = a_in @ W_hat.T
+        else:
+            Pd = a_in @ delta.T
+            P_hat = P0 + p2 * Pd
+        G = grad_w(a_in, z, W_hat, b, c.rho, c.mu, aWt=P_hat)
+        PG = a_in @ G.T
+        # S is quadratic: S(û + d) − S(û) − ⟨∇S(û), d⟩ = (ρ/2)‖a dᵀ‖² + (μ/2)‖d‖², with d = (p1 − p2)Δ − G/θ,
+        # so every trial is three inner products instead of a pass over the data.
+        q = p1 - p2 if use_delta else 0.0
+        dd, dg, gg = _sq(delta), _dot(delta, G), _sq(G)
+        ee, eg = (_sq(Pd), _dot(Pd, PG)) if Pd is not None else (0.0, 0.0)
+        pgpg = _sq(PG)
+        theta = self._theta_start(self.state.theta_W[l])
+        for trial in range(c.max_doublings + 1):
+            d_sq = q * q * dd - 2 * q / theta * dg + gg / theta**2
+            ad_sq = q * q * ee - 2 * q / theta * eg + pgpg / theta**2
+            excess = 0.5 * c.rho * ad_sq + 0.5 * c.mu * d_sq
+            if excess <= 0.5 * theta * d_sq * (1 + 1e-12):
+                cnt.add_trials(trial, theta)
+                self.state.theta_W[l] = theta
+                W_plus = W_hat + q * delta - G / theta
+                P_plus = P_hat - PG / theta
+                if Pd is not None:
+                    P_plus = P_plus + q * Pd
+                W_new = W_plus + p3 * (W_plus - W)
+                P_new = P_plus + p3 * (P_plus - P0)
+                return W_new, P_new, W_plus
+            theta *= c.backtrack_factor
+        cnt.add_trials(c.max_doublings, theta)
+        cnt.backtrack_failures += 1
+        return None
+
+    def _update_W(self, l: int, a_in: Tensor, z: Tensor, p: _P, cnt: _Counters, P0: Tensor | None = None) -> Tensor:
+        """W_l ← its triple-inertial step (with retry and safeguard); returns a W_l^{k+1}ᵀ. ``P0`` is a
+        precomputed a W_l^kᵀ."""
+        c = self.config
+        layer = self.chain[l]
+        W_old = layer.weight.detach().clone()
+        b = self._bias(layer).detach()
+        if P0 is None:
+            P0 = a_in @ W_old.T
+        result = self._w_block(l, a_in, z, P0, p, cnt)
+        if result is None and (p[0] or p[1]):
+            result = self._w_block(l, a_in, z, P0, (0.0, 0.0, p[2]), cnt)
+        if result is not None and c.safeguard and any(p):
+            W_new, P_new, _ = result
+            old = 0.5 * c.rho * _sq(z - P0 - b) + 0.5 * c.mu * _sq(W_old)
+            new = 0.5 * c.rho * _sq(z - P_new - b) + 0.5 * c.mu * _sq(W_new)
+            if _risen(new, old, z.dtype):
+                cnt.safeguard_restarts += 1
+                result = self._w_block(l, a_in, z, P0, (0.0, 0.0, 0.0), cnt)
+        if result is None:
+            W_new, P_new, W_raw = W_old, P0, W_old
+        else:
+            W_new, P_new, W_raw = result
+        self._advance_history(self.state.W_prev, self.state.W_raw, l, W_old, W_raw)
+        with torch.no_grad():
+            layer.weight.copy_(W_new)
+        return P_new
+
+    def _advance_history(
+        self,
+        prev: list[Tensor],
+        raw: list[Tensor],
+        l: int,
+        old: Tensor,
+        raw_new: Tensor,
+    ) -> None:
+        if self.config.history == "raw":
+            prev[l] = raw[l]
+            raw[l] = raw_new.clone()
+        else:
+            prev[l] = old
+
+    # -- one sweep over the blocks ------------------------------------------------------------------
+    def _sweep(
+        self,
+        x: Tensor,
+        onehot: Tensor,
+        z: list[Tensor],
+        a: list[Tensor],
+        z_hist: list[_BlockHistory],
+        a_hist: list[_BlockHistory],
+        eps: float,
+        cnt: _Counters,
+        P_first: Tensor | None = None,
+    ) -> dict[str, float]:
+        """One pass over the blocks W_l, b_l, z_l, a_l (l = 1..L) in place on z, a; returns F and residuals.
+        ``P_first`` is a precomputed x W_1ᵀ."""
+        c = self.config
+        p = (c.p1, c.p2, c.p3)
+        n_layers = len(self.chain)
+        acts = self._acts()
+        n_samples = x.shape[0]
+        residual_linear = 0.0
+        for l, layer in enumerate(self.chain):
+            a_in = x if l == 0 else a[l - 1]
+            # W_l
+            P = self._update_W(l, a_in, z[l], p, cnt, P_first if l == 0 else None)
+            # b_l: exact step θ = ρN
+            b = self._bias(layer).detach()
+            b_old = b.clone()
+            b_new, b_raw = self._b_step(l, P, z[l], p, b_old)
+            if c.safeguard and any(p):
+                old = _sq(z[l] - P - b_old)
+                new = _sq(z[l] - P - b_new)
+                if _risen(new, old, z[l].dtype):
+                    cnt.safeguard_restarts += 1
+                    b_new, b_raw = self._b_step(l, P, z[l], (0.0, 0.0, 0.0), b_old)
+            self._advance_history(self.state.b_prev, self.state.b_raw, l, b_old, b_raw)
+            with torch.no_grad():
+                self._bias(layer).copy_(b_new)
+            v = P + b_new
+            if l < n_layers - 1:
+                act = acts[l]
+                z_l, a_l = z[l], a[l]
+
+                def z_step(
+                    u: Tensor, pp: _P, delta: Tensor, act: Activation = act, v: Tensor = v, a_l: Tensor = a_l
+                ) -> _AuxStep:
+                    return self._z_step(act, u, pp, delta, v, a_l, eps)
+
+                z[l] = self._inertial_aux(z_l, z_hist[l], p, cnt, z_step)
+                residual_linear += _sq(z[l] - v)
+                nxt = self.chain[l + 1]
+                blocks = (z[l], nxt.weight.detach(), self._bias(nxt).detach(), z[l + 1])
+
+                def a_step(
+                    u: Tensor,
+                    pp: _P,
+                    delta: Tensor,
+                    act: Activation = act,
+                    l: int = l,
+                    blocks: tuple[Tensor, Tensor, Tensor, Tensor] = blocks,
+                ) -> _AuxStep | None:
+                    z_new, W_next, b_next, z_next = blocks
+                    return self._a_step(l, act, u, pp, delta, z_new, W_next, b_next, z_next, eps, cnt)
+
+                a[l] = self._inertial_aux(a_l, a_hist[l], p, cnt, a_step)
+            else:
+
+                def zL_step(u: Tensor, pp: _P, delta: Tensor, v: Tensor = v) -> _AuxStep | None:
+                    return self._zL_step(u, pp, delta, v, onehot, cnt)
+
+                z[l] = self._inertial_aux(z[l], z_hist[l], p, cnt, zL_step)
+                residual_linear += _sq(z[l] - v)
+        ce = float(self._ce_sum(z[-1], onehot))
+        weights = sum(_sq(layer.weight.detach()) for layer in self.chain)
+        residual_act = sum(_sq(a[l] - acts[l].phi(z[l])) for l in range(n_layers - 1))
+        objective = ce + 0.5 * c.rho * residual_linear + 0.5 * c.mu * weights
+        if c.constraint == "penalty":
+            objective += 0.5 * c.nu * residual_act
+        return {
+            "objective": objective,
+            "ce_sum": ce,
+            "residual_linear": residual_linear,
+            "residual_activation": residual_act,
+            "weight_norm": math.sqrt(weights),
+            "n_samples": float(n_samples),
+        }
+
+    def _b_step(self, l: int, P: Tensor, z: Tensor, p: tuple[float, float, float], b: Tensor) -> tuple[Tensor, Tensor]:
+        """b_l: exact step θ = ρN: b⁺ = b̃ − mean_rows(P + b̂ − z); returns (b^{k+1}, b⁺)."""
+        c = self.config
+        delta = (self.state.b_raw[l] if c.history == "raw" else b) - self.state.b_prev[l]
+        b_tilde = b + p[0] * delta
+        b_hat = b + p[1] * delta
+        # θ = ρN, so b⁺ = b̃ − ∇S_b(b̂)/(ρN), with ∇S_b = ρ Σ_rows(P + 1b̂ᵀ − z) (see grad_b)
+        b_plus = b_tilde - (P + b_hat - z).mean(dim=0)
+        return b_plus + p[2] * (b_plus - b), b_plus
+
+    def _inertial_aux(
+        self,
+        u: Tensor,
+        hist: _BlockHistory,
+        p: _P,
+        cnt: _Counters,
+        step: Callable[[Tensor, _P, Tensor], _AuxStep | None],
+    ) -> Tensor:
+        """Run one auxiliary block's ``step`` with the retry (p1 = p2 = 0 when backtracking fails) and the
+        safeguard (p = 0 when the block's local objective rises), then advance its inertia anchors."""
+        c = self.config
+        anchor = hist.raw if (c.history == "raw" and hist.raw is not None) else u
+        delta = anchor - hist.prev
+        out = step(u, p, delta)
+        if out is None and (p[0] or p[1]):
+            out = step(u, (0.0, 0.0, p[2]), delta)
+        if out is not None and c.safeguard and any(p) and _risen(out.f_new, out.f_old, u.dtype):
+            cnt.safeguard_restarts += 1
+            out = step(u, (0.0, 0.0, 0.0), delta)
+        if c.history == "raw":
+            hist.prev = anchor
+            hist.raw = u if out is None else out.raw
+        else:
+            hist.prev = u
+        return u if out is None else out.new
+
+    def _backtrack(
+        self,
+        u_tilde: Tensor,
+        u_hat: Tensor,
+        grad: Tensor,
+        s_hat: float,
+        objective: Callable[[Tensor], float],
+        prox: Callable[[Tensor, float], Tensor],
+        theta: float,
+        cnt: _Counters,
+    ) -> tuple[Tensor | None, float]:
+        """u⁺ = prox(ũ − ∇S(û)/θ, θ), θ ← factor·θ until S(u⁺) ≤ S(û) + ⟨∇S(û), d⟩ + θ/2‖d‖² (d = u⁺ − û)."""
+        c = self.config
+        for trial in range(c.max_doublings + 1):
+            u_plus = prox(u_tilde - grad / theta, theta)
+            d = u_plus - u_hat
+            bound = s_hat + _dot(grad, d) + 0.5 * theta * _sq(d)
+            s_plus = objective(u_plus)
+            # the sums carry rounding of a few ulps of S itself; without slack a tie can read as a rejection
+            slack = 64 * torch.finfo(u_plus.dtype).eps * (abs(s_hat) + abs(s_plus))
+            if s_plus <= bound + slack:
+                cnt.add_trials(trial, theta)
+                return u_plus, theta
+            theta *= c.backtrack_factor
+        cnt.add_trials(c.max_doublings, theta)
+        cnt.backtrack_failures += 1
+        return None, theta
+
+    def _z_step(self, act: Activation, z: Tensor, p: _P, delta: Tensor, v: Tensor, a: Tensor, eps: float) -> _AuxStep:
+        """z_l (l < L): S = (ρ/2)‖z − v‖², θ = ρ (exact): z⁺ = prox(z̃ − ẑ + v); prox = Π onto C_l(ε) in z
+        (or the two-candidate ν-penalty prox). The extrapolated z is re-projected given a_l."""
+        c = self.config
+        w = (z + p[0] * delta) - (z + p[1] * delta) + v
+        z_plus = self._project_z(act, w, a, eps) if c.constraint == "box" else self._penalty_z(act, w, a)
+        z_new = z_plus + p[2] * (z_plus - z)
+        if c.constraint == "box" and p[2]:
+            z_new = self._project_z(act, z_new, a, eps)
+        if not (c.safeguard and any(p)):
+            return _AuxStep(z_new, z_plus, 0.0, 0.0)  # a p = 0 step is a descent step: nothing to compare
+        if c.constraint == "box":
+            f_new = 0.5 * c.rho * _sq(z_new - v)
+            # an old point outside C_l(ε) (ε just shrank) has F = +inf: any feasible point is a descent
+            f_old = 0.5 * c.rho * _sq(z - v) if self._feasible(act, z, a, eps) else math.inf
+        else:
+            f_new = 0.5 * c.rho * _sq(z_new - v) + 0.5 * c.nu * _sq(a - act.phi(z_new))
+            f_old = 0.5 * c.rho * _sq(z - v) + 0.5 * c.nu * _sq(a - act.phi(z))
+        return _AuxStep(z_new, z_plus, f_new, f_old)
+
+    def _a_step(
+        self,
+        l: int,
+        act: Activation,
+        a: Tensor,
+        p: _P,
+        delta: Tensor,
+        z_l: Tensor,
+        W_next: Tensor,
+        b_next: Tensor,
+        z_next: Tensor,
+        eps: float,
+        cnt: _Counters,
+    ) -> _AuxStep | None:
+        """a_l: S = (ρ/2)‖z_{l+1} − aWᵀ − 1bᵀ‖², prox = box [h(z_l) ± ε] (or the ν-penalty), backtracking."""
+        c = self.config
+        a_tilde, a_hat = a + p[0] * delta, a + p[1] * delta
+        grad = grad_a(a_hat, z_next, W_next, b_next, c.rho)
+        s_hat = 0.5 * c.rho * _sq(a_hat @ W_next.T + b_next - z_next)
+
+        def objective(u: Tensor) -> float:
+            return 0.5 * c.rho * _sq(u @ W_next.T + b_next - z_next)
+
+        hz = act.phi(z_l)
+
+        def prox(w: Tensor, theta: float) -> Tensor:
+            if c.constraint == "box":
+                return self._project_a(act, w, z_l, eps)
+            return (theta * w + c.nu * hz) / (theta + c.nu)
+
+        theta0 = self._theta_start(self.state.theta_a[l])
+        a_plus, theta = self._backtrack(a_tilde, a_hat, grad, s_hat, objective, prox, theta0, cnt)
+        if a_plus is None:
+            return None
+        self.state.theta_a[l] = theta
+        a_new = a_plus + p[2] * (a_plus - a)
+        if c.constraint == "box" and p[2]:
+            a_new = self._project_a(act, a_new, z_l, eps)
+        if not (c.safeguard and any(p)):
+            return _AuxStep(a_new, a_plus, 0.0, 0.0)
+        f_new = self._local_a(act, a_new, z_l, z_next, a_new @ W_next.T + b_next)
+        f_old = self._local_a(act, a, z_l, z_next, a @ W_next.T + b_next)
+        return _AuxStep(a_new, a_plus, f_new, f_old)
+
+    def _zL_step(self, z: Tensor, p: _P, delta: Tensor, v: Tensor, onehot: Tensor, cnt: _Counters) -> _AuxStep | None:
+        """z_L: S = CE_sum, prox of (ρ/2)‖z − v_L‖²; or mDLAM's FISTA on the whole subproblem from z̃."""
+        c = self.config
+        rho = c.rho
+        z_tilde, z_hat = z + p[0] * delta, z + p[1] * delta
+
+        def local(u: Tensor) -> float:
+            return float(self._ce_sum(u, onehot)) + 0.5 * rho * _sq(u - v)
+
+        if c.zL_solver == "fista":
+
+            def grad_ce(u: Tensor) -> Tensor:
+                return grad_ce_sum(u, onehot)
+
+            def prox_q(y: Tensor, t: float) -> Tensor:
+                return (y + t * rho * v) / (1 + t * rho)
+
+            z_plus, iters, _ = projected_fista(
+                grad_ce, 1.0 / c.fista_step, prox_q, z_tilde, c.fista_max_iter, c.fista_tol
+            )
+            cnt.fista_iters += iters
+        else:
+            grad = grad_ce_sum(z_hat, onehot)
+            s_hat = float(self._ce_sum(z_hat, onehot))
+
+            def prox(w: Tensor, theta: float) -> Tensor:
+                return (theta * w + rho * v) / (theta + rho)
+
+            def ce(u: Tensor) -> float:
+                return float(self._ce_sum(u, onehot))
+
+            theta0 = self._theta_start(self.state.theta_zL)
+            z_opt, theta = self._backtrack(z_tilde, z_hat, grad, s_hat, ce, prox, theta0, cnt)
+            if z_opt is None:
+                return None
+            z_plus = z_opt
+            self.state.theta_zL = theta
+        z_new = z_plus + p[2] * (z_plus - z)
+        if not (c.safeguard and any(p)):
+            return _AuxStep(z_new, z_plus, 0.0, 0.0)
+        return _AuxStep(z_new, z_plus, local(z_new), local(z))
+
+    # -- auxiliary-variable initialisation ----------------------------------------------------------
+    def _forward_aux(self, x: Tensor, onehot: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """z_l, a_l from a forward pass; z_L = 2y − 1 (``zL_init='target'``) or the logits."""
+        z: list[Tensor] = []
+        a: list[Tensor] = []
+        h = x
+        for layer in self.chain:
+            u = layer.linear(h)
+            z.append(u)
+            if layer.activation is not None:
+                h = layer.activation.phi(u)
+                a.append(h)
+        if self.config.zL_init == "target":
+            z[-1] = 2 * onehot - 1
+        return z, a
+
+    def _is_full(self, idx: Tensor | None, n: int) -> bool:
+        mode = self.config.mode
+        if mode == "full":
+            return True
+        if mode == "minibatch":
+            return False
+        if idx is None:
+            return False
+        if self.state.initialised is not None and self.state.initialised.numel() == n:
+            return True
+        return int(idx.max()) + 1 == n and int(idx.min()) == 0 and bool(torch.unique(idx).numel() == n)
+
+    def _ensure_full_state(self, x: Tensor, onehot: Tensor, idx: Tensor) -> None:
+        st = self.state
+        size = int(idx.max()) + 1
+        if st.initialised is None:
+            st.initialised = torch.zeros(0, dtype=torch.bool, device=idx.device)
+        if st.initialised.numel() < size:
+            grow = size - st.initialised.numel()
+            st.initialised = torch.cat([st.initialised, torch.zeros(grow, dtype=torch.bool, device=idx.device)])
+            widths_z = [int(layer.weight.shape[0]) for layer in self.chain]
+            widths_a = widths_z[:-1]
+            raw = self.config.history == "raw"
+
+            def grown(ts: list[Tensor], widths: list[int]) -> list[Tensor]:
+                if not ts:
+                    return [x.new_zeros(size, w) for w in widths]
+                return [torch.cat([t, t.new_zeros(grow, t.shape[1])]) for t in ts]
+
+            st.z, st.z_prev = grown(st.z, widths_z), grown(st.z_prev, widths_z)
+            st.a, st.a_prev = grown(st.a, widths_a), grown(st.a_prev, widths_a)
+            if raw:
+                st.z_raw, st.a_raw = grown(st.z_raw, widths_z), grown(st.a_raw, widths_a)
+        fresh = ~st.initialised[idx]
+        if bool(fresh.any()):
+            rows = idx[fresh]
+            with torch.no_grad():
+                z0, a0 = self._forward_aux(x[fresh], onehot[fresh])
+            for store in (st.z, st.z_prev, st.z_raw):
+                for l, t in enumerate(z0[: len(store)]):
+                    store[l][rows] = t
+            for store in (st.a, st.a_prev, st.a_raw):
+                for l, t in enumerate(a0[: len(store)]):
+                    store[l][rows] = t
+            st.initialised[rows] = True
+
+    # -- the contract -------------------------------------------------------------------------------
+    def step(self, x: Tensor, y: Tensor, *, idx: Tensor | None = None) -> StepStats:
+        c = self.config
+        if y.dtype.is_floating_point:
+            raise ValueError(f"{self.name} trains classifiers with integer labels (cross-entropy on z_L)")
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(f"x has {x.shape[0]} samples but y has {y.shape[0]}; pass matching batches")
+        if idx is not None and idx.shape[0] != x.shape[0]:
+            raise ValueError(f"idx has {idx.shape[0]} entries but the batch has {x.shape[0]} samples")
+        dtype, device = self.dtype, self.device
+        with torch.no_grad():
+            x_flat = self.chain[0].apply_pre(x.to(device=device, dtype=dtype))
+            if not bool(torch.isfinite(x_flat).all()):
+                raise ValueError(f"{self.name}: the input batch contains NaN or inf; clean the data")
+            out_features = int(self.chain[-1].weight.shape[0])
+            if int(y.min()) < 0 or int(y.max()) >= out_features:
+                raise ValueError(f"labels must lie in [0, {out_features}); got range [{int(y.min())}, {int(y.max())}]")
+            onehot = tF.one_hot(y.to(device).long(), out_features).to(dtype)
+            # the declared loss at the start of the step, by the forward pass; x W_1ᵀ is reused by the W_1 block
+            P_first = x_flat @ self.chain[0].weight.T
+            h = P_first + self._bias(self.chain[0])
+            for prev, layer in zip(self.chain[:-1], self.chain[1:]):
+                assert prev.activation is not None
+                h = layer.linear(prev.activation.phi(h))
+            loss = float(evaluate_loss(self.loss, h, y.to(device)))
+            cnt = _Counters()
+            if idx is None and c.mode == "full":
+                idx = torch.arange(x.shape[0], device=device)
+            full = self._is_full(idx, x.shape[0])
+            if full:
+                assert idx is not None
+                idx = idx.to(device)
+                self._ensure_full_state(x_flat, onehot, idx)
+                st = self.state
+                z = [t[idx] for t in st.z]
+                a = [t[idx] for t in st.a]
+                z_hist = [
+                    _BlockHistory(st.z_prev[l][idx], st.z_raw[l][idx] if st.z_raw else None) for l in range(len(z))
+                ]
+                a_hist = [
+                    _BlockHistory(st.a_prev[l][idx], st.a_raw[l][idx] if st.a_raw else None) for l in range(len(a))
+                ]
+                eps = self._eps(st.iteration)
+                info = self._sweep(x_flat, onehot, z, a, z_hist, a_hist, eps, cnt, P_first)
+                for l in range(len(z)):
+                    st.z[l][idx] = z[l]
+                    st.z_prev[l][idx] = z_hist[l].prev
+                    z_raw = z_hist[l].raw
+                    if st.z_raw and z_raw is not None:
+                        st.z_raw[l][idx] = z_raw
+                for l in range(len(a)):
+                    st.a[l][idx] = a[l]
+                    st.a_prev[l][idx] = a_hist[l].prev
+                    a_raw = a_hist[l].raw
+                    if st.a_raw and a_raw is not None:
+                        st.a_raw[l][idx] = a_raw
+                st.iteration += 1
+            else:
+                z, a = self._forward_aux(x_flat, onehot)
+                raw = c.history == "raw"
+                z_hist = [_BlockHistory(t.clone(), t.clone() if raw else None) for t in z]
+                a_hist = [_BlockHistory(t.clone(), t.clone() if raw else None) for t in a]
+                info = {}
+                for sweep in range(c.minibatch_sweeps):
+                    eps = self._eps(sweep)
+                    info = self._sweep(x_flat, onehot, z, a, z_hist, a_hist, eps, cnt, P_first if sweep == 0 else None)
+                self.state.iteration += 1
+        info.update(
+            {
+                "eps": eps,
+                "full_batch": 1.0 if full else 0.0,
+                "backtracks": float(cnt.backtracks),
+                "backtrack_failures": float(cnt.backtrack_failures),
+                "safeguard_restarts": float(cnt.safeguard_restarts),
+                "theta_max": cnt.theta_max,
+            }
+        )
+        if c.zL_solver == "fista":
+            info["fista_iters"] = float(cnt.fista_iters)
+        if not math.isfinite(info["objective"]):
+            raise FloatingPointError(f"{self.name}: the objective became non-finite; lower rho or theta0")
+        self.steps_taken += 1
+        return StepStats(loss=loss, info=info)
+
+    # -- state --------------------------------------------------------------------------------------
+    def extra_state(self) -> dict[str, Any]:
+        st = self.state
+
+        def clone(ts: list[Tensor]) -> list[Tensor]:
+            return [t.detach().clone() for t in ts]
+
+        return {
+            "W_prev": clone(st.W_prev),
+            "b_prev": clone(st.b_prev),
+            "W_raw": clone(st.W_raw),
+            "b_raw": clone(st.b_raw),
+            "theta_W": list(st.theta_W),
+            "theta_a": list(st.theta_a),
+            "theta_zL": st.theta_zL,
+            "iteration": st.iteration,
+            "z": clone(st.z),
+            "a": clone(st.a),
+            "z_prev": clone(st.z_prev),
+            "a_prev": clone(st.a_prev),
+            "z_raw": clone(st.z_raw),
+            "a_raw": clone(st.a_raw),
+            "initialised": None if st.initialised is None else st.initialised.clone(),
+        }
+
+    def load_extra_state(self, state: Mapping[str, Any]) -> None:
+        expected = set(self.extra_state())
+        if set(state) != expected:
+            raise ValueError(
+                f"{self.name} state has keys {sorted(state)}, expected {sorted(expected)}; "
+                "was it saved by another method or version?"
+            )
+        st = self.state
+        for key in ("W_prev", "b_prev", "W_raw", "b_raw", "z", "a", "z_prev", "a_prev", "z_raw", "a_raw"):
+            setattr(st, key, [t.detach().clone() for t in state[key]])
+        st.theta_W = [float(t) for t in state["theta_W"]]
+        st.theta_a = [float(t) for t in state["theta_a"]]
+        st.theta_zL = float(state["theta_zL"])
+        st.iteration = int(state["iteration"])
+        init = state["initialised"]
+        st.initialised = None if init is None else init.clone()
+
+
+@register
+class AM(TIAM):
+    """AM (mDLAM base, p=0): the TIAM code with p1 = p2 = p3 = 0, the baseline that isolates the inertia."""
+
+    name = "am"
+    Config = AMConfig
+    config: AMConfig
+    reporting_name = "AM (mDLAM base, p=0)"
+    paper = (
+        "Wang, Li, Zhao, Accelerated Gradient-free Neural Network Training by Multi-convex Alternating "
+        "Optimization, Neurocomputing 2022 (the base TIAM builds on)"
+    )

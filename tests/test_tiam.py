@@ -1,0 +1,544 @@
+"""TIAM / AM: block updates against references (METHODS.md §6.7 oracles), invariants and errors."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as tF
+from torch import nn
+
+from liftkit.activations import get_activation
+from liftkit.methods import get
+from liftkit.methods.tiam import AM, TIAM, _Counters, grad_a, grad_b, grad_ce_sum, grad_w
+from liftkit.models import mlp
+
+torch.use_deterministic_algorithms(True)
+
+
+def _problem(n: int = 24, d: int = 6, classes: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    y = torch.randint(0, classes, (n,), generator=g)
+    return x, y
+
+
+def _model(spec: str = "6-5-4-3", activation: str = "relu", seed: int = 1) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return mlp(spec, activation=activation).double()
+
+
+def _weights(m: nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in m.parameters()]
+
+
+# -- gradients of every smooth part vs autograd (oracle 5) ---------------------------------------------------
+
+
+def test_block_gradients_match_autograd() -> None:
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(7, 4, generator=g, dtype=torch.float64)
+    z = torch.randn(7, 5, generator=g, dtype=torch.float64)
+    W = torch.randn(5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, generator=g, dtype=torch.float64, requires_grad=True)
+    rho, mu = 0.7, 0.3
+    S = 0.5 * rho * (z - a @ W.T - b).pow(2).sum() + 0.5 * mu * W.pow(2).sum()
+    gW, gb = torch.autograd.grad(S, (W, b))
+    torch.testing.assert_close(grad_w(a, z, W.detach(), b.detach(), rho, mu), gW)
+    torch.testing.assert_close(grad_b(a, z, W.detach(), b.detach(), rho), gb)
+    a_var = a.clone().requires_grad_(True)
+    S_a = 0.5 * rho * (z - a_var @ W.detach().T - b.detach()).pow(2).sum()
+    (ga,) = torch.autograd.grad(S_a, a_var)
+    torch.testing.assert_close(grad_a(a, z, W.detach(), b.detach(), rho), ga)
+    logits = torch.randn(7, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 3, (7,), generator=g)
+    onehot = tF.one_hot(y, 3).double()
+    (gz,) = torch.autograd.grad(tF.cross_entropy(logits, y, reduction="sum"), logits)
+    torch.testing.assert_close(grad_ce_sum(logits.detach(), onehot), gz)
+
+
+# -- W block: reference backtracking with direct objective evaluation (oracle 4) -----------------------------
+
+
+def _reference_w_step(
+    a: torch.Tensor, z: torch.Tensor, W: torch.Tensor, W_prev: torch.Tensor, b: torch.Tensor, c: dict[str, float]
+) -> tuple[torch.Tensor, float]:
+    def S(Wv: torch.Tensor) -> float:
+        return float(0.5 * c["rho"] * (z - a @ Wv.T - b).pow(2).sum() + 0.5 * c["mu"] * Wv.pow(2).sum())
+
+    delta = W - W_prev
+    W_t, W_h = W + c["p1"] * delta, W + c["p2"] * delta
+    Wv = W_h.clone().requires_grad_(True)
+    (G,) = torch.autograd.grad(0.5 * c["rho"] * (z - a @ Wv.T - b).pow(2).sum() + 0.5 * c["mu"] * Wv.pow(2).sum(), Wv)
+    theta = c["theta0"]
+    for _ in range(11):
+        W_plus = W_t - G / theta
+        d = W_plus - W_h
+        if S(W_plus) <= S(W_h) + float((G * d).sum()) + 0.5 * theta * float(d.pow(2).sum()) + 1e-12:
+            return W_plus + c["p3"] * (W_plus - W), theta
+        theta *= 2
+    raise AssertionError("reference backtracking failed")
+
+
+@pytest.mark.parametrize("p", [(0.0, 0.0, 0.0), (0.3, 0.3, 0.3), (0.5, 0.2, 0.4)])
+def test_w_block_matches_reference_backtracking(p: tuple[float, float, float]) -> None:
+    x, _ = _problem()
+    m = _model()
+    meth = TIAM(m, p1=p[0], p2=p[1], p3=p[2], theta0=0.1, rho=0.5, mu=0.05)
+    layer = meth.chain[0]
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(x.shape[0], 5, generator=g, dtype=torch.float64)
+    W = layer.weight.detach().clone()
+    W_prev = W + 0.1 * torch.randn(W.shape, generator=g, dtype=torch.float64)
+    meth.state.W_prev[0] = W_prev.clone()
+    b = layer.bias.detach().clone()
+    cfg = {"rho": 0.5, "mu": 0.05, "p1": p[0], "p2": p[1], "p3": p[2], "theta0": 0.1}
+    expected, theta_ref = _reference_w_step(x, z, W, W_prev, b, cfg)
+    cnt = _Counters()
+    out = meth._w_block(0, x, z, x @ W.T, p, cnt)
+    assert out is not None
+    W_new, P_new, _ = out
+    torch.testing.assert_close(W_new, expected)
+    torch.testing.assert_close(P_new, x @ W_new.T)  # the product kept by linear combination
+    assert meth.state.theta_W[0] == theta_ref
+    assert cnt.backtracks == round(math.log2(theta_ref / 0.1))
+
+
+def test_w_first_trial_accepted_at_lipschitz_bound() -> None:
+    x, _ = _problem()
+    m = _model()
+    rho, mu = 0.5, 0.05
+    lipschitz = rho * float(torch.linalg.matrix_norm(x, ord=2)) ** 2 + mu
+    meth = TIAM(m, p1=0.0, p2=0.0, p3=0.0, rho=rho, mu=mu, theta0=lipschitz * 1.0001)
+    z = torch.randn(x.shape[0], 5, dtype=torch.float64)
+    cnt = _Counters()
+    assert meth._w_block(0, x, z, x @ meth.chain[0].weight.T, (0.0, 0.0, 0.0), cnt) is not None
+    assert cnt.backtracks == 0
+    # below the bound (θ0 tiny) the step must backtrack, so the counter is not trivially zero
+    meth2 = TIAM(_model(), p1=0.0, p2=0.0, p3=0.0, rho=rho, mu=mu, theta0=lipschitz / 64)
+    cnt2 = _Counters()
+    meth2._w_block(0, x, z, x @ meth2.chain[0].weight.T, (0.0, 0.0, 0.0), cnt2)
+    assert cnt2.backtracks > 0
+
+
+# -- b block: exact minimiser when p1 = p2 (oracle 2) ---------------------------------------------------------
+
+
+def test_b_step_exact_minimiser_when_p1_equals_p2() -> None:
+    x, _ = _problem()
+    meth = TIAM(_model(), p1=0.4, p2=0.4, p3=0.0)
+    g = torch.Generator().manual_seed(7)
+    z = torch.randn(x.shape[0], 5, generator=g, dtype=torch.float64)
+    W = meth.chain[0].weight.detach()
+    b = meth.chain[0].bias.detach().clone()
+    meth.state.b_prev[0] = b + torch.randn(b.shape, generator=g, dtype=torch.float64)
+    b_new, b_raw = meth._b_step(0, x @ W.T, z, (0.4, 0.4, 0.0), b)
+    torch.testing.assert_close(b_new, (z - x @ W.T).mean(dim=0))
+    torch.testing.assert_close(grad_b(x, z, W, b_new, 1.0), torch.zeros_like(b_new))
+    torch.testing.assert_close(b_raw, b_new)
+
+
+# -- z and a blocks: projections vs brute force (oracle 3) -----------------------------------------------------
+
+
+@pytest.mark.parametrize("act_name", ["relu", "leaky_relu", "elu"])
+def test_z_projection_matches_brute_force(act_name: str) -> None:
+    act = get_activation(act_name)
+    meth = TIAM(_model(activation=act_name), projection_margin=0.0)
+    g = torch.Generator().manual_seed(11)
+    eps = 0.3
+    z0 = 2 * torch.randn(40, generator=g, dtype=torch.float64)
+    a = act.phi(z0) + eps * (2 * torch.rand(40, generator=g, dtype=torch.float64) - 1)  # feasible a
+    w = 3 * torch.randn(40, generator=g, dtype=torch.float64)
+    got = meth._project_z(act, w, a, eps)
+    grid = torch.linspace(-12, 12, 480001, dtype=torch.float64)
+    h_grid = act.phi(grid)
+    for i in range(40):
+        feasible = (h_grid - a[i]).abs() <= eps
+        cost = torch.where(feasible, (grid - w[i]).pow(2), torch.inf)
+        best = grid[int(cost.argmin())]
+        assert abs(float(got[i] - best)) <= 1e-4 + 1e-4 * abs(float(best)), (i, float(got[i]), float(best))
+        assert abs(float(act.phi(got[i]) - a[i])) <= eps + 1e-12
+
+
+@pytest.mark.parametrize("act_name", ["relu", "leaky_relu"])
+def test_penalty_z_step_matches_brute_force(act_name: str) -> None:
+    act = get_activation(act_name)
+    meth = TIAM(_model(activation=act_name), constraint="penalty", rho=0.7, nu=1.3)
+    g = torch.Generator().manual_seed(13)
+    w = 2 * torch.randn(30, generator=g, dtype=torch.float64)
+    a = torch.randn(30, generator=g, dtype=torch.float64)
+    got = meth._penalty_z(act, w, a)
+    grid = torch.linspace(-10, 10, 400001, dtype=torch.float64)
+    for i in range(30):
+        cost = 0.7 * (grid - w[i]).pow(2) + 1.3 * (a[i] - act.phi(grid)).pow(2)
+        best = grid[int(cost.argmin())]
+        assert abs(float(got[i] - best)) <= 1e-4
+
+
+@pytest.mark.parametrize("act_name", ["relu", "leaky_relu", "elu"])
+@pytest.mark.parametrize("p", [0.0, 0.5])
+def test_iterates_stay_in_constraint_set(act_name: str, p: float) -> None:
+    x, y = _problem(n=30)
+    meth = TIAM(_model(activation=act_name), p1=p, p2=p, p3=p, eps0=0.5, rho=0.5)
+    idx = torch.arange(30)
+    acts = meth._acts()
+    for k in range(12):
+        stats = meth.step(x, y, idx=idx[torch.randperm(30)])
+        eps = stats.info["eps"]
+        assert eps == max(0.5 * 0.5**k, 1e-3)
+        for l, act in enumerate(acts):
+            gap = (meth.state.a[l] - act.phi(meth.state.z[l])).abs().max()
+            assert float(gap) <= eps + 1e-12
+
+
+def test_a_step_acceptance_holds_and_matches_long_run_solve() -> None:
+    """a-block: the accepted θ satisfies the sufficient-decrease inequality, and iterating the p = 0 step
+    converges to the minimiser of the box-constrained least-squares subproblem (dense projected-gradient
+    reference with step 1/L)."""
+    x, _y = _problem()
+    meth = TIAM(_model(), p1=0.0, p2=0.0, p3=0.0, rho=0.9, theta0=0.05)
+    act = meth._acts()[0]
+    g = torch.Generator().manual_seed(17)
+    z_l = torch.randn(x.shape[0], 5, generator=g, dtype=torch.float64)
+    a = act.phi(z_l)
+    nxt = meth.chain[1]
+    W_n, b_n = nxt.weight.detach(), nxt.bias.detach()
+    z_n = torch.randn(x.shape[0], 4, generator=g, dtype=torch.float64)
+    eps = 0.2
+    cnt = _Counters()
+    zero = torch.zeros_like(a)
+    out = meth._a_step(0, act, a, (0.0, 0.0, 0.0), zero, z_l, W_n, b_n, z_n, eps, cnt)
+    assert out is not None
+    theta = meth.state.theta_a[0]
+
+    def S(u: torch.Tensor) -> float:
+        return float(0.5 * 0.9 * (z_n - u @ W_n.T - b_n).pow(2).sum())
+
+    d = out.raw - a
+    G = grad_a(a, z_n, W_n, b_n, 0.9)
+    assert S(out.raw) <= S(a) + float((G * d).sum()) + 0.5 * theta * float(d.pow(2).sum()) + 1e-12
+    assert cnt.backtracks > 0  # θ0 = 0.05 is below the Lipschitz bound here
+    # long run of the block step vs an independent projected gradient with the exact Lipschitz step
+    u = a
+    for _ in range(3000):
+        res = meth._a_step(0, act, u, (0.0, 0.0, 0.0), zero, z_l, W_n, b_n, z_n, eps, _Counters())
+        assert res is not None
+        u = res.new
+    L = 0.9 * float(torch.linalg.matrix_norm(W_n, ord=2)) ** 2
+    ref = a.clone()
+    hz = act.phi(z_l)
+    for _ in range(6000):
+        ref = torch.clamp(ref - grad_a(ref, z_n, W_n, b_n, 0.9) / L, hz - eps, hz + eps)
+    torch.testing.assert_close(u, ref, atol=1e-5, rtol=0)
+
+
+def test_zL_step_is_prox_gradient_and_long_run_minimises_subproblem() -> None:
+    x, y = _problem()
+    meth = TIAM(_model(), p1=0.0, p2=0.0, p3=0.0, rho=0.3)
+    onehot = tF.one_hot(y, 3).double()
+    g = torch.Generator().manual_seed(19)
+    v = torch.randn(x.shape[0], 3, generator=g, dtype=torch.float64)
+    z = torch.randn(x.shape[0], 3, generator=g, dtype=torch.float64)
+    zero = torch.zeros_like(z)
+    out = meth._zL_step(z, (0.0, 0.0, 0.0), zero, v, onehot, _Counters())
+    assert out is not None
+    theta = meth.state.theta_zL
+    expected = (theta * (z - grad_ce_sum(z, onehot) / theta) + 0.3 * v) / (theta + 0.3)
+    torch.testing.assert_close(out.new, expected)
+    u = z
+    for _ in range(400):
+        res = meth._zL_step(u, (0.0, 0.0, 0.0), zero, v, onehot, _Counters())
+        assert res is not None
+        u = res.new
+    # optimality of CE_sum(z) + (ρ/2)‖z − v‖²
+    torch.testing.assert_close(grad_ce_sum(u, onehot) + 0.3 * (u - v), torch.zeros_like(u), atol=1e-8, rtol=0)
+
+
+# -- one AM iteration against an independent implementation (oracle 1) ---------------------------------------
+
+
+def _reference_am_iteration(
+    x: torch.Tensor,
+    onehot: torch.Tensor,
+    Ws: list[torch.Tensor],
+    bs: list[torch.Tensor],
+    z: list[torch.Tensor],
+    a: list[torch.Tensor],
+    rho: float,
+    mu: float,
+    eps: float,
+    margin: float,
+) -> None:
+    """p = 0, ReLU, box constraint, prox-step z_L; plain formulas, direct objective evaluation."""
+    L = len(Ws)
+
+    def backtrack(S, grad, prox, u):  # type: ignore[no-untyped-def]
+        theta = 1.0
+        for _ in range(11):
+            up = prox(u - grad / theta, theta)
+            d = up - u
+            if S(up) <= S(u) + float((grad * d).sum()) + 0.5 * theta * float(d.pow(2).sum()) + 1e-9:
+                return up
+            theta *= 2
+        return u
+
+    for l in range(L):
+        a_in = x if l == 0 else a[l - 1]
+
+        def S_W(W: torch.Tensor, l: int = l, a_in: torch.Tensor = a_in) -> float:
+            return float(0.5 * rho * (z[l] - a_in @ W.T - bs[l]).pow(2).sum() + 0.5 * mu * W.pow(2).sum())
+
+        G = rho * (a_in @ Ws[l].T + bs[l] - z[l]).T @ a_in + mu * Ws[l]
+        Ws[l] = backtrack(S_W, G, lambda w, t: w, Ws[l])
+        bs[l] = (z[l] - a_in @ Ws[l].T).mean(dim=0)
+        v = a_in @ Ws[l].T + bs[l]
+        if l < L - 1:
+            hi = a[l] + eps - margin
+            lo = a[l] - eps + margin
+            zz = torch.minimum(v, hi)
+            z[l] = torch.where(lo > 0, torch.maximum(zz, lo), zz)
+            Wn, bn, zn = Ws[l + 1], bs[l + 1], z[l + 1]
+            hz = torch.relu(z[l])
+
+            def S_a(u: torch.Tensor, Wn: torch.Tensor = Wn, bn: torch.Tensor = bn, zn: torch.Tensor = zn) -> float:
+                return float(0.5 * rho * (zn - u @ Wn.T - bn).pow(2).sum())
+
+            Ga = rho * (a[l] @ Wn.T + bn - zn) @ Wn
+            a[l] = backtrack(S_a, Ga, lambda w, t, hz=hz: torch.clamp(w, hz - eps + margin, hz + eps - margin), a[l])
+        else:
+            Gz = torch.softmax(z[l], dim=1) - onehot
+
+            def S_z(u: torch.Tensor) -> float:
+                return float(-(onehot * torch.log_softmax(u, dim=1)).sum())
+
+            z[l] = backtrack(S_z, Gz, lambda w, t, v=v: (t * w + rho * v) / (t + rho), z[l])
+
+
+def test_am_iteration_matches_independent_reference() -> None:
+    x, y = _problem(n=20)
+    m = _model()
+    onehot = tF.one_hot(y, 3).double()
+    Ws = [layer.weight.detach().clone() for layer in m if isinstance(layer, nn.Linear)]
+    bs = [layer.bias.detach().clone() for layer in m if isinstance(layer, nn.Linear)]
+    h = x
+    z_ref: list[torch.Tensor] = []
+    a_ref: list[torch.Tensor] = []
+    for l, (W, b) in enumerate(zip(Ws, bs)):
+        u = h @ W.T + b
+        z_ref.append(u)
+        if l < len(Ws) - 1:
+            h = torch.relu(u)
+            a_ref.append(h)
+    z_ref[-1] = 2 * onehot - 1
+    meth = AM(m, rho=0.5, mu=0.05, eps0=0.4, eps_decay=0.5)
+    idx = torch.arange(20)
+    for k in range(4):
+        meth.step(x, y, idx=idx)
+        _reference_am_iteration(x, onehot, Ws, bs, z_ref, a_ref, 0.5, 0.05, max(0.4 * 0.5**k, 1e-3), 1e-9)
+    for W, W_ref in zip([layer.weight for layer in meth.chain], Ws):
+        torch.testing.assert_close(W.detach(), W_ref, atol=1e-10, rtol=1e-10)
+    for zl, zr in zip(meth.state.z, z_ref):
+        torch.testing.assert_close(zl, zr, atol=1e-10, rtol=1e-10)
+    for al, ar in zip(meth.state.a, a_ref):
+        torch.testing.assert_close(al, ar, atol=1e-10, rtol=1e-10)
+
+
+# -- objective: reported value, monotonicity with the safeguard (oracle 6) -----------------------------------
+
+
+def _objective(meth: TIAM, x: torch.Tensor, y: torch.Tensor) -> float:
+    st, c = meth.state, meth.config
+    onehot = tF.one_hot(y, st.z[-1].shape[1]).double()
+    F = float(-(onehot * torch.log_softmax(st.z[-1], dim=1)).sum())
+    for l, layer in enumerate(meth.chain):
+        a_in = x if l == 0 else st.a[l - 1]
+        F += 0.5 * c.rho * float((st.z[l] - a_in @ layer.weight.T - layer.bias).pow(2).sum())
+        F += 0.5 * c.mu * float(layer.weight.pow(2).sum())
+    return F
+
+
+@pytest.mark.parametrize("history", ["extrapolated", "raw"])
+def test_objective_non_increasing_with_safeguard_at_fixed_eps(history: str) -> None:
+    x, y = _problem(n=40)
+    meth = TIAM(_model(), p1=0.7, p2=0.5, p3=0.8, eps0=0.3, eps_decay=1.0, rho=0.5, history=history)
+    idx = torch.arange(40)
+    meth.step(x, y, idx=idx)
+    previous = _objective(meth, x, y)
+    restarts = 0.0
+    for _ in range(25):
+        stats = meth.step(x, y, idx=idx)
+        restarts += stats.info["safeguard_restarts"]
+        assert stats.info["objective"] == pytest.approx(_objective(meth, x, y), rel=1e-12)
+        assert stats.info["objective"] <= previous * (1 + 1e-12)
+        previous = stats.info["objective"]
+    assert restarts > 0  # the aggressive inertia does trigger the safeguard, so the check is exercised
+
+
+def test_safeguard_off_can_increase_objective() -> None:
+    """Without the safeguard the same aggressive inertia raises F at some iteration: the safeguard matters."""
+    x, y = _problem(n=40)
+    meth = TIAM(_model(), p1=0.9, p2=0.0, p3=0.9, eps0=0.3, eps_decay=1.0, rho=0.5, safeguard=False)
+    idx = torch.arange(40)
+    values = [meth.step(x, y, idx=idx).info["objective"] for _ in range(25)]
+    assert any(b > a * (1 + 1e-9) for a, b in itertools.pairwise(values))
+
+
+# -- TIAM(p = 0) is AM, bit for bit ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["full", "minibatch"])
+def test_tiam_with_zero_inertia_is_am_bit_identical(mode: str) -> None:
+    x, y = _problem(n=32)
+    m1, m2 = _model(), _model()
+    t = TIAM(m1, p1=0.0, p2=0.0, p3=0.0, mode=mode)
+    am = get("am")(m2, mode=mode)
+    for k in range(5):
+        idx = torch.randperm(32, generator=torch.Generator().manual_seed(k))
+        s1, s2 = t.step(x[idx], y[idx], idx=idx), am.step(x[idx], y[idx], idx=idx)
+        assert s1.loss == s2.loss and s1.info == s2.info
+    for p1, p2 in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(p1, p2)
+
+
+def test_inertia_changes_the_iterates() -> None:
+    x, y = _problem(n=32)
+    m1, m2 = _model(), _model()
+    t, am = TIAM(m1), AM(m2)
+    idx = torch.arange(32)
+    for _ in range(3):
+        t.step(x, y, idx=idx)
+        am.step(x, y, idx=idx)
+    assert not torch.equal(m1[1].weight, m2[1].weight)
+
+
+# -- modes, state round trip -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "hp", [{}, {"history": "raw"}, {"mode": "minibatch", "minibatch_sweeps": 2}, {"zL_solver": "fista"}]
+)
+def test_state_dict_round_trip_continues_bit_identically(hp: dict[str, object]) -> None:
+    x, y = _problem(n=32)
+    m = _model()
+    meth = TIAM(m, **hp)
+    perms = [torch.randperm(32, generator=torch.Generator().manual_seed(k)) for k in range(5)]
+    for idx in perms[:3]:
+        meth.step(x[idx], y[idx], idx=idx)
+    saved = copy.deepcopy(meth.state_dict())
+    for idx in perms[3:]:
+        meth.step(x[idx], y[idx], idx=idx)
+    m2 = _model(seed=99)
+    other = TIAM(m2, **hp)
+    other.load_state_dict(saved)
+    for idx in perms[3:]:
+        other.step(x[idx], y[idx], idx=idx)
+    for p1, p2 in zip(m.parameters(), m2.parameters()):
+        assert torch.equal(p1, p2)
+
+
+def test_full_mode_keeps_aux_aligned_to_samples_under_shuffling() -> None:
+    x, y = _problem(n=32)
+    m1, m2 = _model(), _model()
+    ordered, shuffled = TIAM(m1), TIAM(m2)
+    for k in range(4):
+        perm = torch.randperm(32, generator=torch.Generator().manual_seed(k))
+        ordered.step(x, y, idx=torch.arange(32))
+        shuffled.step(x[perm], y[perm], idx=perm)
+    for p1, p2 in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(p1, p2, atol=1e-10, rtol=1e-10)
+    for z1, z2 in zip(ordered.state.z, shuffled.state.z):
+        torch.testing.assert_close(z1, z2, atol=1e-10, rtol=1e-10)
+
+
+def test_auto_mode_picks_minibatch_for_partial_batches() -> None:
+    x, y = _problem(n=32)
+    meth = TIAM(_model())
+    assert meth.step(x[:8], y[:8], idx=torch.arange(8, 16)).info["full_batch"] == 0.0
+    assert meth.step(x, y, idx=torch.arange(32)).info["full_batch"] == 1.0
+    assert meth.step(x[:8], y[:8]).info["full_batch"] == 0.0
+
+
+def test_minibatch_training_lowers_loss() -> None:
+    """Mini-batch mode (fresh auxiliaries per batch) on a learnable problem. Its progress is modest (the
+    label information reaches only the top layers within a batch's sweeps), so only a decrease is asserted."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 6, generator=g, dtype=torch.float64)
+    y = (x[:, :3] @ torch.randn(3, 3, generator=g, dtype=torch.float64)).argmax(1)
+    meth = TIAM(_model(), mode="minibatch", minibatch_sweeps=3, rho=0.1, mu=0.0, max_doublings=30)
+    first = float(meth.batch_loss(x, y))
+    for k in range(40):
+        sl = slice((k % 4) * 16, (k % 4) * 16 + 16)
+        assert meth.step(x[sl], y[sl], idx=torch.arange(64)[sl]).info["full_batch"] == 0.0
+    assert float(meth.batch_loss(x, y)) < 0.97 * first
+
+
+# -- clear errors -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "hp",
+    [
+        {"p1": 1.0},
+        {"p2": -0.1},
+        {"p3": 1.5},
+        {"rho": 0.0},
+        {"rho": -1.0},
+        {"nu": 0.0},
+        {"mu": -0.1},
+        {"eps0": 0.0},
+        {"backtrack_factor": 1.0},
+        {"backtrack_factor": math.inf},
+        {"history": "bogus"},
+        {"constraint": "hard"},
+        {"bogus_key": 1},
+    ],
+)
+def test_bad_hyperparameters_raise(hp: dict[str, object]) -> None:
+    with pytest.raises(ValueError):
+        TIAM(_model(), **hp)
+
+
+def test_am_rejects_inertia() -> None:
+    with pytest.raises(ValueError, match="p1 = p2 = p3 = 0"):
+        AM(_model(), p1=0.3)
+
+
+def test_unsupported_models_raise() -> None:
+    with pytest.raises(ValueError, match="sigmoid"):
+        TIAM(_model(activation="sigmoid"))
+    conv = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8, 3))
+    with pytest.raises(ValueError, match="fully connected"):
+        TIAM(conv)
+    with pytest.raises(ValueError, match="output activation"):
+        TIAM(nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3), nn.ReLU()))
+    with pytest.raises(ValueError, match="penalty"):
+        TIAM(_model(activation="elu"), constraint="penalty")
+    with pytest.raises(ValueError, match="loss"):
+        TIAM(_model(), loss="mse")
+
+
+def test_bad_inputs_raise() -> None:
+    x, y = _problem()
+    meth = TIAM(_model())
+    bad = x.clone()
+    bad[0, 0] = math.nan
+    with pytest.raises(ValueError, match="NaN"):
+        meth.step(bad, y)
+    with pytest.raises(ValueError, match="labels"):
+        meth.step(x, y + 5)
+    with pytest.raises(ValueError, match="samples"):
+        meth.step(x, y[:-1])
+    with pytest.raises(ValueError, match="integer labels"):
+        meth.step(x, y.double())
+
+
+def test_mdlam_init_draws_normal_weights() -> None:
+    torch.manual_seed(0)
+    m = mlp("50-200-3").double()
+    TIAM(m, init="mdlam")
+    w = m[1].weight.detach()
+    assert abs(float(w.std()) - 0.1) < 0.01 and abs(float(w.mean())) < 0.01
