@@ -178,7 +178,9 @@ def render_table(results: dict[str, Any], target: float | None = None) -> str:
         f"Machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}, device {machine['device']}",
         "",
     ]
-    head = ["run", "method", "final test acc %", "best test acc %", "final train loss", "s/epoch"]
+    split = next((r.get("split") for r in results["runs"] if r.get("split")), "test")
+    acc = "validation acc" if split == "validation" else "test acc"
+    head = ["run", "method", f"final {acc} %", f"best {acc} %", "final train loss", "s/epoch"]
     if target is not None:
         head.append(f"s to {100 * target:g}%")
     head.append("peak RSS MB")
