@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from liftkit.errors import DivergenceError, LiftkitError
+from liftkit.errors import DivergenceError, LiftkitError, PeerLostError
 
 __all__ = ["main"]
 
@@ -74,6 +74,12 @@ def _build_parser() -> argparse.ArgumentParser:
     train.add_argument("--method", required=True, help="registered method name (see 'liftkit methods')")
     _common(train, bench=False)
     train.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    train.add_argument(
+        "--dist-timeout",
+        type=float,
+        help="under torchrun: seconds a collective may wait for the other processes before this one stops "
+        "(default 300)",
+    )
     train.add_argument("--label", help=argparse.SUPPRESS)
     progress = train.add_mutually_exclusive_group()
     progress.add_argument("--progress", dest="progress", action="store_true", default=None)
@@ -124,6 +130,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     for key, value in _parse_sets(args.set):
         hparams[key] = parse_hparam(method_cls.Config, key, value)
     out = args.out or os.path.join("runs", f"{args.method}-{args.dataset}")
+    if args.dist_timeout is not None:
+        opts["dist_timeout"] = args.dist_timeout
     spec = RunSpec(
         method=args.method,
         dataset=args.dataset,
@@ -135,14 +143,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
         label=args.label,
         **opts,
     )
+    # under torchrun only rank 0 touches the output directory
+    main_rank = os.environ.get("RANK", "0") == "0"
     stale = Path(out) / "failed.json"
-    if stale.exists():
+    if main_rank and stale.exists():
         stale.unlink()
     try:
         summary = run(spec)
     except (LiftkitError, ValueError) as exc:
-        _record_failure(out, exc)
+        if main_rank:
+            _record_failure(out, exc)
         raise
+    if not main_rank:
+        return 0
     acc = summary.get("test_accuracy")
     acc_text = "" if acc is None else f", test accuracy {100 * acc:.2f}%"
     print(
@@ -257,6 +270,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handlers[args.command](args)
     except DivergenceError as exc:
         print(f"liftkit: {exc}", file=sys.stderr)
+        return 1
+    except PeerLostError as exc:
+        print(f"liftkit: error: {exc}; the last checkpoint is kept", file=sys.stderr)
         return 1
     except (LiftkitError, ValueError) as exc:
         if os.environ.get("LIFTKIT_DEBUG"):

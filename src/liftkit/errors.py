@@ -11,3 +11,8 @@ class DataError(LiftkitError):
 
 class DivergenceError(LiftkitError):
     """Training produced a non-finite loss; the CLI exits with code 1."""
+
+
+class PeerLostError(LiftkitError):
+    """Under torchrun: a collective failed because another process died, hung past ``--dist-timeout``, or could
+    not be reached. The CLI reports it as one line and exits with code 1; the last checkpoint is kept."""

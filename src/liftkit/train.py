@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import random
 import resource
 import sys
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 
 from liftkit import data as data_mod
+from liftkit.distributed import DEFAULT_TIMEOUT_S, Communicator, LocalComm, comm_from_env, shard_bounds
 from liftkit.errors import DivergenceError, LiftkitError
 from liftkit.io import atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint
 from liftkit.methods import Method, evaluate_loss, get
@@ -69,16 +71,10 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 @torch.no_grad()
-def evaluate(
-    model: torch.nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    loss: str,
-    *,
-    autoencoder: bool = False,
-    batch_size: int = 4096,
-) -> tuple[float, float | None]:
-    """Mean declared loss and accuracy (``None`` for autoencoders) of ``model`` on ``(x, y)``."""
+def _evaluate_sums(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str, *, autoencoder: bool, batch_size: int
+) -> tuple[float, int]:
+    """Summed declared loss and number of correct predictions of ``model`` on ``(x, y)``."""
     was_training = model.training
     model.eval()
     total_loss = 0.0
@@ -92,7 +88,34 @@ def evaluate(
         if not autoencoder:
             correct += int((out.reshape(out.shape[0], -1).argmax(dim=1) == target).sum())
     model.train(was_training)
-    return total_loss / n, (None if autoencoder else correct / n)
+    return total_loss, correct
+
+
+def evaluate(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss: str,
+    *,
+    autoencoder: bool = False,
+    batch_size: int = 4096,
+    comm: Communicator | None = None,
+) -> tuple[float, float | None]:
+    """Mean declared loss and accuracy (``None`` for autoencoders) of ``model`` on ``(x, y)``.
+
+    With a multi-process ``comm`` every rank evaluates its contiguous slice of ``(x, y)`` and the sums are
+    all-reduced, so every rank returns the numbers of the whole set.
+    """
+    n = x.shape[0]
+    if comm is None or comm.world_size == 1:
+        total_loss, correct = _evaluate_sums(model, x, y, loss, autoencoder=autoencoder, batch_size=batch_size)
+        return total_loss / n, (None if autoencoder else correct / n)
+    start, stop = shard_bounds(n, comm.rank, comm.world_size)
+    part_loss, part_correct = _evaluate_sums(
+        model, x[start:stop], y[start:stop], loss, autoencoder=autoencoder, batch_size=batch_size
+    )
+    total_loss, total_correct = comm.sum_scalars(part_loss, float(part_correct), op="trainer")
+    return total_loss / n, (None if autoencoder else round(total_correct) / n)
 
 
 def _is_finite_model(model: torch.nn.Module) -> bool:
@@ -115,6 +138,7 @@ def fit(
     eval_batch_size: int = 4096,
     checkpoint_every: int = 1,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    comm: Communicator | None = None,
 ) -> dict[str, Any]:
     """Train ``method`` (and so its model, in place) on ``data`` for ``epochs`` epochs; return the summary.
 
@@ -124,6 +148,12 @@ def fit(
     ``metrics.jsonl``, ``checkpoint.pt`` (after every epoch) and ``summary.json``; ``resume=True`` continues
     from the checkpoint there. ``checkpoint_every=k`` writes the checkpoint every k epochs (and after the last);
     methods with large per-sample state (full-batch TIAM) use it to keep the disk traffic down.
+
+    Data parallelism (METHODS.md §7): with a ``comm`` of R > 1 processes (``comm_from_env`` under ``torchrun``)
+    every rank draws the same global batches from the shared seed and passes its contiguous slice of each to
+    ``method.step`` (a full batch is sorted first, so each rank keeps the same samples every epoch); the method
+    reduces what its update needs over ``comm``. The step losses and the evaluation are reduced over the
+    ranks; only rank 0 writes files; ``resume`` loads rank 0's checkpoint on every rank.
     """
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
@@ -137,6 +167,19 @@ def fit(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 0:
         raise ValueError(f"batch size must be a non-negative integer (0 = full batch), got {batch_size!r}")
     effective_batch = n_train if batch_size == 0 else min(batch_size, n_train)
+    comm = comm if comm is not None else LocalComm()
+    world = comm.world_size
+    if world > 1:
+        method.set_comm(comm)
+        smallest = effective_batch if sampling == "replacement" or n_train % effective_batch == 0 else (
+            n_train % effective_batch
+        )
+        if smallest < world:
+            raise ValueError(
+                f"a batch of {smallest} samples cannot be split over {world} processes; choose a batch size "
+                f"of at least {world} whose remainder in the {n_train} training samples is 0 or at least {world}"
+            )
+    main = comm.is_main
     device, dtype = method.device, method.dtype
     classes = None if autoencoder else data.num_classes
     data_mod.check_inputs(data.x_train, None if autoencoder else data.y_train, classes)
@@ -163,10 +206,15 @@ def fit(
     train_seconds = 0.0
     start_epoch = 0
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
+        if main:
+            out.mkdir(parents=True, exist_ok=True)
         ckpt_path = out / CHECKPOINT
-        if resume and ckpt_path.exists():
-            state = load_checkpoint(ckpt_path)
+        state: dict[str, Any] | None = None
+        if resume:
+            # Rank 0 reads the checkpoint and sends it to the others: on several machines only its disk has it.
+            state = load_checkpoint(ckpt_path) if main and ckpt_path.exists() else None
+            state = comm.broadcast_object(state) if world > 1 else state
+        if state is not None:
             saved = state["run_info"]
             for key in ("method", "dataset", "model", "batch_size", "seed", "sampling", "loss", "hparams", "split"):
                 if key in saved and key in info and saved[key] != info[key]:
@@ -183,13 +231,16 @@ def fit(
                 raise LiftkitError(
                     f"cannot resume: the checkpoint in {out} is at epoch {start_epoch}, past --epochs {epochs}"
                 )
-        elif resume:
+        elif resume and main:
             print(f"liftkit: no checkpoint in {out}; starting from scratch", file=sys.stderr)
         # The metrics file is rewritten from the checkpoint's history, so epochs after the checkpoint that a
         # killed run had already logged do not appear twice.
-        atomic_write_text(out / METRICS, "".join(json.dumps(h) + "\n" for h in history))
+        if main:
+            atomic_write_text(out / METRICS, "".join(json.dumps(h) + "\n" for h in history))
 
-    show_progress = sys.stderr.isatty() if progress is None else progress
+    show_progress = (sys.stderr.isatty() if progress is None else progress) and main
+    bytes_before, calls_before = dict(comm.bytes_sent), dict(comm.calls)
+    steps_run = 0
     for epoch in range(start_epoch, epochs):
         batches = data_mod.batch_indices(n_train, effective_batch, seed=seed, epoch=epoch, sampling=sampling)
         sums: dict[str, float] = {}
@@ -201,10 +252,24 @@ def fit(
             bar = tqdm(total=len(batches), desc=f"{method.name} epoch {epoch + 1}/{epochs}", leave=False)
         t0 = time.perf_counter()
         for b, idx in enumerate(batches):
-            idx_dev = idx.to(device)
+            if world > 1:
+                if len(batches) == 1 and sampling == "shuffle":
+                    # the full batch in index order: a sample's shard (and its per-sample state) never moves
+                    idx = idx.sort().values
+                start, stop = shard_bounds(int(idx.shape[0]), comm.rank, world)
+                method.set_global_batch_size(int(idx.shape[0]))
+                idx_local = idx[start:stop]
+            else:
+                idx_local = idx
+            idx_dev = idx_local.to(device)
             xb = x_train[idx_dev]
             yb = xb if autoencoder else y_train[idx_dev]
             stats = method.step(xb, yb, idx=idx_dev)
+            steps_run += 1
+            if world > 1:
+                # Σ_r loss_r · m_r / m: the global mean whether a rank reports its shard's mean or the replicated
+                # global loss, and the same number on every rank, so a divergence stops all of them together.
+                stats.loss = comm.sum_scalars(stats.loss * idx_local.shape[0] / idx.shape[0], op="trainer")[0]
             if not math.isfinite(stats.loss):
                 if bar is not None:
                     bar.close()
@@ -231,10 +296,12 @@ def fit(
                 + (f"; the last good checkpoint ({out / CHECKPOINT}) is kept" if out is not None else "")
             )
         train_loss, train_acc = evaluate(
-            method.model, x_train, y_train, method.loss, autoencoder=autoencoder, batch_size=eval_batch_size
+            method.model, x_train, y_train, method.loss, autoencoder=autoencoder, batch_size=eval_batch_size,
+            comm=comm,
         )
         test_loss, test_acc = evaluate(
-            method.model, x_test, y_test, method.loss, autoencoder=autoencoder, batch_size=eval_batch_size
+            method.model, x_test, y_test, method.loss, autoencoder=autoencoder, batch_size=eval_batch_size,
+            comm=comm,
         )
         if not math.isfinite(train_loss):
             raise DivergenceError(
@@ -252,22 +319,25 @@ def fit(
             "info": {k: v / max(len(batches), 1) for k, v in sums.items()},
         }
         history.append(record)
-        if out is not None:
+        if out is not None and main:
             with open(out / METRICS, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(record) + "\n")
         if out is not None and ((epoch + 1) % checkpoint_every == 0 or epoch + 1 == epochs):
-            save_checkpoint(
-                out / CHECKPOINT,
-                {
-                    "format": 1,
-                    "epoch": epoch + 1,
-                    "method_state": method.state_dict(),
-                    "rng": _rng_state(),
-                    "history": history,
-                    "train_seconds": train_seconds,
-                    "run_info": info,
-                },
-            )
+            # every rank builds the state (a method may gather per-sample shards in it); rank 0 writes it
+            method_state = method.state_dict()
+            if main:
+                save_checkpoint(
+                    out / CHECKPOINT,
+                    {
+                        "format": 1,
+                        "epoch": epoch + 1,
+                        "method_state": method_state,
+                        "rng": _rng_state(),
+                        "history": history,
+                        "train_seconds": train_seconds,
+                        "run_info": info,
+                    },
+                )
         if on_epoch is not None:
             on_epoch(record)
         if show_progress:
@@ -302,7 +372,19 @@ def fit(
             {k: h[k] for k in ("epoch", "train_loss", "test_loss", "test_accuracy", "seconds")} for h in history
         ],
     }
-    if out is not None:
+    if world > 1:
+        summary["processes"] = world
+        sent = {op: n - bytes_before.get(op, 0) for op, n in comm.bytes_sent.items()}
+        summary["communication"] = {
+            "steps": steps_run,
+            "bytes_sent": sent,
+            "calls": {op: n - calls_before.get(op, 0) for op, n in comm.calls.items()},
+            "bytes_per_step": {op: n / steps_run for op, n in sent.items()} if steps_run else {},
+            "note": "payload bytes this rank passed to each kind of call ('trainer': step-loss and evaluation "
+            "reductions, 'checkpoint': state gathered for the checkpoint); a ring all-reduce puts "
+            "2(R-1)/R times the payload on the wire per process",
+        }
+    if out is not None and main:
         atomic_write_json(out / SUMMARY, summary)
     return summary
 
@@ -332,6 +414,7 @@ class RunSpec:
     label: str | None = None
     threads: int | None = None
     checkpoint_every: int = 1
+    dist_timeout: float = DEFAULT_TIMEOUT_S
 
 
 def resolve_device(name: str) -> torch.device:
@@ -345,7 +428,11 @@ def resolve_device(name: str) -> torch.device:
 
 
 def run(spec: RunSpec) -> dict[str, Any]:
-    """Build data, model and method from ``spec``, then :func:`fit`. Returns the summary."""
+    """Build data, model and method from ``spec``, then :func:`fit`. Returns the summary.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) this process joins the process group, trains
+    data-parallel (see :func:`fit`) and leaves the group at the end.
+    """
     if spec.threads is not None:
         torch.set_num_threads(spec.threads)
     if spec.dtype not in DTYPES:
@@ -353,6 +440,16 @@ def run(spec: RunSpec) -> dict[str, Any]:
     if spec.split not in ("test", "validation"):
         raise LiftkitError(f"unknown split {spec.split!r}; use test or validation")
     device = resolve_device(spec.device)
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    comm = comm_from_env(timeout_s=spec.dist_timeout, device=device)
+    try:
+        return _run(spec, device, comm)
+    finally:
+        comm.close()
+
+
+def _run(spec: RunSpec, device: torch.device, comm: Communicator) -> dict[str, Any]:
     method_cls = get(spec.method)
     model_spec = parse_model_spec(spec.model)
     data = data_mod.load_dataset(
@@ -401,6 +498,7 @@ def run(spec: RunSpec) -> dict[str, Any]:
         progress=spec.progress,
         run_info=run_info,
         checkpoint_every=spec.checkpoint_every,
+        comm=comm,
     )
     if model_spec.is_autoencoder:
         summary["test_accuracy"] = None
@@ -408,6 +506,6 @@ def run(spec: RunSpec) -> dict[str, Any]:
     summary["activation"] = spec.activation
     summary["dtype"] = spec.dtype
     summary["device"] = str(device)
-    if spec.out is not None:
+    if spec.out is not None and comm.is_main:
         atomic_write_json(Path(spec.out) / SUMMARY, summary)
     return summary

@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from liftkit.distributed import Communicator, LocalComm
+
 __all__ = [
     "LOSSES",
     "Method",
@@ -211,6 +213,14 @@ class Method(ABC):
     paper: ClassVar[str] = ""
     #: default batch size when the caller does not give one (``0``: the whole training set, full batch)
     default_batch_size: ClassVar[int] = 100
+    #: whether ``step`` reproduces the single-process update when the global batch is split over the ranks of
+    #: ``self.comm`` (METHODS.md §7); methods without it refuse a communicator with more than one process
+    supports_data_parallel: ClassVar[bool] = False
+
+    #: the size of the global mini-batch this rank's shard belongs to; the trainer sets it before every
+    #: ``step`` under data parallelism (see :meth:`global_batch_size`)
+    _global_batch: int | None = None
+    _comm: Communicator | None = None
 
     def __init__(self, model: nn.Module, *, loss: str | None = None, **hparams: Any) -> None:
         if not isinstance(model, nn.Module):
@@ -254,6 +264,39 @@ class Method(ABC):
         self.model.load_state_dict(state["model"])
         self.steps_taken = int(state.get("steps_taken", 0))
         self.load_extra_state(state.get("extra", {}))
+
+    # -- data parallelism (METHODS.md §7) ----------------------------------------------------------------------
+    @property
+    def comm(self) -> Communicator:
+        """The communicator the method reduces over: :class:`~liftkit.distributed.LocalComm` (a no-op) unless
+        the trainer set one with :meth:`set_comm`."""
+        if self._comm is None:
+            self._comm = LocalComm()
+        return self._comm
+
+    def set_comm(self, comm: Communicator) -> None:
+        """Run data-parallel over ``comm``: this process's ``step`` batches are its shard of each global
+        batch. Raises ``ValueError`` for a method that does not support it (``supports_data_parallel``)."""
+        if comm.world_size > 1 and not self.supports_data_parallel:
+            raise ValueError(
+                f"method {self.name} does not support data-parallel training yet ({comm.world_size} processes "
+                "requested); run it in a single process (without torchrun)"
+            )
+        self._comm = comm
+
+    def set_global_batch_size(self, size: int | None) -> None:
+        """Tell the method how many samples the global mini-batch of the next ``step`` holds (the trainer
+        does this before every step; ``None``: the local batch is the global one)."""
+        self._global_batch = size
+
+    def global_batch_size(self, local_size: int) -> int:
+        """m_global, the size of the global batch that a mean must divide by (METHODS.md §7): the size the
+        trainer announced, else, in one process, ``local_size``, else the all-reduced sum of local sizes."""
+        if self._global_batch is not None:
+            return self._global_batch
+        if self.comm.world_size == 1:
+            return local_size
+        return int(self.comm.sum_scalars(float(local_size))[0])
 
     # -- conveniences -----------------------------------------------------------------------------------------
     @property

@@ -17,7 +17,14 @@ from liftkit.methods.base import Method, MethodConfig, StepStats, evaluate_loss,
 
 
 class _TorchOptimizerMethod(Method):
-    """A method that is one ``torch.optim`` step on the declared loss per mini-batch."""
+    """A method that is one ``torch.optim`` step on the declared loss per mini-batch.
+
+    Data-parallel (METHODS.md §7): each rank back-propagates the sum of its shard's losses divided by the
+    global batch size, and one all-reduce sums the gradients, so every rank holds the gradient of the global
+    batch mean and takes the single-process step.
+    """
+
+    supports_data_parallel = True
 
     def __init__(self, model: torch.nn.Module, *, loss: str | None = None, **hparams: Any) -> None:
         super().__init__(model, loss=loss, **hparams)
@@ -30,11 +37,35 @@ class _TorchOptimizerMethod(Method):
     def step(self, x: torch.Tensor, y: torch.Tensor, *, idx: torch.Tensor | None = None) -> StepStats:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        loss = evaluate_loss(self.loss, self.model(x), y)
-        loss.backward()
+        if self.comm.world_size == 1:
+            loss = evaluate_loss(self.loss, self.model(x), y)
+            loss.backward()
+            value = float(loss.detach())
+        else:
+            value = self._global_loss_and_grad(x, y)
         self.optimizer.step()
         self.steps_taken += 1
-        return StepStats(loss=float(loss.detach()))
+        return StepStats(loss=value)
+
+    def _global_loss_and_grad(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """Under data parallelism: leave the gradient of the global batch's mean loss in every ``.grad`` and
+        return that loss; one all-reduce carries the gradients and the loss together."""
+        m_global = self.global_batch_size(int(x.shape[0]))
+        loss = evaluate_loss(self.loss, self.model(x), y, reduction="sum") / m_global
+        loss.backward()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        flat = torch.cat([p.grad.reshape(-1) for p in params if p.grad is not None] + [loss.detach().reshape(1)])
+        self.comm.all_reduce_sum_(flat)
+        offset = 0
+        for p in params:
+            assert p.grad is not None
+            n = p.numel()
+            p.grad.copy_(flat[offset : offset + n].view_as(p))
+            offset += n
+        return float(flat[-1])
 
     def extra_state(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict()}
@@ -157,6 +188,9 @@ class LBFGS(_TorchOptimizerMethod):
 
         def closure() -> float:
             self.optimizer.zero_grad(set_to_none=True)
+            if self.comm.world_size > 1:
+                # the global loss and gradient, identical on every rank, so the line search decides alike
+                return self._global_loss_and_grad(x, y)
             loss = evaluate_loss(self.loss, self.model(x), y)
             loss.backward()
             return float(loss.detach())

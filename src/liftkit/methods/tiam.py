@@ -49,6 +49,15 @@ on each batch, and only the weights, biases and their inertia history persist (a
 mini-batching to future work). ``auto``: full when ``idx`` covers 0..max(idx) exactly, otherwise minibatch.
 
 ``am`` is this same code with p1 = p2 = p3 = 0 ("AM (mDLAM base, p=0)"), so the acceleration is measured.
+
+Data-parallel (METHODS.md §7, TIAM row). Every rank holds its shard of the batch's columns of z_l, a_l and z_L
+(in full mode: the same samples every epoch, since the trainer sorts the full batch before slicing it). Over
+``self.comm`` go: the data part of the W-gradient ρ(aŴᵀ + 1bᵀ − z)ᵀa (n_l × n_{l−1}) and the three sample
+sums of the W acceptance test; the b-step column sums Σ_rows(P + 1b̂ᵀ − z), divided by N_global; every
+backtracking value (S(û), S(u⁺), ⟨∇S(û), d⟩, ‖d‖²) and every safeguard objective (with a feasibility count),
+so θ and each accept / reject / restart decision are the same on every rank; and the sweep's objective terms
+for the diagnostics. ``zL_solver='fista'`` is single-process only (its stopping rule would need every
+iteration's change reduced). Checkpoints gather the per-sample shards into full arrays.
 """
 
 from __future__ import annotations
@@ -63,6 +72,7 @@ import torch.nn.functional as tF
 from torch import Tensor, nn
 
 from liftkit.activations import Activation
+from liftkit.distributed import Communicator
 from liftkit.methods.base import Method, MethodConfig, StepStats, evaluate_loss, register
 from liftkit.models import ChainLayer, as_chain
 from liftkit.solvers import projected_fista
@@ -178,6 +188,12 @@ class TIAMState:
 
 _P = tuple[float, float, float]
 
+# the keys of TIAM.extra_state()
+_STATE_KEYS = (
+    "W_prev", "b_prev", "W_raw", "b_raw", "theta_W", "theta_a", "theta_zL", "iteration",
+    "z", "a", "z_prev", "a_prev", "z_raw", "a_raw", "initialised",
+)
+
 
 @dataclass
 class _AuxStep:
@@ -260,9 +276,11 @@ class TIAM(Method):
         "Learning Training, arXiv 2503.08489 (reconstructed on mDLAM: Wang, Li, Zhao, Neurocomputing 2022)"
     )
     default_batch_size = 0
+    supports_data_parallel = True
 
     def __init__(self, model: nn.Module, *, loss: str | None = None, **hparams: Any) -> None:
         super().__init__(model, loss=loss, **hparams)
+        self._m_global = 0  # N_global of the batch being swept (the b-step's exact mean divides by it)
         c = self.config
         self.chain: list[ChainLayer] = as_chain(
             model, method=self.name, allowed_activations=_SUPPORTED_ACTIVATIONS, require_bias=True
@@ -310,6 +328,21 @@ class TIAM(Method):
         self.state.theta_W = [c.theta0] * n_layers
         self.state.theta_a = [c.theta0] * (n_layers - 1)
         self.state.theta_zL = c.theta0
+
+    # -- data parallelism ---------------------------------------------------------------------------
+    def set_comm(self, comm: Communicator) -> None:
+        if comm.world_size > 1 and self.config.zL_solver == "fista":
+            raise ValueError(
+                f"{self.name}: zL_solver='fista' runs in a single process only; use zL_solver=prox_step with "
+                "several processes"
+            )
+        super().set_comm(comm)
+
+    def _sum(self, *values: float) -> tuple[float, ...]:
+        """Sample sums over all ranks (the values themselves in one process)."""
+        if self.comm.world_size == 1:
+            return values
+        return self.comm.sum_scalars(*values)
 
     # -- helpers ------------------------------------------------------------------------------------
     @staticmethod
@@ -405,7 +438,10 @@ class TIAM(Method):
         else:
             Pd = a_in @ delta.T
             P_hat = P0 + p2 * Pd
-        G = grad_w(a_in, z, W_hat, b, c.rho, c.mu, aWt=P_hat)
+        if self.comm.world_size == 1:
+            G = grad_w(a_in, z, W_hat, b, c.rho, c.mu, aWt=P_hat)
+        else:
+            G = self.comm.all_reduce_sum_(c.rho * ((P_hat + b - z).T @ a_in)) + c.mu * W_hat
         PG = a_in @ G.T
         # S is quadratic: S(û + d) − S(û) − ⟨∇S(û), d⟩ = (ρ/2)‖a dᵀ‖² + (μ/2)‖d‖², with d = (p1 − p2)Δ − G/θ,
         # so every trial is three inner products instead of a pass over the data.
@@ -413,6 +449,7 @@ class TIAM(Method):
         dd, dg, gg = _sq(delta), _dot(delta, G), _sq(G)
         ee, eg = (_sq(Pd), _dot(Pd, PG)) if Pd is not None else (0.0, 0.0)
         pgpg = _sq(PG)
+        ee, eg, pgpg = self._sum(ee, eg, pgpg)
         theta = self._theta_start(self.state.theta_W[l])
         for trial in range(c.max_doublings + 1):
             d_sq = q * q * dd - 2 * q / theta * dg + gg / theta**2
@@ -447,8 +484,9 @@ class TIAM(Method):
             result = self._w_block(l, a_in, z, P0, (0.0, 0.0, p[2]), cnt)
         if result is not None and c.safeguard and any(p):
             W_new, P_new, _ = result
-            old = 0.5 * c.rho * _sq(z - P0 - b) + 0.5 * c.mu * _sq(W_old)
-            new = 0.5 * c.rho * _sq(z - P_new - b) + 0.5 * c.mu * _sq(W_new)
+            fit_old, fit_new = self._sum(_sq(z - P0 - b), _sq(z - P_new - b))
+            old = 0.5 * c.rho * fit_old + 0.5 * c.mu * _sq(W_old)
+            new = 0.5 * c.rho * fit_new + 0.5 * c.mu * _sq(W_new)
             if _risen(new, old, z.dtype):
                 cnt.safeguard_restarts += 1
                 result = self._w_block(l, a_in, z, P0, (0.0, 0.0, 0.0), cnt)
@@ -505,8 +543,7 @@ class TIAM(Method):
             b_old = b.clone()
             b_new, b_raw = self._b_step(l, P, z[l], p, b_old)
             if c.safeguard and any(p):
-                old = _sq(z[l] - P - b_old)
-                new = _sq(z[l] - P - b_new)
+                old, new = self._sum(_sq(z[l] - P - b_old), _sq(z[l] - P - b_new))
                 if _risen(new, old, z[l].dtype):
                     cnt.safeguard_restarts += 1
                     b_new, b_raw = self._b_step(l, P, z[l], (0.0, 0.0, 0.0), b_old)
@@ -550,6 +587,11 @@ class TIAM(Method):
         ce = float(self._ce_sum(z[-1], onehot))
         weights = sum(_sq(layer.weight.detach()) for layer in self.chain)
         residual_act = sum(_sq(a[l] - acts[l].phi(z[l])) for l in range(n_layers - 1))
+        if self.comm.world_size > 1:
+            ce, residual_linear, residual_act, total = self.comm.sum_scalars(
+                ce, residual_linear, residual_act, float(n_samples)
+            )
+            n_samples = round(total)
         objective = ce + 0.5 * c.rho * residual_linear + 0.5 * c.mu * weights
         if c.constraint == "penalty":
             objective += 0.5 * c.nu * residual_act
@@ -569,7 +611,11 @@ class TIAM(Method):
         b_tilde = b + p[0] * delta
         b_hat = b + p[1] * delta
         # θ = ρN, so b⁺ = b̃ − ∇S_b(b̂)/(ρN), with ∇S_b = ρ Σ_rows(P + 1b̂ᵀ − z) (see grad_b)
-        b_plus = b_tilde - (P + b_hat - z).mean(dim=0)
+        if self.comm.world_size == 1:
+            b_plus = b_tilde - (P + b_hat - z).mean(dim=0)
+        else:
+            column_sums = self.comm.all_reduce_sum_((P + b_hat - z).sum(dim=0))
+            b_plus = b_tilde - column_sums / self._m_global
         return b_plus + p[2] * (b_plus - b), b_plus
 
     def _inertial_aux(
@@ -614,8 +660,8 @@ class TIAM(Method):
         for trial in range(c.max_doublings + 1):
             u_plus = prox(u_tilde - grad / theta, theta)
             d = u_plus - u_hat
-            bound = s_hat + _dot(grad, d) + 0.5 * theta * _sq(d)
-            s_plus = objective(u_plus)
+            s_plus, grad_d, d_sq = self._sum(objective(u_plus), _dot(grad, d), _sq(d))
+            bound = s_hat + grad_d + 0.5 * theta * d_sq
             # the sums carry rounding of a few ulps of S itself; without slack a tie can read as a rejection
             slack = 64 * torch.finfo(u_plus.dtype).eps * (abs(s_hat) + abs(s_plus))
             if s_plus <= bound + slack:
@@ -637,13 +683,18 @@ class TIAM(Method):
             z_new = self._project_z(act, z_new, a, eps)
         if not (c.safeguard and any(p)):
             return _AuxStep(z_new, z_plus, 0.0, 0.0)  # a p = 0 step is a descent step: nothing to compare
-        if c.constraint == "box":
+        if c.constraint == "box" and self.comm.world_size > 1:
+            infeasible = 0.0 if self._feasible(act, z, a, eps) else 1.0
+            f_new, f_old, infeasible = self._sum(0.5 * c.rho * _sq(z_new - v), 0.5 * c.rho * _sq(z - v), infeasible)
+            f_old = math.inf if infeasible else f_old
+        elif c.constraint == "box":
             f_new = 0.5 * c.rho * _sq(z_new - v)
             # an old point outside C_l(ε) (ε just shrank) has F = +inf: any feasible point is a descent
             f_old = 0.5 * c.rho * _sq(z - v) if self._feasible(act, z, a, eps) else math.inf
         else:
             f_new = 0.5 * c.rho * _sq(z_new - v) + 0.5 * c.nu * _sq(a - act.phi(z_new))
             f_old = 0.5 * c.rho * _sq(z - v) + 0.5 * c.nu * _sq(a - act.phi(z))
+            f_new, f_old = self._sum(f_new, f_old)
         return _AuxStep(z_new, z_plus, f_new, f_old)
 
     def _a_step(
@@ -664,7 +715,7 @@ class TIAM(Method):
         c = self.config
         a_tilde, a_hat = a + p[0] * delta, a + p[1] * delta
         grad = grad_a(a_hat, z_next, W_next, b_next, c.rho)
-        s_hat = 0.5 * c.rho * _sq(a_hat @ W_next.T + b_next - z_next)
+        (s_hat,) = self._sum(0.5 * c.rho * _sq(a_hat @ W_next.T + b_next - z_next))
 
         def objective(u: Tensor) -> float:
             return 0.5 * c.rho * _sq(u @ W_next.T + b_next - z_next)
@@ -688,6 +739,7 @@ class TIAM(Method):
             return _AuxStep(a_new, a_plus, 0.0, 0.0)
         f_new = self._local_a(act, a_new, z_l, z_next, a_new @ W_next.T + b_next)
         f_old = self._local_a(act, a, z_l, z_next, a @ W_next.T + b_next)
+        f_new, f_old = self._sum(f_new, f_old)
         return _AuxStep(a_new, a_plus, f_new, f_old)
 
     def _zL_step(self, z: Tensor, p: _P, delta: Tensor, v: Tensor, onehot: Tensor, cnt: _Counters) -> _AuxStep | None:
@@ -713,7 +765,7 @@ class TIAM(Method):
             cnt.fista_iters += iters
         else:
             grad = grad_ce_sum(z_hat, onehot)
-            s_hat = float(self._ce_sum(z_hat, onehot))
+            (s_hat,) = self._sum(float(self._ce_sum(z_hat, onehot)))
 
             def prox(w: Tensor, theta: float) -> Tensor:
                 return (theta * w + rho * v) / (theta + rho)
@@ -730,7 +782,8 @@ class TIAM(Method):
         z_new = z_plus + p[2] * (z_plus - z)
         if not (c.safeguard and any(p)):
             return _AuxStep(z_new, z_plus, 0.0, 0.0)
-        return _AuxStep(z_new, z_plus, local(z_new), local(z))
+        f_new, f_old = self._sum(local(z_new), local(z))
+        return _AuxStep(z_new, z_plus, f_new, f_old)
 
     # -- auxiliary-variable initialisation ----------------------------------------------------------
     def _forward_aux(self, x: Tensor, onehot: Tensor) -> tuple[list[Tensor], list[Tensor]]:
@@ -749,6 +802,8 @@ class TIAM(Method):
         return z, a
 
     def _is_full(self, idx: Tensor | None, n: int) -> bool:
+        if self.comm.world_size > 1:
+            return self._is_full_global(idx)
         mode = self.config.mode
         if mode == "full":
             return True
@@ -759,6 +814,24 @@ class TIAM(Method):
         if self.state.initialised is not None and self.state.initialised.numel() == n:
             return True
         return int(idx.max()) + 1 == n and int(idx.min()) == 0 and bool(torch.unique(idx).numel() == n)
+
+    def _is_full_global(self, idx: Tensor | None) -> bool:
+        """Full mode under data parallelism: the shards together cover the dataset indices 0..N−1 exactly
+        (the trainer's shards of one global batch never share an index)."""
+        mode = self.config.mode
+        if mode == "minibatch":
+            return False
+        if idx is None:
+            raise ValueError(f"{self.name} needs the batch's dataset indices (idx) when run on several processes")
+        top = self.comm.all_reduce_max_(torch.tensor([float(idx.max()) + 1 if idx.numel() else 0.0]))
+        count, unique = self.comm.sum_scalars(float(idx.numel()), float(torch.unique(idx).numel()))
+        covers = count == unique == float(top[0])
+        if mode == "full" and not covers:
+            raise ValueError(
+                f"{self.name}: mode='full' on several processes needs full batches (--batch-size 0), so that every "
+                "sample's auxiliary variables stay on one process; use mode=minibatch for mini-batches"
+            )
+        return covers
 
     def _ensure_full_state(self, x: Tensor, onehot: Tensor, idx: Tensor) -> None:
         st = self.state
@@ -820,7 +893,8 @@ class TIAM(Method):
                 h = layer.linear(prev.activation.phi(h))
             loss = float(evaluate_loss(self.loss, h, y.to(device)))
             cnt = _Counters()
-            if idx is None and c.mode == "full":
+            self._m_global = self.global_batch_size(int(x.shape[0]))
+            if idx is None and c.mode == "full" and self.comm.world_size == 1:
                 idx = torch.arange(x.shape[0], device=device)
             full = self._is_full(idx, x.shape[0])
             if full:
@@ -881,6 +955,8 @@ class TIAM(Method):
     # -- state --------------------------------------------------------------------------------------
     def extra_state(self) -> dict[str, Any]:
         st = self.state
+        if self.comm.world_size > 1 and st.initialised is not None:
+            return self._gathered_extra_state()
 
         def clone(ts: list[Tensor]) -> list[Tensor]:
             return [t.detach().clone() for t in ts]
@@ -903,8 +979,43 @@ class TIAM(Method):
             "initialised": None if st.initialised is None else st.initialised.clone(),
         }
 
+    def _gathered_extra_state(self) -> dict[str, Any]:
+        """The full-mode state with every rank's sample rows merged (a collective: all ranks call it). Each
+        dataset index is initialised on exactly one rank, so a sum of the zero-masked shards is exact."""
+        st = self.state
+        assert st.initialised is not None
+        size_t = self.comm.all_reduce_max_(torch.tensor([float(st.initialised.numel())]))
+        size = int(size_t[0])
+        mask = torch.zeros(size, dtype=torch.bool, device=st.initialised.device)
+        mask[: st.initialised.numel()] = st.initialised
+        owners = self.comm.all_reduce_sum_(mask.to(torch.float64))
+
+        def merged(ts: list[Tensor]) -> list[Tensor]:
+            out = []
+            for t in ts:
+                full = t.new_zeros(size, t.shape[1])
+                full[: t.shape[0]] = t.detach()
+                full[~mask] = 0.0
+                out.append(self.comm.all_reduce_sum_(full, op="checkpoint"))
+            return out
+
+        state = {
+            "W_prev": [t.detach().clone() for t in st.W_prev],
+            "b_prev": [t.detach().clone() for t in st.b_prev],
+            "W_raw": [t.detach().clone() for t in st.W_raw],
+            "b_raw": [t.detach().clone() for t in st.b_raw],
+            "theta_W": list(st.theta_W),
+            "theta_a": list(st.theta_a),
+            "theta_zL": st.theta_zL,
+            "iteration": st.iteration,
+        }
+        for key in ("z", "a", "z_prev", "a_prev", "z_raw", "a_raw"):
+            state[key] = merged(getattr(st, key))
+        state["initialised"] = owners > 0
+        return state
+
     def load_extra_state(self, state: Mapping[str, Any]) -> None:
-        expected = set(self.extra_state())
+        expected = set(_STATE_KEYS)
         if set(state) != expected:
             raise ValueError(
                 f"{self.name} state has keys {sorted(state)}, expected {sorted(expected)}; "
