@@ -1,0 +1,133 @@
+"""sync-LPOM and async-LPOM: schedules against their sequential references (METHODS.md §2.10 oracle 9)."""
+
+from __future__ import annotations
+
+import io
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from liftkit.methods import get
+from liftkit.methods.lpom import LPOM
+from liftkit.methods.lpom_parallel import LPOMAsync, LPOMSync
+
+DT = torch.float64
+WIDTHS = (6, 9, 8, 7, 4)
+
+
+def make(cls, seed=0, widths=WIDTHS, **hp):
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    for a, b in itertools.pairwise(widths):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    model = nn.Sequential(*layers).to(DT)
+    return cls(model, **hp), model
+
+
+def data(m=16, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(m, WIDTHS[0], generator=g, dtype=DT), torch.randint(0, WIDTHS[-1], (m,), generator=g)
+
+
+def run(method, steps=3):
+    x, y = data()
+    return [method.step(x[i::2], y[i::2]) for i in range(2) for _ in range(steps)]
+
+
+def assert_same_models(a: nn.Module, b: nn.Module, tol=0.0):
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, atol=tol, rtol=tol)
+
+
+def test_sync_threads_equal_sequential_execution_of_the_same_schedule():
+    par, m_par = make(LPOMSync, workers=3, momentum=0.5)
+    seq, m_seq = make(LPOMSync, workers=1, momentum=0.5)
+    run(par)
+    run(seq)
+    assert_same_models(m_par, m_seq, tol=1e-12)
+
+
+def test_sync_phases_are_odd_then_even_paper_layers():
+    method, _ = make(LPOMSync)
+    assert method.phases() == [[2, 4], [1, 3]]  # paper layers i = k + 1: {3, 5} then {2, 4}
+
+
+def test_sync_trains_and_differs_from_gauss_seidel():
+    sync, m_sync = make(LPOMSync)
+    serial, m_serial = make(LPOM)
+    s = run(sync, steps=6)
+    run(serial, steps=6)
+    assert s[5].loss < s[0].loss
+    assert not torch.allclose(m_sync[0].weight, m_serial[0].weight)
+
+
+def test_async_simulator_zero_staleness_gamma_zero_equals_serial_lpom():
+    sim, m_sim = make(LPOMAsync, mode="simulate", staleness=0, gamma=0.0, x_tol=1e-300)
+    serial, m_serial = make(LPOM, x_tol=1e-300)
+    run(sim)
+    run(serial)
+    assert_same_models(m_sim, m_serial, tol=1e-13)
+
+
+def test_async_simulator_zero_staleness_equals_sequential_threads_with_gamma():
+    sim, m_sim = make(LPOMAsync, mode="simulate", staleness=0, gamma=0.7)
+    thr, m_thr = make(LPOMAsync, mode="threads", workers=1, gamma=0.7)
+    run(sim)
+    run(thr)
+    assert_same_models(m_sim, m_thr)
+
+
+def test_async_proximal_bcd_does_not_increase_energy_without_staleness():
+    method, _ = make(LPOMAsync, mode="simulate", staleness=0, gamma=1.0, x_iters=200, x_tol=1e-12)
+    for stats in run(method):
+        assert stats.info["energy"] <= stats.info["energy_init"] + 1e-9
+
+
+def test_async_stale_simulator_and_threads_train():
+    for hp in ({"mode": "simulate", "staleness": 2, "order": "random", "seed": 3}, {"workers": 2}):
+        method, _ = make(LPOMAsync, **hp)
+        stats = run(method, steps=8)
+        assert stats[7].loss < stats[0].loss, hp  # the same batch, 8 steps apart
+        if "workers" in hp:
+            assert stats[-1].info["async_max_staleness"] <= 2
+
+
+def test_gamma_grows_when_the_energy_rises_and_respects_the_cap():
+    method, _ = make(LPOMAsync, mode="simulate", staleness=3, order="random", gamma=1e-3, gamma_growth=10.0)
+    run(method, steps=5)
+    assert method.gamma >= 1e-3
+
+
+@pytest.mark.parametrize("name", ["lpom", "lpom-sync", "lpom-async"])
+def test_state_dict_round_trip(name):
+    cls = get(name)
+    first, m1 = make(cls, gamma=0.5, gamma_growth=3.0) if name == "lpom-async" else make(cls)
+    x, y = data()
+    first.step(x[:8], y[:8])
+    first.step(x[8:], y[8:])
+    buf = io.BytesIO()
+    torch.save(first.state_dict(), buf)
+    buf.seek(0)
+    second, m2 = make(cls, seed=5, gamma=0.5, gamma_growth=3.0) if name == "lpom-async" else make(cls, seed=5)
+    second.load_state_dict(torch.load(buf, weights_only=False))
+    s1, s2 = first.step(x[:8], y[:8]), second.step(x[:8], y[:8])
+    assert s1.loss == s2.loss and s1.info == s2.info
+    assert_same_models(m1, m2)
+
+
+@pytest.mark.parametrize("cls,hp,match", [
+    (LPOMSync, {"workers": 0}, "workers"), (LPOMAsync, {"workers": 0}, "workers"),
+    (LPOMSync, {"momentum": 1.0}, "momentum"), (LPOMAsync, {"gamma": -1.0}, "gamma"),
+    (LPOMAsync, {"staleness": -2}, "staleness"), (LPOMAsync, {"mode": "mpi"}, "mode"),
+    (LPOMAsync, {"mu": 0.0}, "mu"), (LPOMSync, {"x_solver": "cg"}, "x_solver"),
+])
+def test_bad_hyperparameters_raise(cls, hp, match):
+    with pytest.raises(ValueError, match=match):
+        make(cls, **hp)
+
+
+def test_conv_layers_are_rejected():
+    with pytest.raises(ValueError, match="fully connected"):
+        LPOMSync(nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8, 3)))
