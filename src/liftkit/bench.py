@@ -218,12 +218,14 @@ def _plot(results: dict[str, Any], out: Path) -> list[Path]:
         panels.insert(0, ("test_accuracy", "test accuracy", "accuracy.png"))
     for key, title, name in panels:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-        for r in runs:
+        for i, r in enumerate(runs):
             epochs = [h["epoch"] for h in r["history"]]
             secs = [h["seconds"] for h in r["history"]]
             vals = [h[key] for h in r["history"]]
-            axes[0].plot(epochs, vals, marker=".", label=r["label"])
-            axes[1].plot(secs, vals, marker=".", label=r["label"])
+            # The colour cycle has 10 entries; later runs switch line style so no two runs look alike.
+            style = {"marker": ".", "label": r["label"], "linestyle": ("-", "--", ":")[(i // 10) % 3]}
+            axes[0].plot(epochs, vals, **style)
+            axes[1].plot(secs, vals, **style)
         axes[0].set_xlabel("epoch")
         axes[1].set_xlabel("training seconds")
         for ax in axes:
