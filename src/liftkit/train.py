@@ -353,7 +353,7 @@ def fit(
     summary: dict[str, Any] = {
         **{k: info[k] for k in ("method", "dataset", "model") if k in info},
         "label": info.get("label", method.name),
-        "reporting_name": type(method).reporting_name or method.name,
+        "reporting_name": method.reporting_name or method.name,
         "epochs": epochs,
         "batch_size": effective_batch,
         "seed": seed,
