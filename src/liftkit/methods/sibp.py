@@ -1,0 +1,716 @@
+r"""Semi-implicit backpropagation (SIBP; METHODS.md §5).
+
+Reference: R. Liu, X. Zhang, *Semi-Implicit Back Propagation*, arXiv 2002.03516 (ICLR 2020 submission);
+official MATLAB code ``liur0810/semi-implicit-back-propagation``, from which the schedule below is taken.
+Results are reported as ``SIBP (reconstructed)`` (§0.1), because the default hidden-layer solver is an
+(assumption) of ours, not the official one.
+
+Model (row-major here, the PyTorch layout; METHODS.md writes it col-major): a fully connected ReLU network
+f_0 = x, z_l = f_{l-1}W_lᵀ + 1b_lᵀ, f_l = ReLU(z_l) for l < L, and logits f_L = z_L, trained on the **summed**
+softmax cross-entropy L_sum (§0.3: no 1/m, so λ and η are tied to the batch size, 100 by default).
+
+One SIBP iteration on a mini-batch (§5.3; parameters are overwritten directly, there is no optimizer)::
+
+    forward with (W^k, b^k), keep f_l^k and the ReLU masks M_l = 1[z_l^k > 0]
+    δ_L = softmax(z_L^k) − Y ;  T_L = z_L^k − η δ_L
+    W_L ← argmin_W ‖f_{L−1}^k Wᵀ + 1b_L^kᵀ − T_L‖² + λ_W ‖W − W_L^k‖²          (old b)
+    b_L ← argmin_b ‖f_{L−1}^k W_Lᵀ + 1bᵀ − T_L‖² + λ_b ‖b − b_L^k‖²              (new W)
+    δ_{L−1} = δ_L W_L^{new} ;  T_{L−1} = f_{L−1}^k − η δ_{L−1}
+    for l = L−1 … 1:
+        W_l ← argmin_W ‖ReLU(f_{l−1}^k Wᵀ + 1b_l^kᵀ) − T_l‖² + λ_W ‖W − W_l^k‖²
+        b_l ← argmin_b ‖ReLU(f_{l−1}^k W_lᵀ + 1bᵀ) − T_l‖² + λ_b ‖b − b_l^k‖²
+        δ_{l−1} = (δ_l ⊙ M_l) W_l^{new} ;  T_{l−1} = f_{l−1}^k − η δ_{l−1}
+
+The targets are backprop's ∂L_sum/∂f_l, except that every Wᵀ is the layer's *already updated* weight (§5.5).
+For λ → ∞ the step becomes SGD with learning rate η·m/λ on the mean loss.
+
+Subproblem solvers (§5.4):
+
+* ``output_solver="exact"`` (derived, default): the output prox is the linear ridge problem of §1.3 with
+  β = λ, solved W-only then b-only with :func:`liftkit.solvers.ridge_solve` (push-through, float64).
+  ``"fr_cg"``: the official Fletcher–Reeves solver (``FR4``).
+* ``hidden_solver="gn_cg"`` (assumption, default): one Gauss–Newton step with the old ReLU mask frozen. Row j
+  of W then solves a ridge least-squares problem on the samples where M_j = 1; in dual form, with
+  E = T − z^k and K = FFᵀ (m×m, float64, shared by all rows):
+  ``M ⊙ (K (M ⊙ Λ)) + λ_W Λ = M ⊙ E``, ``W = W^k + (M ⊙ Λ)ᵀ F``, solved by
+  :func:`liftkit.solvers.block_cg` (warm start 0, ``cg_iters`` iterations, tolerance ``cg_tol``; the m×m Gram
+  is built once per layer in float64, the CG runs in ``solve_dtype``). The b-step of the masked model is
+  closed form: b_j = (Σ_i M'_ij (T − F Wᵀ)_ij + λ_b b_j^k)/(Σ_i M'_ij + λ_b), where M' is the mask after the
+  W-step (``b_mask="current"``, assumption: the mask at the b-prox's warm start, which makes the step a
+  descent direction of the true b-prox) or the forward pass's mask (``b_mask="old"``).
+  A per-row safeguard (assumption) compares each row's *true* nonlinear prox objective with its warm-start
+  value and halves that row's step where it rose (at most ``max_halvings`` times, then keeps the old row).
+  ``"gn_exact"``: the same GN step by batched per-row Cholesky; ``"gn_primal_cg"``: CG on the q×n primal
+  unknowns; ``"fr_cg"``: the official Fletcher–Reeves + Armijo solver (``FR3``).
+* ``quirks="fixed"`` (assumption, default for ``fr_cg``): correct initial gradient, the first accepted Armijo
+  step is applied, restarts to −g when the direction is not a descent direction. ``quirks="official"``
+  reproduces the MATLAB code (no step when the accepted exponent is 0, FR4's initial gradient without the
+  bias/offset term, no restarts).
+
+Defaults. The official code uses η = 0.1 and λ_W = λ_b = 1 at batch 100, with batches drawn with
+replacement; that setting ships as ``configs/sibp-paper.json``. The library default is η = 0.3, λ = 1,
+``cg_iters=3`` and CG in the model's dtype, with the Gram still built in float64. It was chosen on the MNIST
+validation split (η ∈ {0.1, 0.2, 0.3, 0.5, 1}, λ ∈ {0.3, 1, 3}; ``docs/results/sibp.md``). There η = 0.3
+reached 98.57 % after 5 epochs against 98.30 % for the paper's η = 0.1. Ten float64 CG iterations were no
+better (98.42 %) and cost about twice as much per step.
+
+Hidden activations: ReLU, or the identity (no activation module, or ``nn.Identity``), for which every hidden
+solver solves the linear ridge problem of §1.3. Convolutions and other activations raise ``ValueError``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from liftkit.methods.base import Method, MethodConfig, StepStats, evaluate_loss, register
+from liftkit.models import ChainLayer, as_chain
+from liftkit.solvers import block_cg, ridge_solve
+
+__all__ = [
+    "SIBP",
+    "SIBPConfig",
+    "fr_cg_armijo",
+    "gn_step_safeguard",
+    "masked_gn_step",
+    "prox_gradient",
+    "prox_objective",
+]
+
+OUTPUT_SOLVERS = ("exact", "fr_cg")
+HIDDEN_SOLVERS = ("gn_cg", "gn_exact", "gn_primal_cg", "fr_cg")
+QUIRKS = ("fixed", "official")
+CG_STOPS = ("tol", "fixed")
+# block_cg's guard ε in α and β is the smallest normal number of the solve dtype: ProxProp's 1e-6 is tuned to
+# its gradient scale and would stall these solves well before convergence, while any ε > 0 keeps all-zero
+# columns (dead neurons) at rest.
+
+
+# --------------------------------------------------------------------------------------------------
+# Masked Gauss–Newton step (§5.4), row-major
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GNStep:
+    """One masked Gauss–Newton W-step: ``delta_w`` (q×n) and the pre-activation change it causes,
+    ``delta_z = F delta_wᵀ`` (m×q), the number of CG iterations run (0 for the direct solve) and, for the dual
+    solvers, the float64 dual variable Λ (m×q; zero off the mask, so that delta_w = Λᵀ F)."""
+
+    delta_w: Tensor
+    delta_z: Tensor
+    iterations: int
+    dual: Tensor | None = None
+
+
+def masked_gn_step(
+    inputs: Tensor,
+    residual: Tensor,
+    mask: Tensor | None,
+    lam: float,
+    *,
+    solver: str = "gn_cg",
+    maxit: int = 10,
+    tol: float = 1e-2,
+    stop: str = "tol",
+    solve_dtype: torch.dtype = torch.float64,
+) -> GNStep:
+    r"""One Gauss–Newton step of the hidden W-prox with the ReLU mask frozen (METHODS.md §5.4).
+
+    Row-major: ``inputs`` F is m×n (the layer's old input activations), ``residual`` E = T − z^k is m×q
+    (targets minus the old pre-activations, so the bias is already inside), ``mask`` M is m×q with entries
+    0/1 (``None``: all ones, the identity activation) and ``lam`` = λ_W > 0. For every neuron j the step
+    solves
+
+        min_w Σ_{i: M_ij=1} (F_i·(w − w_j^k) − E_ij)² + λ ‖w − w_j^k‖²,
+
+    in one of three equivalent ways: ``"gn_cg"`` dual block CG on M ⊙ (K(M ⊙ Λ)) + λΛ = M ⊙ E with K = FFᵀ
+    (the m×m Gram, built in float64); ``"gn_exact"`` batched Cholesky of the same per-neuron m×m systems
+    (float64); ``"gn_primal_cg"`` block CG on V ↦ Fᵀ(M ⊙ (FV)) + λV (n×q unknowns). The CG solves run in
+    ``solve_dtype``; the step is returned in F's dtype.
+    """
+    dtype = inputs.dtype
+    if solver == "gn_exact":
+        solve_dtype = torch.float64
+    eps = torch.finfo(solve_dtype).tiny  # see the note on block_cg's ε at the top
+    rhs = residual.to(solve_dtype)
+    Ms = None if mask is None else mask.to(solve_dtype)
+    if Ms is not None:
+        rhs = rhs * Ms
+    if solver in ("gn_cg", "gn_exact"):
+        F64 = inputs.to(torch.float64)
+        K = (F64 @ F64.T).to(solve_dtype)
+        if solver == "gn_cg":
+            # Every CG iterate, residual and direction is zero off the mask (the right-hand side is, and the
+            # operator keeps it so), hence M ⊙ (K(M ⊙ X)) + λX = M ⊙ (KX + λX): one fused product and one mask.
+            def apply_dual(lmb: Tensor) -> Tensor:
+                out = torch.addmm(lmb, K, lmb, beta=lam)
+                return out if Ms is None else Ms * out
+
+            dual, iterations = block_cg(apply_dual, rhs, torch.zeros_like(rhs), maxit, tol=tol, eps=eps, stop=stop)
+        else:
+            m = K.shape[0]
+            eye = torch.eye(m, dtype=torch.float64, device=K.device)
+            if Ms is None:
+                dual = torch.cholesky_solve(rhs, torch.linalg.cholesky(K + lam * eye))
+            else:
+                # One m×m system per neuron: K restricted to the neuron's active samples, λ on the diagonal
+                # elsewhere (those rows of the right-hand side are zero, so Λ stays zero off the mask).
+                Mt = Ms.T  # q×m
+                systems = Mt[:, :, None] * K[None] * Mt[:, None, :] + lam * eye
+                dual = torch.cholesky_solve(rhs.T.unsqueeze(2), torch.linalg.cholesky(systems)).squeeze(2).T
+                dual = dual * Ms
+            iterations = 0
+        delta_w = dual.to(dtype).T @ inputs
+        delta_z = (K @ dual).to(dtype)
+        return GNStep(delta_w, delta_z, iterations, dual)
+    if solver == "gn_primal_cg":
+        Fs = inputs.to(solve_dtype)
+
+        def apply_primal(v: Tensor) -> Tensor:
+            fv = Fs @ v
+            if Ms is not None:
+                fv = Ms * fv
+            return torch.addmm(v, Fs.T, fv, beta=lam)
+
+        primal_rhs = Fs.T @ rhs
+        v, iterations = block_cg(
+            apply_primal, primal_rhs, torch.zeros_like(primal_rhs), maxit, tol=tol, eps=eps, stop=stop
+        )
+        return GNStep(v.T.to(dtype), (Fs @ v).to(dtype), iterations)
+    raise ValueError(f"unknown Gauss–Newton solver {solver!r}; choose gn_cg, gn_exact or gn_primal_cg")
+
+
+def _row_objective(z: Tensor, targets: Tensor, relu: bool) -> Tensor:
+    """Per-neuron data term Σ_i (h(z_ij) − T_ij)², a length-q vector."""
+    res = (torch.relu(z) if relu else z) - targets
+    return (res * res).sum(dim=0)
+
+
+@dataclass
+class SafeguardResult:
+    """Per-row step scales after the safeguard, the objectives before and after, and the halvings used."""
+
+    scale: Tensor
+    objective_before: Tensor
+    objective_after: Tensor
+    halvings: int
+    rows_reverted: int
+
+
+def gn_step_safeguard(
+    z0: Tensor,
+    delta_z: Tensor,
+    step_sq_norm: Tensor,
+    targets: Tensor,
+    lam: float,
+    *,
+    relu: bool,
+    max_halvings: int = 10,
+) -> SafeguardResult:
+    r"""Per-row safeguard of a prox step (METHODS.md §5.4, assumption).
+
+    Row j's true prox objective along the step is
+    φ_j(t) = Σ_i (h(z0_ij + t·Δz_ij) − T_ij)² + λ t² ‖Δ_j‖² (``step_sq_norm`` holds ‖Δ_j‖²). Starting from
+    t = 1, t is halved for every row with φ_j(t) > φ_j(0) (up to 16 ulps of slack), at most ``max_halvings``
+    times; rows still worse get t = 0 (the old row). z is affine in t, so no new matrix product is needed.
+    Returns the per-row t and the row objectives φ_j(0) and φ_j(t).
+    """
+    # A rise below a few ulps of the objective is rounding, not a worse step (a converged row would otherwise be
+    # reverted at random).
+    slack = 1.0 + 16.0 * torch.finfo(z0.dtype).eps
+    before = _row_objective(z0, targets, relu)
+    scale = torch.ones_like(before)
+    after = _row_objective(z0 + delta_z, targets, relu) + lam * step_sq_norm
+    worse = after > before * slack
+    halvings = 0
+    while bool(worse.any()):
+        if halvings == max_halvings:
+            scale = torch.where(worse, torch.zeros_like(scale), scale)
+            after = torch.where(worse, before, after)
+            break
+        halvings += 1
+        rows = worse.nonzero().squeeze(1)
+        t = scale[rows] * 0.5
+        trial = (
+            _row_objective(z0[:, rows] + t * delta_z[:, rows], targets[:, rows], relu)
+            + lam * t.pow(2) * step_sq_norm[rows]
+        )
+        scale[rows] = t
+        after[rows] = trial
+        worse = after > before * slack
+    return SafeguardResult(scale, before, after, halvings, int((scale == 0).sum().item()))
+
+
+# --------------------------------------------------------------------------------------------------
+# Fletcher–Reeves nonlinear CG with Armijo backtracking (official FR3 / FR4; §5.4)
+# --------------------------------------------------------------------------------------------------
+
+
+def prox_objective(z: Tensor, targets: Tensor, x: Tensor, x_old: Tensor, lam: float, *, relu: bool) -> float:
+    """The SIBP prox objective ‖h(z) − T‖² + λ‖x − x_old‖² at pre-activations z = F xᵀ + B (§5.4)."""
+    out = torch.relu(z) if relu else z
+    return float((out - targets).pow(2).sum() + lam * (x - x_old).pow(2).sum())
+
+
+def prox_gradient(
+    inputs: Tensor, z: Tensor, targets: Tensor, x: Tensor, x_old: Tensor, lam: float, *, relu: bool
+) -> Tensor:
+    """Gradient of :func:`prox_objective` in x: 2((h(z) − T) ⊙ 1[z > 0])ᵀF + 2λ(x − x_old) (mask only for
+    ReLU; the convention at z = 0 is autograd's, derivative 0)."""
+    res = (torch.relu(z) if relu else z) - targets
+    if relu:
+        res = res * (z > 0).to(res.dtype)
+    return 2.0 * res.T @ inputs + 2.0 * lam * (x - x_old)
+
+
+@dataclass
+class FRResult:
+    """Result of :func:`fr_cg_armijo`: the solution, objective before/after, steps taken, Armijo trials."""
+
+    x: Tensor
+    objective_before: float
+    objective_after: float
+    steps_taken: int
+    trials: int
+
+
+def fr_cg_armijo(
+    inputs: Tensor,
+    offset: Tensor,
+    targets: Tensor,
+    x_old: Tensor,
+    lam: float,
+    *,
+    relu: bool,
+    maxk: int = 5,
+    rho: float = 0.6,
+    sigma: float = 0.1,
+    max_trials: int = 50,
+    quirks: str = "fixed",
+) -> FRResult:
+    r"""The official SIBP prox solver: Fletcher–Reeves CG with Armijo backtracking, warm-started at ``x_old``.
+
+    Row-major. Minimises obj(x) = ‖h(F xᵀ + B) − T‖² + λ‖x − x_old‖² over x (q×p), with ``inputs`` F (m×p),
+    ``offset`` B (m×q), ``targets`` T (m×q), h = ReLU (``relu=True``, the official FR3, with the mask
+    1[h(z) > 0] of the current iterate and the m₀ start heuristic) or the identity (FR4). The W-prox uses
+    F = f_{l−1}, B = 1bᵀ; the b-prox uses F = 1 (m×1), B = f_{l−1}Wᵀ and x = b as a q×1 matrix.
+
+    Each of ``maxk`` iterations: Armijo on the smallest exponent m ≥ m_start with
+    obj(x + ρ^m d) < obj(x) + σρ^m gᵀd (exponents below ``max_trials``), then x += ρ^m d and
+    d = −g' + (‖g'‖²/‖g‖²) d. z is affine along d, so a trial costs no matrix product.
+
+    ``quirks="official"`` reproduces the MATLAB code: no step when the accepted exponent is 0 (FR3 tests the
+    unit step first but applies ρ^{m₀} on a pass), the next direction is then −g + d; FR4's initial gradient
+    omits B; no restarts. ``quirks="fixed"``: correct gradient, the accepted step is applied, and d restarts
+    to −g whenever gᵀd ≥ 0 or no trial succeeded. A zero gradient norm ends the iteration (x is stationary).
+    """
+    if quirks not in QUIRKS:
+        raise ValueError(f"unknown quirks {quirks!r}; choose fixed or official")
+    official = quirks == "official"
+
+    def forward(x: Tensor) -> Tensor:
+        return inputs @ x.T + offset
+
+    def objective(z: Tensor, x: Tensor) -> float:
+        return prox_objective(z, targets, x, x_old, lam, relu=relu)
+
+    def gradient(z: Tensor, x: Tensor) -> Tensor:
+        return prox_gradient(inputs, z, targets, x, x_old, lam, relu=relu)
+
+    x = x_old.clone()
+    z = forward(x)
+    # FR4's first gradient (official quirk 2) drops the offset B: the residual is F xᵀ − T, not F xᵀ + B − T.
+    g = gradient(z - offset if official and not relu else z, x)
+    d = -g
+    start = objective(z, x)
+    steps = trials = 0
+    log_rho = math.log(rho)
+    for _ in range(maxk):
+        g_sq = float(g.pow(2).sum())
+        if g_sq == 0.0:
+            break
+        restarted = bool(torch.equal(d, -g))
+        if not official and float((g * d).sum()) >= 0.0:
+            d = -g
+            restarted = True
+        f0 = objective(z, x)
+        slope = sigma * float((g * d).sum())
+        zd = inputs @ d.T
+        step_diff = x - x_old
+
+        def trial_value(
+            t: float, z: Tensor = z, zd: Tensor = zd, step_diff: Tensor = step_diff, d: Tensor = d
+        ) -> float:
+            zt = z + t * zd
+            out = torch.relu(zt) if relu else zt
+            return float((out - targets).pow(2).sum() + lam * (step_diff + t * d).pow(2).sum())
+
+        m_start = 0
+        if relu:
+            ratio = 0.01 * f0 / abs(slope) if slope != 0.0 else math.inf
+            m_start = max(math.floor(math.log(ratio) / log_rho), 0) if 0.0 < ratio < math.inf else 0
+            if ratio == 0.0:
+                m_start = max_trials
+        accepted: int | None = None
+        if official:
+            exponent = 0
+            heuristic_done = not relu
+            while exponent < max_trials:
+                trials += 1
+                passed = trial_value(rho**exponent) < f0 + slope * rho**exponent
+                if exponent == 0 and not heuristic_done:
+                    exponent = m_start
+                    heuristic_done = True
+                if passed:
+                    accepted = exponent
+                    break
+                exponent += 1
+            moved = accepted is not None and accepted > 0
+        else:
+            for exponent in range(m_start, max(max_trials, m_start + 1)):
+                trials += 1
+                if trial_value(rho**exponent) < f0 + slope * rho**exponent:
+                    accepted = exponent
+                    break
+            moved = accepted is not None
+        if moved:
+            assert accepted is not None
+            x = x + rho**accepted * d
+            z = forward(x)
+            steps += 1
+            g_new = gradient(z, x)
+        elif official:
+            # x did not move, but the code recomputes the gradient there: for FR4 this is the first correct one.
+            g_new = gradient(z, x)
+        elif restarted:
+            break  # even steepest descent finds no Armijo decrease: x is numerically optimal
+        else:
+            d = -g
+            continue
+        beta = float(g_new.pow(2).sum()) / g_sq
+        d = -g_new + beta * d
+        g = g_new
+    return FRResult(x, start, objective(z, x), steps, trials)
+
+
+# --------------------------------------------------------------------------------------------------
+# The method
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SIBPConfig(MethodConfig):
+    """SIBP hyperparameters (METHODS.md §5.6; defaults tuned on the MNIST validation split).
+
+    ``lambda_w`` / ``lambda_b``: prox weights, one value for every layer or one per linear layer (first to
+    last). ``cg_iters``/``cg_tol``/``cg_stop``: the block-CG budget of the GN solvers. ``fr_iters``: FR-CG
+    iterations (official: 5). ``safeguard``/``max_halvings``: the per-row safeguard of the GN step.
+    ``b_mask`` (assumption): the ReLU mask of the GN b-step, ``"current"`` (default: 1[z > 0] after the W-step,
+    the mask of the b-prox's warm start, as in the official FR3) or ``"old"`` (the forward pass's mask, §5.4
+    read literally; the safeguard then has to revert rows whose pattern the W-step changed).
+    ``solve_dtype`` (assumption): dtype of the GN CG iterations, ``"float64"`` or ``"model"`` (the model's
+    dtype); the Gram K is always built in float64 and the exact solves always run in float64.
+    """
+
+    eta: float = 0.3
+    lambda_w: float | tuple[float, ...] = 1.0
+    lambda_b: float | tuple[float, ...] = 1.0
+    output_solver: str = "exact"
+    hidden_solver: str = "gn_cg"
+    cg_iters: int = 3
+    cg_tol: float = 1e-2
+    cg_stop: str = "tol"
+    fr_iters: int = 5
+    quirks: str = "fixed"
+    safeguard: bool = True
+    max_halvings: int = 10
+    b_mask: str = "current"
+    solve_dtype: str = "model"
+
+    def validate(self) -> None:
+        if not (isinstance(self.eta, int | float) and math.isfinite(self.eta) and self.eta >= 0):
+            raise ValueError(f"eta must be a non-negative finite number, got {self.eta!r}")
+        self._positive("lambda_w", "lambda_b", "cg_tol")
+        for name in ("lambda_w", "lambda_b"):
+            value = getattr(self, name)
+            if isinstance(value, tuple) and not value:
+                raise ValueError(f"{name} must be a number or a non-empty list, one per linear layer")
+        self._choice("output_solver", OUTPUT_SOLVERS)
+        self._choice("hidden_solver", HIDDEN_SOLVERS)
+        self._choice("cg_stop", CG_STOPS)
+        self._choice("quirks", QUIRKS)
+        self._choice("b_mask", ("current", "old"))
+        self._choice("solve_dtype", ("float64", "model"))
+        self._int_at_least("cg_iters", 1)
+        self._int_at_least("fr_iters", 1)
+        self._int_at_least("max_halvings", 0)
+        if not isinstance(self.safeguard, bool):
+            raise ValueError(f"safeguard must be true or false, got {self.safeguard!r}")
+
+
+def _per_layer(value: float | tuple[float, ...], n_layers: int, name: str) -> list[float]:
+    if isinstance(value, tuple):
+        if len(value) != n_layers:
+            raise ValueError(
+                f"{name} has {len(value)} values but the model has {n_layers} linear layers; "
+                f"give one value or {n_layers}"
+            )
+        return [float(v) for v in value]
+    return [float(value)] * n_layers
+
+
+@register
+class SIBP(Method):
+    """Semi-implicit backpropagation (Liu & Zhang, arXiv 2002.03516): backward targets with the updated
+    weights, proximal (implicit) W- and b-steps per layer, parameters overwritten in place. See the module
+    docstring for the update rules and solver options."""
+
+    name = "sibp"
+    Config = SIBPConfig
+    config: SIBPConfig
+    default_loss = "ce"
+    supported_losses = ("ce",)
+    model_output_activation = None
+    reporting_name = "SIBP (reconstructed)"
+    paper = "R. Liu, X. Zhang, Semi-Implicit Back Propagation, arXiv 2002.03516"
+    default_batch_size = 100
+
+    def __init__(self, model: nn.Module, *, loss: str | None = None, **hparams: Any) -> None:
+        super().__init__(model, loss=loss, **hparams)
+        self.chain: list[ChainLayer] = as_chain(
+            model, method="sibp", allowed_activations=("relu", "identity"), require_bias=True
+        )
+        last = self.chain[-1]
+        if last.activation is not None and last.activation.name != "identity":
+            raise ValueError(
+                f"sibp needs bare logits at the output, but the last layer ends in {last.activation.name}; "
+                "remove the output activation"
+            )
+        for layer in self.chain[1:]:
+            for glue in layer.pre:
+                if not isinstance(glue, nn.Identity | nn.Flatten):
+                    raise ValueError(f"sibp cannot train a model with {type(glue).__name__} between layers")
+        n_layers = len(self.chain)
+        self.lambda_w = _per_layer(self.config.lambda_w, n_layers, "lambda_w")
+        self.lambda_b = _per_layer(self.config.lambda_b, n_layers, "lambda_b")
+
+    def _is_relu(self, layer: ChainLayer) -> bool:
+        return layer.activation is not None and layer.activation.name == "relu"
+
+    @torch.no_grad()
+    def step(self, x: torch.Tensor, y: torch.Tensor, *, idx: torch.Tensor | None = None) -> StepStats:
+        if y.dtype.is_floating_point:
+            raise ValueError("sibp trains classifiers with softmax cross-entropy; y must hold integer labels")
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(f"x has {x.shape[0]} samples but y has {y.shape[0]}")
+        c = self.config
+        eta = float(c.eta)
+        chain = self.chain
+        dtype = chain[0].weight.dtype
+        inputs = [chain[0].apply_pre(x).to(dtype)]
+        pre: list[Tensor] = []
+        for layer in chain:
+            a = layer.apply_pre(inputs[-1]) if layer is not chain[0] else inputs[-1]
+            z = F.linear(a, layer.weight, layer.bias)
+            pre.append(z)
+            inputs.append(torch.relu(z) if self._is_relu(layer) else z)
+        logits = pre[-1]
+        if int(y.min()) < 0 or int(y.max()) >= logits.shape[1]:
+            raise ValueError(f"labels must lie in [0, {logits.shape[1] - 1}] for this model's output width")
+        loss = float(evaluate_loss("ce", logits, y))
+        if not math.isfinite(loss):
+            if not bool(torch.isfinite(x).all()):
+                raise ValueError("the input batch contains NaN or inf values; clean the data before training")
+            # Diverged weights: report the non-finite loss (the trainer stops on it) and leave the model as is.
+            return StepStats(loss=loss, info={"diverged": 1.0})
+        info: dict[str, float] = {}
+
+        # Output layer: δ from the summed CE, then the linear prox (W, then b with the new W).
+        delta = torch.softmax(logits, dim=1)
+        delta[torch.arange(y.shape[0]), y] -= 1.0
+        targets = logits - eta * delta
+        out_idx = len(chain) - 1
+        self._output_prox(chain[-1], inputs[-2], logits, targets, out_idx, info)
+        delta = delta @ chain[-1].weight
+
+        for l in range(len(chain) - 2, -1, -1):
+            layer = chain[l]
+            targets = inputs[l + 1] - eta * delta
+            mask = (pre[l] > 0).to(dtype) if self._is_relu(layer) else None
+            self._hidden_prox(layer, inputs[l], pre[l], targets, mask, l, info)
+            if l > 0:
+                masked = delta if mask is None else delta * mask
+                delta = masked @ layer.weight
+
+        self.steps_taken += 1
+        return StepStats(loss=loss, info=info)
+
+    # -- output layer ---------------------------------------------------------------------------------------
+
+    def _output_prox(
+        self, layer: ChainLayer, a: Tensor, z0: Tensor, targets: Tensor, l: int, info: dict[str, float]
+    ) -> None:
+        lam_w, lam_b = self.lambda_w[l], self.lambda_b[l]
+        W0 = layer.weight.detach().clone()
+        b0 = layer.bias.detach().clone()  # type: ignore[union-attr]
+        ones = torch.ones_like(a[:, :1])
+        if self.config.output_solver == "exact":
+            # Residual form, solved for the increments from a zero warm start: the residual T − z^k is exactly 0
+            # at η = 0, so the warm start comes back unchanged; z^k is reused from the forward pass.
+            W = W0 + ridge_solve(a, targets - z0, lam_w, torch.zeros_like(W0.T)).T
+            zw = a @ W.T
+            b = b0 + ridge_solve(ones, targets - (zw + b0), lam_b, torch.zeros_like(b0.unsqueeze(0))).squeeze(0)
+        else:
+            fr_w = self._fr(a, b0.expand_as(z0), targets, W0, lam_w, relu=False)
+            W = fr_w.x
+            zw = a @ W.T
+            fr_b = self._fr(ones, zw, targets, b0.unsqueeze(1), lam_b, relu=False)
+            b = fr_b.x.squeeze(1)
+            info[f"fr_steps_{l}"] = float(fr_w.steps_taken + fr_b.steps_taken)
+        self._report(info, l, z0, zw + b0, zw + b, targets, W - W0, b - b0, relu=False)
+        layer.weight.copy_(W)
+        layer.bias.copy_(b)  # type: ignore[union-attr]
+
+    def _report(
+        self,
+        info: dict[str, float],
+        l: int,
+        z0: Tensor,
+        z_new_w: Tensor,
+        z_new: Tensor,
+        targets: Tensor,
+        delta_w: Tensor,
+        delta_b: Tensor,
+        *,
+        relu: bool,
+    ) -> None:
+        """Relative decrease of the layer's W-prox and b-prox objectives (negative: the prox call made it
+        worse, e.g. an ``fr_cg`` stall or an inexact solve) and the size of the step."""
+        base_w = float(_row_objective(z0, targets, relu).sum())
+        fit_w = float(_row_objective(z_new_w, targets, relu).sum())
+        fit_b = float(_row_objective(z_new, targets, relu).sum())
+        step_w = float(delta_w.pow(2).sum())
+        step_b = float(delta_b.pow(2).sum())
+        info[f"prox_w_rel_decrease_{l}"] = _rel_decrease(base_w, fit_w + self.lambda_w[l] * step_w)
+        info[f"prox_b_rel_decrease_{l}"] = _rel_decrease(fit_w, fit_b + self.lambda_b[l] * step_b)
+        info[f"step_norm_w_{l}"] = math.sqrt(step_w)
+
+    # -- hidden layers --------------------------------------------------------------------------------------
+
+    def _fr(
+        self, inputs: Tensor, offset: Tensor, targets: Tensor, x_old: Tensor, lam: float, *, relu: bool
+    ) -> FRResult:
+        return fr_cg_armijo(
+            inputs,
+            offset,
+            targets,
+            x_old,
+            lam,
+            relu=relu,
+            maxk=self.config.fr_iters,
+            quirks=self.config.quirks,
+        )
+
+    def _hidden_prox(
+        self,
+        layer: ChainLayer,
+        a: Tensor,
+        z0: Tensor,
+        targets: Tensor,
+        mask: Tensor | None,
+        l: int,
+        info: dict[str, float],
+    ) -> None:
+        c = self.config
+        relu = mask is not None
+        lam_w, lam_b = self.lambda_w[l], self.lambda_b[l]
+        if c.hidden_solver == "fr_cg":
+            W0 = layer.weight.detach().clone()
+            b0 = layer.bias.detach().clone()  # type: ignore[union-attr]
+            fr_w = self._fr(a, b0.expand_as(z0), targets, W0, lam_w, relu=relu)
+            W = fr_w.x
+            zw = a @ W.T
+            fr_b = self._fr(torch.ones_like(a[:, :1]), zw, targets, b0.unsqueeze(1), lam_b, relu=relu)
+            b = fr_b.x.squeeze(1)
+            info[f"fr_steps_{l}"] = float(fr_w.steps_taken + fr_b.steps_taken)
+            self._report(info, l, z0, zw + b0, zw + b, targets, W - W0, b - b0, relu=relu)
+            layer.weight.copy_(W)
+            layer.bias.copy_(b)  # type: ignore[union-attr]
+            return
+
+        gn = masked_gn_step(
+            a,
+            targets - z0,
+            mask,
+            lam_w,
+            solver=c.hidden_solver,
+            maxit=c.cg_iters,
+            tol=c.cg_tol,
+            stop=c.cg_stop,
+            solve_dtype=torch.float64 if c.solve_dtype == "float64" else z0.dtype,
+        )
+        delta_w, delta_z = gn.delta_w, gn.delta_z
+        # ‖Δw_j‖² = Λ_jᵀKΛ_j = Σ_i Λ_ij Δz_ij in the dual: an m×q product instead of a q×n one.
+        if gn.dual is not None:
+            step_sq = (gn.dual.to(delta_z.dtype) * delta_z).sum(dim=0)
+        else:
+            step_sq = (delta_w * delta_w).sum(dim=1)
+        halvings = reverted = 0
+        if c.safeguard:
+            guard = gn_step_safeguard(z0, delta_z, step_sq, targets, lam_w, relu=relu, max_halvings=c.max_halvings)
+            if guard.halvings:
+                scale = guard.scale
+                delta_w = delta_w * scale.unsqueeze(1)
+                delta_z = delta_z * scale
+                step_sq = step_sq * scale * scale
+            halvings, reverted = guard.halvings, guard.rows_reverted
+            base_w, after_w = float(guard.objective_before.sum()), float(guard.objective_after.sum())
+        zw = z0 + delta_z  # pre-activations with the new W and the old b
+        if not c.safeguard:
+            base_w = float(_row_objective(z0, targets, relu).sum())
+            after_w = float(_row_objective(zw, targets, relu).sum() + lam_w * step_sq.sum())
+
+        # b-step: closed form of the masked model, then its own per-row safeguard. With b_mask="current" the
+        # mask is re-read after the W-step, which makes the step a descent direction of the true b-prox (the
+        # old mask need not be: rows whose activation pattern the W-step changed can get an ascent step).
+        if mask is None:
+            active = torch.ones_like(z0)
+        elif c.b_mask == "current":
+            active = (zw > 0).to(z0.dtype)
+        else:
+            active = mask
+        count = active.sum(dim=0)
+        delta_b = (active * (targets - zw)).sum(dim=0) / (count + lam_b)
+        if c.safeguard:
+            guard_b = gn_step_safeguard(
+                zw, delta_b.expand_as(zw), delta_b * delta_b, targets, lam_b, relu=relu, max_halvings=c.max_halvings
+            )
+            if guard_b.halvings:
+                delta_b = delta_b * guard_b.scale
+            halvings += guard_b.halvings
+            reverted += guard_b.rows_reverted
+            base_b, after_b = float(guard_b.objective_before.sum()), float(guard_b.objective_after.sum())
+        else:
+            base_b = float(_row_objective(zw, targets, relu).sum())
+            after_b = float(_row_objective(zw + delta_b, targets, relu).sum() + lam_b * (delta_b * delta_b).sum())
+        info[f"prox_w_rel_decrease_{l}"] = _rel_decrease(base_w, after_w)
+        info[f"prox_b_rel_decrease_{l}"] = _rel_decrease(base_b, after_b)
+        info[f"step_norm_w_{l}"] = math.sqrt(max(float(step_sq.sum()), 0.0))
+        info[f"cg_iters_{l}"] = float(gn.iterations)
+        info[f"safeguard_halvings_{l}"] = float(halvings)
+        info[f"safeguard_rows_reverted_{l}"] = float(reverted)
+        if mask is not None:
+            info[f"dead_rows_{l}"] = float((count == 0).sum())
+        layer.weight.add_(delta_w)
+        layer.bias.add_(delta_b)  # type: ignore[union-attr]
+
+
+def _rel_decrease(before: float, after: float) -> float:
+    """(before − after)/before of a prox objective (0 when it was already 0); negative means it rose."""
+    return (before - after) / before if before > 0 else 0.0
