@@ -68,6 +68,12 @@ def mlp(spec: str | Sequence[int], activation: str = "relu", output_activation: 
     widths = _parse_widths(spec, "mlp") if isinstance(spec, str) else list(spec)
     if len(widths) < 2:
         raise ValueError("an mlp needs at least an input and an output width")
+    return _dense_stack(widths, activation, output_activation)
+
+
+def _dense_stack(widths: Sequence[int], activation: str, output_activation: str | None) -> nn.Sequential:
+    """``Flatten`` then a ``Linear`` per consecutive pair of widths, each followed by ``activation`` except the
+    last, which gets ``output_activation`` (none when ``None``)."""
     modules: list[nn.Module] = [nn.Flatten()]
     for i, (n_in, n_out) in enumerate(itertools.pairwise(widths)):
         modules.append(nn.Linear(n_in, n_out))
@@ -120,15 +126,7 @@ def autoencoder(
     (sigmoid by default, since pixels lie in [0, 1]; METHODS.md §8.5).
     """
     enc = _parse_widths(spec, "autoencoder") if isinstance(spec, str) else list(spec)
-    widths = enc + enc[-2::-1]
-    modules: list[nn.Module] = [nn.Flatten()]
-    for i, (n_in, n_out) in enumerate(itertools.pairwise(widths)):
-        modules.append(nn.Linear(n_in, n_out))
-        last = i == len(widths) - 2
-        act = _act_module(output_activation if last else activation)
-        if act is not None:
-            modules.append(act)
-    return nn.Sequential(*modules)
+    return _dense_stack(enc + enc[-2::-1], activation, output_activation)
 
 
 @dataclass(frozen=True)
