@@ -443,7 +443,7 @@ class Activation:
             return torch.where(v >= 0, torch.ones_like(v), self._a * torch.exp(torch.clamp(v, max=0.0)))
         if n == "softplus":
             return torch.sigmoid(v)
-        raise NotImplementedError(f"_dphi is only needed for smooth activations, not {n}")
+        raise ValueError(f"the {n} activation has no smooth derivative; _dphi serves sigmoid, tanh, elu and softplus")
 
     def _prox_root(self, y: Tensor, t: float) -> Tensor:
         # Solve h(x) = t φ⁻¹(x) + (1 − t) x = y through x = φ(v): g(v) = t v + (1 − t) φ(v) − y is finite and
