@@ -154,6 +154,10 @@ class LBFGSConfig(MethodConfig):
     max_iter: int = 1
     history_size: int = 10
     line_search: str = "strong_wolfe"
+    #: torch's LBFGS keeps its curvature history when a step moves nothing (line search t = 0, or a history
+    #: direction that is not a descent direction), so every later step repeats the same null step. With this on,
+    #: such a step clears the history and is retried once from steepest descent (the usual L-BFGS restart).
+    restart_on_stall: bool = True
 
     def validate(self) -> None:
         self._positive("lr")
@@ -196,6 +200,12 @@ class LBFGS(_TorchOptimizerMethod):
             return float(loss.detach())
 
         # LBFGS returns the closure's value at the start of the step, the loss this method reports.
+        before = [p.detach().clone() for p in self.model.parameters()] if self.config.restart_on_stall else []
         loss = self.optimizer.step(closure)
+        restarted = 0
+        if before and all(torch.equal(p, b) for p, b in zip(self.model.parameters(), before)):
+            self.optimizer.state.clear()
+            self.optimizer.step(closure)
+            restarted = 1
         self.steps_taken += 1
-        return StepStats(loss=float(loss))
+        return StepStats(loss=float(loss), info={"restarts": float(restarted)})
