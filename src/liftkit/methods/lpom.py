@@ -684,12 +684,7 @@ class LPOM(Method):
     ) -> None:
         """The X-phase of §2.5 on ``xs`` (in place): ``sweeps`` sweeps with early stopping."""
         c = self.config
-        lifted = self.lifted
-        hidden = range(1, lifted.L)
-        w_norms = {k: s * _SPECTRAL_SAFETY for k, s in self._w_norms(ws, list(hidden), c.power_iters).items()}
-        if any(lifted.resolve_solver(c.x_solver, k) == "fixed_point" for k in hidden):
-            for k in hidden:
-                info[f"rho_{k}"] = lifted.rho(k, ws[k])
+        w_norms = self._x_phase_norms(ws, info)
         total = 0
         last: dict[int, BlockResult] = {}
         done = 0
@@ -704,19 +699,36 @@ class LPOM(Method):
             done += 1
             if moved <= c.x_tol:
                 break
-        info["sweeps"] = float(done)
+        self._report_x_phase(info, last, total, done)
+
+    def _x_phase_norms(self, ws: Sequence[Tensor], info: dict[str, float]) -> dict[int, float]:
+        """Safety-scaled ‖W^k‖₂ of the hidden blocks (their FISTA steps); logs Theorem 2's ρ_k when a block uses
+        the paper's fixed point, whose contraction it decides."""
+        c = self.config
+        lifted = self.lifted
+        hidden = list(range(1, lifted.L))
+        w_norms = {k: s * _SPECTRAL_SAFETY for k, s in self._w_norms(ws, hidden, c.power_iters).items()}
+        if any(lifted.resolve_solver(c.x_solver, k) == "fixed_point" for k in hidden):
+            for k in hidden:
+                info[f"rho_{k}"] = lifted.rho(k, ws[k])
+        return w_norms
+
+    def _report_x_phase(self, info: dict[str, float], last: dict[int, BlockResult], total: int, sweeps: int) -> None:
+        """Log the X-phase's sweeps, iterations and final residuals, and flag (once, with the fix) a hidden
+        solver that ended above ``collapse_tol``: the silent-collapse trap of METHODS.md §2.3."""
+        c = self.config
+        lifted = self.lifted
+        info["sweeps"] = float(sweeps)
         info["x_iters_total"] = float(total)
         worst = 0.0
         for k, res in last.items():
             info[f"x_res_{k}"] = res.residual
             info[f"x_iters_{k}"] = float(res.iters)
-            if k < lifted.L and math.isfinite(res.residual):
-                worst = max(worst, res.residual)
-            elif k < lifted.L:
-                worst = math.inf
+            if k < lifted.L:
+                worst = max(worst, res.residual if math.isfinite(res.residual) else math.inf)
         info["x_not_converged"] = 1.0 if worst > c.collapse_tol else 0.0
         if worst > c.collapse_tol:
-            solver = {lifted.resolve_solver(c.x_solver, k) for k in hidden}
+            solver = {lifted.resolve_solver(c.x_solver, k) for k in range(1, lifted.L)}
             fix = (
                 "the paper's fixed point (26) does not contract here (see rho_k); use x_solver='fista' "
                 "(ReLU-type) or 'fista_prox'"

@@ -126,8 +126,7 @@ class LPOMSync(LPOM):
     ) -> None:
         c = self.config
         lifted = self.lifted
-        hidden = list(range(1, lifted.L))
-        w_norms = {k: s * _SPECTRAL_SAFETY for k, s in self._w_norms(ws, hidden, c.power_iters).items()}
+        w_norms = self._x_phase_norms(ws, info)
         beta_m = c.momentum
         last: dict[int, BlockResult] = {}
         total = 0
@@ -161,21 +160,7 @@ class LPOMSync(LPOM):
             rounds += 1
             if moved <= c.x_tol:
                 break
-        info["sweeps"] = float(rounds)
-        info["x_iters_total"] = float(total)
-        worst = 0.0
-        for k, res in last.items():
-            info[f"x_res_{k}"] = res.residual
-            info[f"x_iters_{k}"] = float(res.iters)
-            if k < lifted.L:
-                worst = max(worst, res.residual if math.isfinite(res.residual) else math.inf)
-        info["x_not_converged"] = 1.0 if worst > c.collapse_tol else 0.0
-        if worst > c.collapse_tol:
-            self._warn_once(
-                "x_not_converged",
-                f"{self.name}: the hidden X-solver ended with relative change {worst:.2e} > collapse_tol; use "
-                "x_solver='fista' (ReLU-type) or 'fista_prox', or raise x_iters",
-            )
+        self._report_x_phase(info, last, total, rounds)
 
     def w_phase(
         self, xs: Sequence[Tensor], pre: Sequence[Tensor], ws: Sequence[Tensor], bs: Sequence[Tensor | None]
