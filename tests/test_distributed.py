@@ -32,6 +32,14 @@ CASES: dict[str, tuple[str, dict[str, Any], int, int, str]] = {
     "tiam-full": ("tiam", {}, 0, 4, "64-16-16-10"),
     "tiam-minibatch": ("tiam", {"minibatch_sweeps": 2}, 200, 1, "64-16-16-10"),
     "am-full": ("am", {"rho": 0.01}, 0, 4, "64-16-16-10"),
+    "proxprop-exact": ("proxprop", {}, 100, 1, "64-16-16-10"),
+    "proxprop-cg": ("proxprop", {"solver": "cg3", "optimizer": "sgd", "lr": 0.5}, 100, 1, "64-16-16-10"),
+    "sibp": ("sibp", {}, 100, 1, "64-16-16-10"),
+    "sibp-fr-primal": ("sibp", {"output_solver": "fr_cg", "hidden_solver": "gn_primal_cg"}, 100, 1, "64-16-16-10"),
+    "sibp-fr": ("sibp", {"hidden_solver": "fr_cg"}, 100, 1, "64-16-16-10"),
+    "fenchel": ("fenchel", {}, 200, 1, "64-16-16-10"),
+    "fenchel-lbfgs-pgd": ("fenchel", {"w_solver": "lbfgs", "x_solver": "pgd", "monitor": "full"}, 300, 1, "64-16-10"),
+    "fenchel-fista": ("fenchel", {"w_solver": "fista"}, 300, 1, "64-16-10"),
 }
 RESUMED = "tiam-full"  # also run as a 2-process interrupted-and-resumed run
 
@@ -105,7 +113,10 @@ def _single_process(label: str) -> dict[str, torch.Tensor]:
 
     method_name, hp, bs, epochs, spec = CASES[label]
     data = load_dataset("digits", dtype=torch.float64)
-    model = build_model(spec, input_shape=data.input_shape, num_classes=10, seed=0, dtype=torch.float64)
+    model = build_model(
+        spec, input_shape=data.input_shape, num_classes=10, seed=0, dtype=torch.float64,
+        output_activation=get(method_name).model_output_activation,
+    )
     torch.manual_seed(0)
     method = get(method_name)(model, **hp)
     liftkit.fit(method, data, epochs=epochs, batch_size=bs, seed=0, progress=False)
@@ -129,7 +140,10 @@ def _worker(out_file: str, labels: list[str]) -> None:
         method_name, hp, bs, epochs, spec = CASES[label]
 
         def fresh(method_name: str = method_name, hp: dict[str, Any] = hp, spec: str = spec) -> Any:
-            model = build_model(spec, input_shape=data.input_shape, num_classes=10, seed=0, dtype=torch.float64)
+            model = build_model(
+                spec, input_shape=data.input_shape, num_classes=10, seed=0, dtype=torch.float64,
+                output_activation=get(method_name).model_output_activation,
+            )
             torch.manual_seed(0)
             return get(method_name)(model, **hp)
 

@@ -79,6 +79,7 @@ def spectral_norm_op(
     *,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
+    out_sum: Callable[[Tensor], Tensor] | None = None,
 ) -> float:
     r"""Estimate ‖A‖₂ of a linear operator by power iteration on AᵀA, times ``safety``.
 
@@ -87,6 +88,10 @@ def spectral_norm_op(
     the global RNG is untouched), ``iters`` steps of v ← AᵀAv/‖AᵀAv‖ are run and σ ≈ ‖Av‖ is returned times
     ``safety``. Power iteration approaches σ_max from below, so the factor (1.05 in §2.3/§3.5) turns it into a
     step-size-safe upper estimate. A zero operator gives 0.0.
+
+    ``out_sum`` (data parallelism): when A's output rows are sharded over processes (A = the stacked per-process
+    maps), ``apply_t`` must already sum over the processes and ``out_sum`` sums the final squared norm, so
+    every process gets the same estimate.
     """
     if iters < 1:
         raise ValueError(f"spectral_norm: iters must be >= 1, got {iters}")
@@ -97,6 +102,8 @@ def spectral_norm_op(
     for _ in range(iters):
         w = apply_t(apply(v))
         v = w / w.norm().clamp_min(tiny)
+    if out_sum is not None:
+        return math.sqrt(max(float(out_sum(apply(v).pow(2).sum().reshape(1))[0]), 0.0)) * float(safety)
     return float(apply(v).norm().item()) * float(safety)
 
 
@@ -200,6 +207,7 @@ def block_cg(
     tol: float = 1e-2,
     eps: float = 1e-6,
     stop: str = "tol",
+    col_sum: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, int]:
     r"""Independent conjugate gradients on every column of M X = rhs, as in ProxProp's official code (§4.6).
 
@@ -218,8 +226,16 @@ def block_cg(
     exactly ``maxit`` iterations are run. If the initial residual is exactly zero nothing is left to do and 0
     iterations are run (unless ``stop="fixed"``). Arithmetic is in the dtype of ``rhs`` (CG is matrix-free).
 
+    ``col_sum`` (data parallelism, METHODS.md §7): when the rows of x are sharded over processes, a hook that
+    sums a length-k vector of per-column partial sums over the processes (an all-reduce); every column inner
+    product goes through it, so all processes take the same α, β and stopping decision.
+
     Returns ``(x, iterations_run)``.
     """
+
+    def reduce(v: Tensor) -> Tensor:
+        return v if col_sum is None else col_sum(v)
+
     if stop not in ("tol", "fixed"):
         raise ValueError(f"unknown stop rule {stop!r}; choose 'tol' or 'fixed'")
     if rhs.ndim != 2 or x0.shape != rhs.shape:
@@ -231,17 +247,17 @@ def block_cg(
     x = x0.clone()
     r = rhs - apply_M(x)
     d = r.clone()
-    rs = (r * r).sum(dim=0)
+    rs = reduce((r * r).sum(dim=0))
     threshold = float(tol) ** 2 * float(rs.mean().item()) if rs.numel() else 0.0
     if stop == "tol" and (rs.numel() == 0 or float(rs.max().item()) == 0.0):
         return x, 0
     it = 0
     while it < maxit:
         Md = apply_M(d)
-        alpha = rs / ((d * Md).sum(dim=0) + eps)
+        alpha = rs / (reduce((d * Md).sum(dim=0)) + eps)
         x = x + alpha * d
         r = r - alpha * Md
-        rs_new = (r * r).sum(dim=0)
+        rs_new = reduce((r * r).sum(dim=0))
         it += 1
         if stop == "tol" and float(rs_new.max().item()) < threshold:
             break
@@ -262,6 +278,7 @@ def projected_fista(
     x0: Tensor,
     maxit: int,
     tol: float = 1e-4,
+    sq_sum: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, int, float]:
     r"""FISTA on f + S with step 1/L (METHODS.md §2.3): the X-block solver of LPOM and Fenchel.
 
@@ -276,6 +293,10 @@ def projected_fista(
     monotone; only its final objective is meaningful. Returns ``(x, iterations_run, final relative change)``
     where the relative change is ‖ΔX‖/‖X‖ of the last iteration (0 if both vanish, inf if only ‖X‖ does, NaN
     if ``maxit == 0``).
+
+    ``sq_sum`` (data parallelism, METHODS.md §7): when the columns of x (samples) are sharded over processes
+    and ∇S, prox act column by column, a hook that sums the 2-vector (‖ΔX‖², ‖X‖²) over the processes, so
+    every process stops at the same iteration.
     """
     L = float(L)
     if not (L > 0.0 and math.isfinite(L)):
@@ -293,7 +314,11 @@ def projected_fista(
         s_new = 0.5 * (1.0 + math.sqrt(1.0 + 4.0 * s * s))
         dx = x_new - x
         v = x_new + ((s - 1.0) / s_new) * dx
-        dnorm, xnorm = (float(n) for n in torch.stack([dx.norm(), x.norm()]).tolist())  # one host sync
+        if sq_sum is None:
+            dnorm, xnorm = (float(n) for n in torch.stack([dx.norm(), x.norm()]).tolist())  # one host sync
+        else:
+            sq = sq_sum(torch.stack([dx.pow(2).sum(), x.pow(2).sum()]).to(torch.float64))
+            dnorm, xnorm = (math.sqrt(float(n)) for n in sq.tolist())
         x, s = x_new, s_new
         it += 1
         rel = dnorm / xnorm if xnorm > 0.0 else (0.0 if dnorm == 0.0 else math.inf)

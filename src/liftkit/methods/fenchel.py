@@ -51,6 +51,13 @@ Solvers (assumption, METHODS.md §3.5; the official code uses SciPy L-BFGS-B / L
   ``mm`` with 5 iterations, 92.9 % for ``lbfgs`` with 10 and 91.0 % for ``fista`` with 10, at roughly 1/2, 1 and
   1/3 of L-BFGS's time per epoch (docs/results/fenchel.md).
 
+Data parallelism (METHODS.md §7): the lifted X_l are per sample and stay on each process's shard; the X-blocks
+are column-separable given the replicated weights and step 1/L_x, so only the FISTA/PGD stopping norms are
+all-reduced. W-blocks: ``mm`` all-reduces the float64 Gram P̄ᵀP̄ once and the (W, b) data gradient at every
+iteration; ``fista`` the power iteration of ‖P̄‖₂ and the gradient; ``lbfgs`` the gradient and (float64) the
+value of every evaluation, so the line search takes the same decisions. The objective terms reported (and
+the divergence check) are all-reduced. ``x_solver=scipy_lbfgsb`` is single-process only.
+
 Hidden activations: ReLU (the paper's), and the other activations whose ``F`` is smooth with bounded curvature on a
 closed domain, so that a projected first-order X-solver applies (leaky ReLU, hardtanh). Sigmoid, tanh, ELU and
 softplus need ``F`` with unbounded curvature at the domain boundary and raise ``ValueError``.
@@ -282,12 +289,13 @@ class LayerOperator:
             gb = G2.sum(dim=0) if lin.bias is not None else None
         return gW, gb
 
-    def data_norm(self, P: Tensor, iters: int) -> float:
+    def data_norm(self, P: Tensor, iters: int, reduce: Callable[[Tensor], Tensor] | None = None) -> float:
         """‖θ ↦ linear(P; θ)‖₂ for θ = (W, b) and the glued input P: the curvature scale of the W-blocks.
 
         The map acts on every output channel alike, so its norm is that of one output channel: ‖[P, 1]‖₂ for a
         Linear layer, the norm of the single-output-channel convolution with bias for a Conv2d (an upper bound
-        for grouped convolutions).
+        for grouped convolutions). ``reduce`` sums over data-parallel processes when P holds this process's
+        samples (the power iteration's adjoint and final norm are then all-reduced).
         """
         lin = self.linear
         if isinstance(lin, nn.Conv2d):
@@ -301,12 +309,20 @@ class LayerOperator:
 
             def adjoint(g: Tensor) -> Tensor:
                 gw = conv2d_weight(P, (1, n_in, kh, kw), g, lin.stride, lin.padding, lin.dilation)
-                return torch.cat([gw.reshape(-1), g.sum().reshape(1)])
+                out = torch.cat([gw.reshape(-1), g.sum().reshape(1)])
+                return out if reduce is None else reduce(out)
 
-            return spectral_norm_op(apply, adjoint, (size + 1,), iters, dtype=P.dtype, device=P.device)
+            return spectral_norm_op(
+                apply, adjoint, (size + 1,), iters, dtype=P.dtype, device=P.device, out_sum=reduce
+            )
         P2 = P.reshape(-1, P.shape[-1])
         P_bar = torch.cat([P2, torch.ones_like(P2[:, :1])], dim=1)
-        return spectral_norm(P_bar, iters)
+        if reduce is None:
+            return spectral_norm(P_bar, iters)
+        return spectral_norm_op(
+            lambda v: P_bar @ v, lambda y: reduce(P_bar.T @ y), (P_bar.shape[1],), iters, dtype=P_bar.dtype,
+            device=P_bar.device, out_sum=reduce,
+        )
 
     def bias_view(self, b: Tensor) -> Tensor:
         return b.view(1, -1, 1, 1) if self.is_conv else b
@@ -364,6 +380,7 @@ class Fenchel(Method):
         "AISTATS 2020 (arXiv 1811.08039)"
     )
     default_batch_size = 500
+    supports_data_parallel = True
 
     def __init__(self, model: nn.Module, *, loss: str | None = None, **hparams: Any) -> None:
         super().__init__(model, loss=loss, **hparams)
@@ -392,6 +409,20 @@ class Fenchel(Method):
         self._ops_key: tuple[int, ...] | None = None
         if c.init == "official":
             self._official_init()
+
+    # -- data parallelism (METHODS.md §7) ---------------------------------------------------------------------------
+    def set_comm(self, comm: Any) -> None:
+        if comm.world_size > 1 and self.config.x_solver == "scipy_lbfgsb":
+            raise ValueError(
+                "fenchel with x_solver=scipy_lbfgsb runs in a single process only (L-BFGS-B couples the samples "
+                "of a block through its inner products); use x_solver=fista or pgd under torchrun"
+            )
+        super().set_comm(comm)
+
+    @property
+    def _reduce(self) -> Callable[[Tensor], Tensor] | None:
+        """The in-place sum over data-parallel processes, ``None`` in one process."""
+        return self.comm.all_reduce_sum_ if self.comm.world_size > 1 else None
 
     # -- setup ------------------------------------------------------------------------------------------------------
     def _official_init(self) -> None:
@@ -511,8 +542,9 @@ class Fenchel(Method):
         def prox(v: Tensor, t: float) -> Tensor:
             return act.project(v)
 
+        reduce = self._reduce
         if c.x_solver == "fista":
-            X, iters, _ = projected_fista(grad, lipschitz, prox, xs[l], c.x_iters, c.x_tol)
+            X, iters, _ = projected_fista(grad, lipschitz, prox, xs[l], c.x_iters, c.x_tol, sq_sum=reduce)
             return X, iters
         X = xs[l]
         step = 1.0 / lipschitz
@@ -520,7 +552,11 @@ class Fenchel(Method):
         while iters < c.x_iters:
             X_new = act.project(X - step * grad(X))
             iters += 1
-            done = float((X_new - X).norm()) <= c.x_tol * float(X.norm())
+            if reduce is None:
+                done = float((X_new - X).norm()) <= c.x_tol * float(X.norm())
+            else:
+                sq = reduce(torch.stack([(X_new - X).pow(2).sum(), X.pow(2).sum()]).to(torch.float64))
+                done = math.sqrt(float(sq[0])) <= c.x_tol * math.sqrt(float(sq[1]))
             X = X_new
             if done:
                 break
@@ -571,6 +607,7 @@ class Fenchel(Method):
         act = None if last else self._act(l)
         lam = 0.0 if last else self.lambdas[l]
         target = None if last else xs[l + 1]
+        reduce = self._reduce
 
         def value_grad(W: Tensor, b: Tensor, need_value: bool = True) -> tuple[float, Tensor, Tensor]:
             U = op.linear_apply(P, W, b)
@@ -586,6 +623,13 @@ class Fenchel(Method):
                 G = (2.0 * lam) * act.grad_u(U, target)
             gW, gb = op.weight_grad(P, G)
             assert gb is not None
+            if reduce is not None:
+                # the data term's (W, b) gradient is a sum over samples: one all-reduce per evaluation, and the
+                # value (L-BFGS only) a float64 scalar one
+                flat = reduce(torch.cat([gW.reshape(-1), gb.reshape(-1)]))
+                gW, gb = flat[: gW.numel()].view_as(gW), flat[gW.numel():].view_as(gb)
+                if need_value:
+                    value = self.comm.sum_scalars(value)[0]
             dW, db = W - W0, b - b0
             if need_value:
                 value += rho_d * (float(dW.pow(2).sum()) + float(db.pow(2).sum())) + rho * float(W.pow(2).sum())
@@ -639,7 +683,7 @@ class Fenchel(Method):
         assert lin.bias is not None
         nW = lin.weight.numel()
         shape_W = lin.weight.shape
-        data_norm = op.data_norm(P, c.power_iters)
+        data_norm = op.data_norm(P, c.power_iters, self._reduce)
         curvature = 0.5 if l == self.L else 2.0 * self.lambdas[l] * self._act(l).kappa
         lipschitz = curvature * data_norm**2 + 2.0 * self.rho_d[l] + 2.0 * c.rho
 
@@ -679,6 +723,8 @@ class Fenchel(Method):
         P_bar = torch.cat([P2, torch.ones_like(P2[:, :1])], dim=1).to(torch.float64)
         curvature = 0.5 if l == self.L else 2.0 * self.lambdas[l] * self._act(l).kappa
         H = curvature * (P_bar.T @ P_bar)
+        if self._reduce is not None:
+            self._reduce(H)  # the float64 Gram of the global batch (METHODS.md §7)
         shift = 2.0 * (self.rho_d[l] + c.rho)
         # without an anchor or ridge H can be singular; a relative jitter keeps the majorizer (it only grows H)
         H.diagonal().add_(shift if shift > 0 else 1e-10 * float(H.diagonal().mean()) + 1e-300)
@@ -745,12 +791,25 @@ class Fenchel(Method):
                     x_iters[l] += its
                 if self.config.monitor == "full":
                     relaxed_after_x = self.relaxed_objective(xs, y)
+                    if self.comm.world_size > 1:
+                        relaxed_after_x = self.comm.sum_scalars(relaxed_after_x)[0]
                 for l in range(self.L + 1):
                     W0, b0 = anchors[l]
                     w_iters[l] += self.solve_w_block(l, xs, y, W0, b0)
             pens = self.layer_penalties(xs)
-            relaxed = self.relaxed_objective(xs, y, pens)
-            loss_after = float(tF.cross_entropy(self.model(x).reshape(m, -1), y))
+            if self.comm.world_size > 1:
+                # the objective terms of the global batch (one float64 all-reduce): they decide the divergence
+                # branch below, so every process must see the same numbers
+                m_global = self.global_batch_size(m)
+                ce = float(tF.cross_entropy(ops[self.L].apply(xs[self.L]), y, reduction="sum").double())
+                after_sum = float(tF.cross_entropy(self.model(x).reshape(m, -1), y, reduction="sum"))
+                ce, after_sum, *pens = self.comm.sum_scalars(ce, after_sum, *pens)
+                relaxed = ce + sum(2.0 * lam * p for lam, p in zip(self.lambdas, pens))
+                loss_after = after_sum / m_global
+                m = m_global
+            else:
+                relaxed = self.relaxed_objective(xs, y, pens)
+                loss_after = float(tF.cross_entropy(self.model(x).reshape(m, -1), y))
         if not (math.isfinite(relaxed) and math.isfinite(loss_after)):
             with torch.no_grad():
                 for layer, (W0, b0) in zip(self.chain, anchors):

@@ -41,6 +41,13 @@ the module index in the Sequential) the cosine between the direction and ∇J (`
 iterations (``cg_iters_i``) and, with ``residuals=True``, the relative residual of the normal equations
 (``residual_i``). A non-finite batch loss returns ``loss=nan`` with the parameters left unchanged.
 
+Data parallelism (METHODS.md §7): J is the global batch's mean (the shard's loss sum over m_global), so a
+rank's a, z and G are its rows of the single-process ones and never move. What is all-reduced per layer: the
+exact linear solve's ĀᵀĀ and ĀᵀG (float64, one call; the Gram form is used whatever ``form`` says, because
+push-through needs the whole batch's N×N Gram), the conv solve's PᵀP and PᵀG_flat, CG's right-hand side
+once and Aᵀ(Av) in every iteration, ``gradient``'s AᵀG; the last layer's gradient goes with the loss in one
+all-reduce. Every rank then solves the same system, so the weights stay replicated.
+
 Defaults: ``exact`` + Adam (lr 1e-3), τ_θ = 0.02, batch 100: the setting that trained best at batch 100 on the
 MNIST validation split (docs/results/proxprop.md). The paper's settings ship as configs: the MLP uses SGD with
 Nesterov momentum 0.95, lr = τ = 1, batch 500, τ_θ = 0.05; the ConvNet Adam 1e-3, τ_θ = 1, cg3/cg10.
@@ -306,6 +313,7 @@ class ProxProp(Method):
     paper = ("Frerix, Möllenhoff, Moeller, Cremers. Proximal Backpropagation. ICLR 2018 (arXiv 1706.04638); "
              "official code tfrerix/proxprop")
     default_batch_size = 100
+    supports_data_parallel = True
 
     def __init__(self, model: nn.Module, *, loss: str | None = None, **hparams: Any) -> None:
         super().__init__(model, loss=loss, **hparams)
@@ -340,7 +348,13 @@ class ProxProp(Method):
                 inputs.append(h.detach())
                 outputs.append(out)
             h = out
-        loss = evaluate_loss(self.loss, h, y)
+        distributed = self.comm.world_size > 1
+        if distributed:
+            # J is the global batch's mean loss (METHODS.md §7): the shard's sum over m_global, so the G of
+            # every rank is its rows of the single-process G
+            loss = evaluate_loss(self.loss, h, y, reduction="sum") / self.global_batch_size(int(h.shape[0]))
+        else:
+            loss = evaluate_loss(self.loss, h, y)
         wanted: list[Tensor] = [p for p in self._explicit if p.requires_grad]
         grads = torch.autograd.grad(loss, outputs + wanted, allow_unused=True)
         signals = []
@@ -350,8 +364,26 @@ class ProxProp(Method):
         it = iter(grads[len(outputs):])
         for k, p in enumerate(self._explicit):
             if p.requires_grad:
-                explicit[k] = next(it)
+                g = next(it)
+                explicit[k] = torch.zeros_like(p) if g is None and distributed else g
+        if distributed:
+            # the last layer's ordinary gradient and the loss in one all-reduce (averaged once, never twice)
+            parts = [g for g in explicit if g is not None]
+            flat = self.comm.all_reduce_sum_(torch.cat([g.reshape(-1) for g in parts] + [loss.detach().reshape(1)]))
+            offset = 0
+            for g in parts:
+                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
+            return flat[-1], signals, explicit
         return loss.detach(), signals, explicit
+
+    def _reduce_params(self, w: Tensor, b: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """Σ over ranks of a (weight, bias)-shaped pair in one all-reduce (no-op in one process)."""
+        if self.comm.world_size == 1:
+            return w, b
+        flat = self.comm.all_reduce_sum_(_flat(w, b)[:, 0].contiguous())
+        rw, rb = _unflat(flat.unsqueeze(1), w.shape, b is not None)
+        return rw.contiguous(), (rb.contiguous() if rb is not None else None)
 
     # -- prox directions ----------------------------------------------------------------------------------
     def direction(self, module: nn.Linear | nn.Conv2d, a: Tensor, G: Tensor) -> _Direction:
@@ -359,11 +391,13 @@ class ProxProp(Method):
         mode = self.config.mode
         op = _LinearOperator(module, a)
         if mode == "gradient":
-            gw, gb = op.adjoint(G)
+            gw, gb = self._reduce_params(*op.adjoint(G))
             return _Direction(gw, gb, 1.0, 0, 0.0)
         if mode == "cg":
             return self._cg_direction(op, G)
         if isinstance(module, nn.Linear):
+            if self.comm.world_size > 1:
+                return self._exact_linear_gram_reduced(op, G)
             return self._exact_linear(op, G)
         return self._exact_unfold(op, G)
 
@@ -403,6 +437,37 @@ class ProxProp(Method):
         cos = _cosine(float((grad * theta).sum()), float((theta * theta).sum()), float((grad * grad).sum()))
         return _Direction(gw, gb, cos, 0, residual)
 
+    def _exact_linear_gram_reduced(self, op: _LinearOperator, G: Tensor) -> _Direction:
+        """The exact linear solve under data parallelism (METHODS.md §7): every rank forms its shard's ĀᵀĀ and
+        ĀᵀG in float64, one all-reduce sums both, and every rank solves the same (n+1)×(n+1) system. The
+        push-through form needs the whole batch's N×N Gram, so ``form`` is ignored here (always the Gram)."""
+        a = op.a
+        G64 = G.reshape(-1, G.shape[-1]).detach().to(torch.float64)
+        A64 = a.detach().to(torch.float64)
+        if op.has_bias:
+            A64 = torch.cat([A64, A64.new_ones(A64.shape[0], 1)], dim=1)
+        S, R = self._reduce_gram(A64.T @ A64, A64.T @ G64)
+        return self._gram_direction(op, S, R, a.dtype)
+
+    def _reduce_gram(self, S: Tensor, R: Tensor) -> tuple[Tensor, Tensor]:
+        """Σ over ranks of a float64 Gram S and right-hand side R in one all-reduce."""
+        if self.comm.world_size == 1:
+            return S, R
+        p = S.shape[0]
+        flat = self.comm.all_reduce_sum_(torch.cat([S.reshape(-1), R.reshape(-1)]))
+        return flat[: p * p].view(p, p), flat[p * p:].view(R.shape)
+
+    def _gram_direction(self, op: _LinearOperator, S: Tensor, R: Tensor, dtype: torch.dtype) -> _Direction:
+        """θ = (S + βI)⁻¹R for a Linear layer, with the cosine and residual diagnostics from S and R."""
+        theta = spd_ridge_solve(S, R, self._beta)
+        residual = 0.0
+        if self.config.residuals:
+            residual = float((S @ theta + self._beta * theta - R).norm() / R.norm().clamp_min(1e-300))
+        cos = _cosine(float((R * theta).sum()), float((theta * theta).sum()), float((R * R).sum()))
+        assert isinstance(op.module, nn.Linear)
+        gw, gb = _LinearColumns.unpack(theta.to(dtype), op.module.in_features, op.has_bias)
+        return _Direction(gw, gb, cos, 0, residual)
+
     def _unfold_gram(self, op: _LinearOperator, G: Tensor) -> tuple[Tensor, Tensor]:
         """PᵀP and PᵀG_flat of a conv layer (float64, accumulated over row chunks; §4.5)."""
         m = op.module
@@ -429,7 +494,7 @@ class ProxProp(Method):
     def _exact_unfold(self, op: _LinearOperator, G: Tensor) -> _Direction:
         m = op.module
         assert isinstance(m, nn.Conv2d)
-        S, R = self._unfold_gram(op, G)
+        S, R = self._reduce_gram(*self._unfold_gram(op, G))
         theta = spd_ridge_solve(S, R, self._beta)
         residual = 0.0
         if self.config.residuals:
@@ -442,7 +507,10 @@ class ProxProp(Method):
 
     def _cg_direction(self, op: _LinearOperator, G: Tensor) -> _Direction:
         beta = self._beta
-        gw, gb = op.adjoint(G)
+        gw, gb = self._reduce_params(*op.adjoint(G))
+        # under data parallelism each rank holds its rows of A: AᵀA v is all-reduced in every iteration, the
+        # CG scalars then act on replicated vectors (METHODS.md §7)
+        reduce = self.comm.all_reduce_sum_ if self.comm.world_size > 1 else None
         apply_M: Callable[[Tensor], Tensor]
         unpack: Callable[[Tensor], tuple[Tensor, Tensor | None]]
         if isinstance(op.module, nn.Linear):
@@ -457,6 +525,8 @@ class ProxProp(Method):
                 torch.mm(a.T, y, out=out[:n])
                 if op.has_bias:
                     torch.sum(y, 0, out=out[n])
+                if reduce is not None:
+                    reduce(out)
                 return out.add_(v, alpha=beta)
 
             def unpack(v: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -466,7 +536,10 @@ class ProxProp(Method):
             w_shape = op.w_shape
 
             def apply_M(v: Tensor) -> Tensor:
-                return _flat(*op.adjoint(op.forward(*_unflat(v, w_shape, op.has_bias)))) + beta * v
+                AtAv = _flat(*op.adjoint(op.forward(*_unflat(v, w_shape, op.has_bias))))
+                if reduce is not None:
+                    reduce(AtAv)
+                return AtAv + beta * v
 
             def unpack(v: Tensor) -> tuple[Tensor, Tensor | None]:
                 w, b = _unflat(v, w_shape, op.has_bias)

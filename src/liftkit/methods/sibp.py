@@ -54,6 +54,16 @@ validation split (η ∈ {0.1, 0.2, 0.3, 0.5, 1}, λ ∈ {0.3, 1, 3}; ``docs/res
 reached 98.57 % after 5 epochs against 98.30 % for the paper's η = 0.1. Ten float64 CG iterations were no
 better (98.42 %) and cost about twice as much per step.
 
+Data parallelism (METHODS.md §7): f_l, δ_l, the targets and the masks are column-wise given the replicated
+weights and stay on each process's shard. All-reduced: the global loss (one scalar, for the divergence
+branch); output prox (``exact``, primal n×n form): FᵀF and Fᵀ(T − z^k) in float64, then the b-step's column
+sums and the count m; ``gn_cg``: Fᵀ(M ⊙ Λ) (n×q) and the CG column inner products in every iteration, and
+Δw = ΛᵀF once, so the dual iterates are the single-process ones without forming the m×m Gram;
+``gn_primal_cg``: Fᵀ(M ⊙ E) once and Fᵀ(M ⊙ (FV)) per iteration; the per-row safeguard objectives of every
+halving; the b-step sums Σ_i M'_ij(T − zw)_ij and Σ_i M'_ij; ``fr_cg``: the data term of every objective
+value and gradient (so the Armijo decisions match); the diagnostic objective sums. ``gn_exact`` is
+single-process only.
+
 Hidden activations: ReLU, or the identity (no activation module, or ``nn.Identity``), for which every hidden
 solver solves the linear ridge problem of §1.3. Convolutions and other activations raise ``ValueError``.
 """
@@ -61,6 +71,7 @@ solver solves the linear ridge problem of §1.3. Convolutions and other activati
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,7 +81,14 @@ from torch import Tensor, nn
 
 from liftkit.methods.base import Method, MethodConfig, StepStats, evaluate_loss, register
 from liftkit.models import ChainLayer, as_chain
-from liftkit.solvers import block_cg, ridge_solve
+from liftkit.solvers import block_cg, ridge_solve, spd_ridge_solve
+
+#: an in-place sum over the data-parallel processes (``Communicator.all_reduce_sum_``); ``None``: one process
+Reduce = Callable[[Tensor], Tensor] | None
+
+
+def _sum(reduce: Reduce, t: Tensor) -> Tensor:
+    return t if reduce is None else reduce(t)
 
 __all__ = [
     "SIBP",
@@ -119,6 +137,7 @@ def masked_gn_step(
     tol: float = 1e-2,
     stop: str = "tol",
     solve_dtype: torch.dtype = torch.float64,
+    reduce: Reduce = None,
 ) -> GNStep:
     r"""One Gauss–Newton step of the hidden W-prox with the ReLU mask frozen (METHODS.md §5.4).
 
@@ -133,6 +152,13 @@ def masked_gn_step(
     (the m×m Gram, built in float64); ``"gn_exact"`` batched Cholesky of the same per-neuron m×m systems
     (float64); ``"gn_primal_cg"`` block CG on V ↦ Fᵀ(M ⊙ (FV)) + λV (n×q unknowns). The CG solves run in
     ``solve_dtype``; the step is returned in F's dtype.
+
+    ``reduce`` (data parallelism, METHODS.md §7): the rows of F, E, M are this process's samples and
+    ``reduce`` sums over the processes. ``gn_cg`` then never forms K: its operator is
+    M ⊙ (F(Σ_r F_rᵀ(M ⊙ Λ)_r)) + λΛ with one n×q all-reduce per iteration, the CG column inner products are
+    all-reduced, and Δw = Σ_r Λ_rᵀF_r; the iterates are the single-process ones (rows of Λ on their shard).
+    ``gn_primal_cg`` all-reduces Fᵀ(M ⊙ E) once and Fᵀ(M ⊙ (FV)) per iteration. ``gn_exact`` needs the whole
+    batch's per-neuron m×m systems and is single-process only.
     """
     dtype = inputs.dtype
     if solver == "gn_exact":
@@ -142,6 +168,20 @@ def masked_gn_step(
     Ms = None if mask is None else mask.to(solve_dtype)
     if Ms is not None:
         rhs = rhs * Ms
+    if reduce is not None and solver == "gn_cg":
+        Fs = inputs.to(solve_dtype)
+
+        def apply_sharded(lmb: Tensor) -> Tensor:
+            out = torch.addmm(lmb, Fs, reduce(Fs.T @ lmb), beta=lam)
+            return out if Ms is None else Ms * out
+
+        dual, iterations = block_cg(
+            apply_sharded, rhs, torch.zeros_like(rhs), maxit, tol=tol, eps=eps, stop=stop, col_sum=reduce
+        )
+        delta_w = reduce(dual.to(dtype).T @ inputs)
+        return GNStep(delta_w, inputs @ delta_w.T, iterations, dual)
+    if reduce is not None and solver == "gn_exact":
+        raise ValueError("hidden_solver=gn_exact runs in a single process only; use gn_cg under torchrun")
     if solver in ("gn_cg", "gn_exact"):
         F64 = inputs.to(torch.float64)
         K = (F64 @ F64.T).to(solve_dtype)
@@ -176,9 +216,11 @@ def masked_gn_step(
             fv = Fs @ v
             if Ms is not None:
                 fv = Ms * fv
+            if reduce is not None:
+                return reduce(Fs.T @ fv).add_(v, alpha=lam)
             return torch.addmm(v, Fs.T, fv, beta=lam)
 
-        primal_rhs = Fs.T @ rhs
+        primal_rhs = _sum(reduce, Fs.T @ rhs)
         v, iterations = block_cg(
             apply_primal, primal_rhs, torch.zeros_like(primal_rhs), maxit, tol=tol, eps=eps, stop=stop
         )
@@ -212,6 +254,7 @@ def gn_step_safeguard(
     *,
     relu: bool,
     max_halvings: int = 10,
+    reduce: Reduce = None,
 ) -> SafeguardResult:
     r"""Per-row safeguard of a prox step (METHODS.md §5.4, assumption).
 
@@ -219,14 +262,16 @@ def gn_step_safeguard(
     φ_j(t) = Σ_i (h(z0_ij + t·Δz_ij) − T_ij)² + λ t² ‖Δ_j‖² (``step_sq_norm`` holds ‖Δ_j‖²). Starting from
     t = 1, t is halved for every row with φ_j(t) > φ_j(0) (up to 16 ulps of slack), at most ``max_halvings``
     times; rows still worse get t = 0 (the old row). z is affine in t, so no new matrix product is needed.
-    Returns the per-row t and the row objectives φ_j(0) and φ_j(t).
+    Returns the per-row t and the row objectives φ_j(0) and φ_j(t). ``reduce`` sums the per-row sample sums
+    over data-parallel processes (``step_sq_norm`` must then be the global ‖Δ_j‖²), so every process halves
+    the same rows.
     """
     # A rise below a few ulps of the objective is rounding, not a worse step (a converged row would otherwise be
     # reverted at random).
     slack = 1.0 + 16.0 * torch.finfo(z0.dtype).eps
-    before = _row_objective(z0, targets, relu)
+    before = _sum(reduce, _row_objective(z0, targets, relu))
     scale = torch.ones_like(before)
-    after = _row_objective(z0 + delta_z, targets, relu) + lam * step_sq_norm
+    after = _sum(reduce, _row_objective(z0 + delta_z, targets, relu)) + lam * step_sq_norm
     worse = after > before * slack
     halvings = 0
     while bool(worse.any()):
@@ -238,7 +283,7 @@ def gn_step_safeguard(
         rows = worse.nonzero().squeeze(1)
         t = scale[rows] * 0.5
         trial = (
-            _row_objective(z0[:, rows] + t * delta_z[:, rows], targets[:, rows], relu)
+            _sum(reduce, _row_objective(z0[:, rows] + t * delta_z[:, rows], targets[:, rows], relu))
             + lam * t.pow(2) * step_sq_norm[rows]
         )
         scale[rows] = t
@@ -293,6 +338,7 @@ def fr_cg_armijo(
     sigma: float = 0.1,
     max_trials: int = 50,
     quirks: str = "fixed",
+    reduce: Reduce = None,
 ) -> FRResult:
     r"""The official SIBP prox solver: Fletcher–Reeves CG with Armijo backtracking, warm-started at ``x_old``.
 
@@ -309,6 +355,10 @@ def fr_cg_armijo(
     unit step first but applies ρ^{m₀} on a pass), the next direction is then −g + d; FR4's initial gradient
     omits B; no restarts. ``quirks="fixed"``: correct gradient, the accepted step is applied, and d restarts
     to −g whenever gᵀd ≥ 0 or no trial succeeded. A zero gradient norm ends the iteration (x is stationary).
+
+    ``reduce`` (data parallelism, METHODS.md §7): the rows of F, B, T are this process's samples; the data
+    terms of every objective value and gradient are summed over the processes, so every Armijo decision is
+    the single-process one.
     """
     if quirks not in QUIRKS:
         raise ValueError(f"unknown quirks {quirks!r}; choose fixed or official")
@@ -318,10 +368,18 @@ def fr_cg_armijo(
         return inputs @ x.T + offset
 
     def objective(z: Tensor, x: Tensor) -> float:
-        return prox_objective(z, targets, x, x_old, lam, relu=relu)
+        if reduce is None:
+            return prox_objective(z, targets, x, x_old, lam, relu=relu)
+        out = torch.relu(z) if relu else z
+        return float(reduce((out - targets).pow(2).sum().reshape(1))[0] + lam * (x - x_old).pow(2).sum())
 
     def gradient(z: Tensor, x: Tensor) -> Tensor:
-        return prox_gradient(inputs, z, targets, x, x_old, lam, relu=relu)
+        if reduce is None:
+            return prox_gradient(inputs, z, targets, x, x_old, lam, relu=relu)
+        res = (torch.relu(z) if relu else z) - targets
+        if relu:
+            res = res * (z > 0).to(res.dtype)
+        return 2.0 * reduce(res.T @ inputs) + 2.0 * lam * (x - x_old)
 
     x = x_old.clone()
     z = forward(x)
@@ -349,7 +407,8 @@ def fr_cg_armijo(
         ) -> float:
             zt = z + t * zd
             out = torch.relu(zt) if relu else zt
-            return float((out - targets).pow(2).sum() + lam * (step_diff + t * d).pow(2).sum())
+            data = _sum(reduce, (out - targets).pow(2).sum().reshape(1))[0]
+            return float(data + lam * (step_diff + t * d).pow(2).sum())
 
         m_start = 0
         if relu:
@@ -480,6 +539,7 @@ class SIBP(Method):
     reporting_name = "SIBP (reconstructed)"
     paper = "R. Liu, X. Zhang, Semi-Implicit Back Propagation, arXiv 2002.03516"
     default_batch_size = 100
+    supports_data_parallel = True
 
     def __init__(self, model: nn.Module, *, loss: str | None = None, **hparams: Any) -> None:
         super().__init__(model, loss=loss, **hparams)
@@ -499,6 +559,23 @@ class SIBP(Method):
         n_layers = len(self.chain)
         self.lambda_w = _per_layer(self.config.lambda_w, n_layers, "lambda_w")
         self.lambda_b = _per_layer(self.config.lambda_b, n_layers, "lambda_b")
+
+    def set_comm(self, comm: Any) -> None:
+        if comm.world_size > 1 and self.config.hidden_solver == "gn_exact":
+            raise ValueError(
+                "sibp with hidden_solver=gn_exact runs in a single process only (its per-neuron m×m systems need "
+                "the whole batch); use hidden_solver=gn_cg or gn_primal_cg under torchrun"
+            )
+        super().set_comm(comm)
+
+    @property
+    def _reduce(self) -> Reduce:
+        """The in-place sum over data-parallel processes, ``None`` in one process (METHODS.md §7: the targets,
+        masks and residuals are column-wise given the replicated weights and stay on their shard)."""
+        return self.comm.all_reduce_sum_ if self.comm.world_size > 1 else None
+
+    def _sum_floats(self, *values: float) -> tuple[float, ...]:
+        return self.comm.sum_scalars(*values) if self.comm.world_size > 1 else values
 
     def _is_relu(self, layer: ChainLayer) -> bool:
         return layer.activation is not None and layer.activation.name == "relu"
@@ -524,6 +601,10 @@ class SIBP(Method):
         if int(y.min()) < 0 or int(y.max()) >= logits.shape[1]:
             raise ValueError(f"labels must lie in [0, {logits.shape[1] - 1}] for this model's output width")
         loss = float(evaluate_loss("ce", logits, y))
+        if self.comm.world_size > 1:
+            # the global mean CE: every process must take the same divergence branch
+            m_global = self.global_batch_size(int(x.shape[0]))
+            loss = self.comm.sum_scalars(loss * x.shape[0] / m_global)[0]
         if not math.isfinite(loss):
             if not bool(torch.isfinite(x).all()):
                 raise ValueError("the input batch contains NaN or inf values; clean the data before training")
@@ -560,7 +641,18 @@ class SIBP(Method):
         W0 = layer.weight.detach().clone()
         b0 = layer.bias.detach().clone()  # type: ignore[union-attr]
         ones = torch.ones_like(a[:, :1])
-        if self.config.output_solver == "exact":
+        reduce = self._reduce
+        if self.config.output_solver == "exact" and reduce is not None:
+            # The primal (n×n) form over the shards (METHODS.md §7): Σ_r FᵀF and Σ_r Fᵀ(T − z^k) in float64 in
+            # one all-reduce, the same solve on every process; then the b-step's column sums and the count m.
+            a64 = a.to(torch.float64)
+            n = a.shape[1]
+            SR = reduce(torch.cat([a64.T @ a64, a64.T @ (targets - z0).to(torch.float64)], dim=1))
+            W = W0 + spd_ridge_solve(SR[:, :n], SR[:, n:], lam_w).to(W0.dtype).T
+            zw = a @ W.T
+            sums = reduce(torch.cat([(targets - (zw + b0)).sum(dim=0), a.new_full((1,), float(a.shape[0]))]))
+            b = b0 + sums[:-1] / (sums[-1] + lam_b)
+        elif self.config.output_solver == "exact":
             # Residual form, solved for the increments from a zero warm start: the residual T − z^k is exactly 0
             # at η = 0, so the warm start comes back unchanged; z^k is reused from the forward pass.
             W = W0 + ridge_solve(a, targets - z0, lam_w, torch.zeros_like(W0.T)).T
@@ -592,9 +684,11 @@ class SIBP(Method):
     ) -> None:
         """Relative decrease of the layer's W-prox and b-prox objectives (negative: the prox call made it
         worse, e.g. an ``fr_cg`` stall or an inexact solve) and the size of the step."""
-        base_w = float(_row_objective(z0, targets, relu).sum())
-        fit_w = float(_row_objective(z_new_w, targets, relu).sum())
-        fit_b = float(_row_objective(z_new, targets, relu).sum())
+        base_w, fit_w, fit_b = self._sum_floats(
+            float(_row_objective(z0, targets, relu).sum()),
+            float(_row_objective(z_new_w, targets, relu).sum()),
+            float(_row_objective(z_new, targets, relu).sum()),
+        )
         step_w = float(delta_w.pow(2).sum())
         step_b = float(delta_b.pow(2).sum())
         info[f"prox_w_rel_decrease_{l}"] = _rel_decrease(base_w, fit_w + self.lambda_w[l] * step_w)
@@ -615,6 +709,7 @@ class SIBP(Method):
             relu=relu,
             maxk=self.config.fr_iters,
             quirks=self.config.quirks,
+            reduce=self._reduce,
         )
 
     def _hidden_prox(
@@ -654,16 +749,20 @@ class SIBP(Method):
             tol=c.cg_tol,
             stop=c.cg_stop,
             solve_dtype=torch.float64 if c.solve_dtype == "float64" else z0.dtype,
+            reduce=self._reduce,
         )
+        reduce = self._reduce
         delta_w, delta_z = gn.delta_w, gn.delta_z
         # ‖Δw_j‖² = Λ_jᵀKΛ_j = Σ_i Λ_ij Δz_ij in the dual: an m×q product instead of a q×n one.
         if gn.dual is not None:
-            step_sq = (gn.dual.to(delta_z.dtype) * delta_z).sum(dim=0)
+            step_sq = _sum(reduce, (gn.dual.to(delta_z.dtype) * delta_z).sum(dim=0))
         else:
             step_sq = (delta_w * delta_w).sum(dim=1)
         halvings = reverted = 0
         if c.safeguard:
-            guard = gn_step_safeguard(z0, delta_z, step_sq, targets, lam_w, relu=relu, max_halvings=c.max_halvings)
+            guard = gn_step_safeguard(
+                z0, delta_z, step_sq, targets, lam_w, relu=relu, max_halvings=c.max_halvings, reduce=reduce
+            )
             if guard.halvings:
                 scale = guard.scale
                 delta_w = delta_w * scale.unsqueeze(1)
@@ -673,8 +772,10 @@ class SIBP(Method):
             base_w, after_w = float(guard.objective_before.sum()), float(guard.objective_after.sum())
         zw = z0 + delta_z  # pre-activations with the new W and the old b
         if not c.safeguard:
-            base_w = float(_row_objective(z0, targets, relu).sum())
-            after_w = float(_row_objective(zw, targets, relu).sum() + lam_w * step_sq.sum())
+            base_w, fit = self._sum_floats(
+                float(_row_objective(z0, targets, relu).sum()), float(_row_objective(zw, targets, relu).sum())
+            )
+            after_w = fit + lam_w * float(step_sq.sum())
 
         # b-step: closed form of the masked model, then its own per-row safeguard. With b_mask="current" the
         # mask is re-read after the W-step, which makes the step a descent direction of the true b-prox (the
@@ -685,11 +786,14 @@ class SIBP(Method):
             active = (zw > 0).to(z0.dtype)
         else:
             active = mask
-        count = active.sum(dim=0)
-        delta_b = (active * (targets - zw)).sum(dim=0) / (count + lam_b)
+        q = z0.shape[1]
+        sums = _sum(reduce, torch.cat([active.sum(dim=0), (active * (targets - zw)).sum(dim=0)]))
+        count = sums[:q]
+        delta_b = sums[q:] / (count + lam_b)
         if c.safeguard:
             guard_b = gn_step_safeguard(
-                zw, delta_b.expand_as(zw), delta_b * delta_b, targets, lam_b, relu=relu, max_halvings=c.max_halvings
+                zw, delta_b.expand_as(zw), delta_b * delta_b, targets, lam_b, relu=relu, max_halvings=c.max_halvings,
+                reduce=reduce,
             )
             if guard_b.halvings:
                 delta_b = delta_b * guard_b.scale
@@ -697,8 +801,10 @@ class SIBP(Method):
             reverted += guard_b.rows_reverted
             base_b, after_b = float(guard_b.objective_before.sum()), float(guard_b.objective_after.sum())
         else:
-            base_b = float(_row_objective(zw, targets, relu).sum())
-            after_b = float(_row_objective(zw + delta_b, targets, relu).sum() + lam_b * (delta_b * delta_b).sum())
+            base_b, fit = self._sum_floats(
+                float(_row_objective(zw, targets, relu).sum()), float(_row_objective(zw + delta_b, targets, relu).sum())
+            )
+            after_b = fit + lam_b * float((delta_b * delta_b).sum())
         info[f"prox_w_rel_decrease_{l}"] = _rel_decrease(base_w, after_w)
         info[f"prox_b_rel_decrease_{l}"] = _rel_decrease(base_b, after_b)
         info[f"step_norm_w_{l}"] = math.sqrt(max(float(step_sq.sum()), 0.0))
