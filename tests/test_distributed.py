@@ -40,6 +40,12 @@ CASES: dict[str, tuple[str, dict[str, Any], int, int, str]] = {
     "fenchel": ("fenchel", {}, 200, 1, "64-16-16-10"),
     "fenchel-lbfgs-pgd": ("fenchel", {"w_solver": "lbfgs", "x_solver": "pgd", "monitor": "full"}, 300, 1, "64-16-10"),
     "fenchel-fista": ("fenchel", {"w_solver": "fista"}, 300, 1, "64-16-10"),
+    "lpom": ("lpom", {}, 100, 1, "64-16-16-10"),
+    "lpom-batch-side-ce": ("lpom", {"loss": "ce", "mu": 20.0}, 40, 1, "64-128-10"),
+    "lpom-svd": ("lpom", {"pinv": "svd", "w_iters": 2}, 40, 1, "64-128-10"),
+    "lpom-sync": ("lpom-sync", {"momentum": 0.5}, 100, 1, "64-16-16-10"),
+    "lpom-async": ("lpom-async", {"gamma_growth": 4.0}, 100, 1, "64-16-16-10"),
+    "lpom-async-sim": ("lpom-async", {"mode": "simulate", "workers": 2, "w_iters": 2}, 100, 1, "64-16-16-10"),
 }
 RESUMED = "tiam-full"  # also run as a 2-process interrupted-and-resumed run
 
@@ -220,35 +226,42 @@ def test_local_comm_is_a_no_op_and_counts_nothing() -> None:
     assert isinstance(comm_from_env(), LocalComm) or os.environ.get("WORLD_SIZE", "1") != "1"
 
 
-def test_methods_not_yet_data_parallel_refuse_with_one_line() -> None:
+def test_every_registered_method_is_data_parallel_and_has_an_equality_case() -> None:
+    from liftkit.methods import available, get
+
+    names = set(available())
+    assert {name for name in names if get(name).supports_data_parallel} == names
+    assert {case[0] for case in CASES.values()} >= names, sorted(names - {case[0] for case in CASES.values()})
+
+
+@pytest.mark.parametrize(
+    ("method", "hparams", "spec", "phrase"),
+    [
+        ("tiam", {"zL_solver": "fista"}, "64-16-10", "single process"),
+        ("sibp", {"hidden_solver": "gn_exact"}, "64-16-10", "single process"),
+        ("fenchel", {"x_solver": "scipy_lbfgsb"}, "64-16-10", "single process"),
+        ("lpom", {"x_init": "persistent"}, "64-16-10", "single process"),
+        ("lpom-async", {"workers": 2}, "64-16-10", "workers=1 or mode=simulate"),
+    ],
+)
+def test_single_process_only_settings_refuse_with_one_line(
+    method: str, hparams: dict[str, Any], spec: str, phrase: str
+) -> None:
     import liftkit
     from liftkit.data import load_dataset
-    from liftkit.methods import available, get
+    from liftkit.methods import get
     from liftkit.models import build_model
 
     data = load_dataset("digits", dtype=torch.float64)
-    refused, accepted = [], []
-    for name in available():
-        cls = get(name)
-        spec = "64-16-16-10"
-        model = build_model(
-            spec, input_shape=data.input_shape, num_classes=10, seed=0, dtype=torch.float64,
-            output_activation=cls.model_output_activation,
-        )
-        try:
-            method = cls(model)
-        except ValueError:
-            continue  # a model this method cannot take; the refusal is checked on the others
-        if cls.supports_data_parallel:
-            accepted.append(name)
-            continue
-        with pytest.raises(ValueError) as info:
-            liftkit.fit(method, data, epochs=1, batch_size=64, progress=False, comm=_TwoRanks())
-        message = str(info.value)
-        assert "\n" not in message and name in message and "data-parallel" in message
-        refused.append(name)
-    assert {"sgd", "adam", "lbfgs", "tiam", "am"} <= set(accepted)
-    assert refused, "every registered method claims data-parallel support; this test would check nothing"
+    cls = get(method)
+    model = build_model(
+        spec, input_shape=data.input_shape, num_classes=10, seed=0, dtype=torch.float64,
+        output_activation=cls.model_output_activation,
+    )
+    with pytest.raises(ValueError) as info:
+        liftkit.fit(cls(model, **hparams), data, epochs=1, batch_size=64, progress=False, comm=_TwoRanks())
+    message = str(info.value)
+    assert "\n" not in message and phrase in message and method.split("-")[0] in message
 
 
 def test_tiam_fista_refuses_several_processes() -> None:

@@ -70,7 +70,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,7 +79,9 @@ import torch.nn.functional as tF
 from torch import Tensor, nn
 
 from liftkit.activations import Activation
+from liftkit.distributed import Communicator
 from liftkit.methods.base import Method, MethodConfig, StepStats, evaluate_loss, register, targets_for
+from liftkit.methods.lpom_shards import Shards
 from liftkit.models import as_chain
 from liftkit.solvers import batch_pinv, projected_fista
 
@@ -188,7 +190,12 @@ class LiftedChain:
 
     Shared by serial, sync and async LPOM. Every solver is a function of explicit tensors (weights, neighbours,
     anchors), so the parallel variants can call it on snapshots; nothing here mutates its inputs.
+
+    ``shards`` (data parallelism, :mod:`liftkit.methods.lpom_shards`): set when the batch rows are split over
+    processes; the stopping norms, energies and W-step sums then go through it.
     """
+
+    shards: Shards | None = None
 
     def __init__(self, model: nn.Module, method: str, mu: float | Sequence[float], loss: str) -> None:
         chain = as_chain(model, method=method, allow_conv=False)
@@ -242,18 +249,28 @@ class LiftedChain:
             xs.append(self.acts[j].phi(u))
         return xs, pre
 
+    def rel_change(self, new: Tensor, old: Tensor) -> float:
+        """‖new − old‖/‖old‖ of a block over the whole (possibly sharded) batch."""
+        return _rel_change(new, old) if self.shards is None else self.shards.rel_change(new, old)
+
+    def _global(self, value: float) -> float:
+        return value if self.shards is None else self.shards.sum_float(value)
+
     # -- objective -----------------------------------------------------------------------------------------
     def data_loss(self, out: Tensor, d: Tensor) -> float:
+        return self._global(self._data_loss(out, d))
+
+    def _data_loss(self, out: Tensor, d: Tensor) -> float:
         if self.loss == "ce":
             return float(-(d * tF.log_softmax(out, dim=1)).sum(dtype=torch.float64).item())
         return 0.5 * float((out - d).pow(2).sum(dtype=torch.float64).item())
 
     def energy(self, xs: Sequence[Tensor], pre: Sequence[Tensor], d: Tensor) -> float:
         """E = ℓ(X^L, D) + Σ_j μ_j Σ B_{φ_j}(U_j, X^{j+1}), with the given pre-activations U_j."""
-        total = self.data_loss(xs[self.L], d)
+        total = self._data_loss(xs[self.L], d)
         for j in range(self.L):
             total += self.mu[j] * self.acts[j].penalty_sum(pre[j], xs[j + 1])
-        return total
+        return self._global(total)
 
     # -- X blocks ------------------------------------------------------------------------------------------
     def resolve_solver(self, x_solver: str, k: int) -> str:
@@ -313,7 +330,10 @@ class LiftedChain:
                     "use x_solver='fista_prox' or 'fixed_point'"
                 )
             lip = 1.0 + c * act_out.kappa * w_norm * w_norm
-            x, it, res = projected_fista(grad, lip, lambda y, t: act_in.prox_f(y, t * s), x0, iters, tol)
+            x, it, res = projected_fista(
+                grad, lip, lambda y, t: act_in.prox_f(y, t * s), x0, iters, tol,
+                sq_sum=None if self.shards is None else self.shards.sum_,
+            )
             return BlockResult(x, it, res)
         if solver != "fixed_point":
             raise ValueError(f"unknown x_solver {solver!r}; choose one of {', '.join(X_SOLVERS)}")
@@ -327,7 +347,7 @@ class LiftedChain:
             y = a - c * (act_out.phi(self.preact(x, w, b)) - x_next) @ w
             t_x = act_in.phi(y) if s == 1.0 else act_in.prox_f(y, s)
             x_new = x + 0.5 * (t_x - x) if damped else t_x
-            new_res = _rel_change(x_new, x)
+            new_res = self.rel_change(x_new, x)
             growth = growth + 1 if (math.isfinite(res) and new_res > res) else 0
             if growth >= 3:
                 damped = True
@@ -375,7 +395,7 @@ class LiftedChain:
         while it < iters:
             y = (base - (torch.softmax(x, dim=1) - d)) / denom
             x_new = act.phi(y) if s == 1.0 else act.prox_f(y, s)
-            res = _rel_change(x_new, x)
+            res = self.rel_change(x_new, x)
             x = x_new
             it += 1
             if res <= tol:
@@ -409,13 +429,20 @@ class LiftedChain:
         beta = act.kappa
         has_bias = b is not None
         x_bar = torch.cat([x_in, torch.ones_like(x_in[:, :1])], dim=1) if has_bias else x_in
-        m = x_bar.shape[0]
+        m = x_bar.shape[0] if self.shards is None else self.shards.rows(x_bar)
         extra = 0.0
         if gamma > 0.0:
-            trace = float(x_bar.pow(2).sum(dtype=torch.float64).item())
+            trace = self._global(float(x_bar.pow(2).sum(dtype=torch.float64).item()))
             if trace > 0:
                 extra = (gamma / (beta * self.mu[j])) * m / trace
-        if pinv == "svd" and extra == 0.0:
+        apply_pinv: Callable[[Tensor], Tensor]
+        if self.shards is not None:
+            feature = side == "feature" or (side == "auto" and m > x_bar.shape[1])
+            guard = ridge_rel_feature if (feature and ridge_rel_feature is not None) else ridge_rel
+            apply_pinv = self.shards.pinv(
+                x_bar, m, side=side, pinv=pinv, guard=guard + extra, rcond=ridge_rel, extra=extra
+            )
+        elif pinv == "svd" and extra == 0.0:
             apply_pinv = _PinvApply(x_bar, batch_pinv(x_bar.t(), side="svd", rcond=ridge_rel))
         else:
             feature = side == "feature" or (side == "auto" and m > x_bar.shape[1])
@@ -537,6 +564,7 @@ class LPOM(Method):
         "Lifted Proximal Operator Machines, IEEE TPAMI 2021"
     )
     default_batch_size = 100
+    supports_data_parallel = True
 
     def __init__(self, model: nn.Module, *, loss: str | None = None, **hparams: Any) -> None:
         super().__init__(model, loss=loss, **hparams)
@@ -551,6 +579,17 @@ class LPOM(Method):
                 )
         self.state = LPOMState(power_vectors=[None] * self.lifted.L)
         self._warned: set[str] = set()
+
+    def set_comm(self, comm: Communicator) -> None:
+        """Data-parallel LPOM (METHODS.md §7, :mod:`liftkit.methods.lpom_shards`): X stays on the shard, the
+        stopping norms, energies and W-step Gram/right-hand sides are all-reduced."""
+        if comm.world_size > 1 and self.config.x_init == "persistent":
+            raise ValueError(
+                f"{self.name} with x_init=persistent runs in a single process only (a sample's cached X lives on "
+                "the process that last held it); use x_init=forward under torchrun"
+            )
+        super().set_comm(comm)
+        self.lifted.shards = Shards(comm) if comm.world_size > 1 else None
 
     # -- helpers ---------------------------------------------------------------------------------------------
     @property
@@ -695,7 +734,7 @@ class LPOM(Method):
                 res = self.update_x_block(k, xs, pre, d, ws, bs, w_norms)
                 last[k] = res
                 total += res.iters
-                moved = max(moved, _rel_change(xs[k], old))
+                moved = max(moved, self.lifted.rel_change(xs[k], old))
             done += 1
             if moved <= c.x_tol:
                 break

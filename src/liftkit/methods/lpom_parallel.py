@@ -41,8 +41,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from liftkit.distributed import Communicator
 from liftkit.methods.base import StepStats, evaluate_loss, register
-from liftkit.methods.lpom import _SPECTRAL_SAFETY, LPOM, BlockResult, LPOMConfig, _rel_change, _warm_power
+from liftkit.methods.lpom import (
+    _POWER_COLD_ITERS,
+    _SPECTRAL_SAFETY,
+    LPOM,
+    BlockResult,
+    LPOMConfig,
+    _warm_power,
+)
 
 __all__ = ["LPOMAsync", "LPOMAsyncConfig", "LPOMSync", "LPOMSyncConfig"]
 
@@ -109,6 +117,14 @@ class LPOMSync(LPOM):
         super().__init__(model, loss=loss, **hparams)
         self.pool = _Pool(self.config.workers)
 
+    def set_comm(self, comm: Communicator) -> None:
+        """Data-parallel sync-LPOM: every block's stopping test is a collective, and collectives must come in
+        the same order on every process, so the blocks of a phase run one after another in each process (the
+        result does not depend on ``workers``); the parallelism is then across the processes' shards."""
+        super().set_comm(comm)
+        if comm.world_size > 1:
+            self.pool = _Pool(1)
+
     def phases(self) -> list[list[int]]:
         """Blocks k of the two phases: paper-odd layers i = k + 1 (k even) first, then k odd."""
         blocks = range(1, self.lifted.L + 1)
@@ -149,7 +165,7 @@ class LPOMSync(LPOM):
                     xs[k] = res.value if beta_m == 0.0 else beta_m * olds[k] + (1.0 - beta_m) * res.value
                     last[k] = res
                     total += res.iters
-                    moved = max(moved, _rel_change(xs[k], olds[k]))
+                    moved = max(moved, lifted.rel_change(xs[k], olds[k]))
 
                 def refresh(k: int) -> Tensor:
                     return lifted.preact(xs[k], ws[k], bs[k])
@@ -246,6 +262,19 @@ class LPOMAsync(LPOM):
         self.pool = _Pool(self.config.workers if self.config.mode == "threads" else 1)
         self.gamma = float(self.config.gamma)
         self._lock = threading.Condition()
+
+    def set_comm(self, comm: Communicator) -> None:
+        """Data-parallel async-LPOM: each process runs the same deterministic block sequence on its shard (the
+        serial order with ``workers=1``, or the seeded stale-view simulator with ``mode=simulate``); the
+        X-blocks' stopping norms, the W-blocks' Gram sums, the energies that drive γ and the γ cap's norms are
+        all-reduced. Real asynchronous threads interleave differently in every process, while each block's
+        stopping test is a collective that must come in the same order everywhere, so they are refused."""
+        if comm.world_size > 1 and self.config.mode == "threads" and self.config.workers > 1:
+            raise ValueError(
+                f"lpom-async with mode=threads and workers={self.config.workers} cannot run data-parallel (thread "
+                "interleavings differ between processes); use workers=1 or mode=simulate under torchrun"
+            )
+        super().set_comm(comm)
 
     @property
     def delta(self) -> int:
@@ -421,7 +450,10 @@ class LPOMAsync(LPOM):
         lifted = self.lifted
         beta = max(lifted.kappa)
         sq = [_warm_power(w, None, 1)[0] ** 2 for w in ws[1:]]
-        sq += [_warm_power(x, None, 1)[0] ** 2 for x in xs[: lifted.L]]
+        if lifted.shards is None:
+            sq += [_warm_power(x, None, 1)[0] ** 2 for x in xs[: lifted.L]]
+        else:
+            sq += [lifted.shards.row_spectral_norm(x, _POWER_COLD_ITERS) ** 2 for x in xs[: lifted.L]]
         delta = self.delta
         cap = beta * max(sq, default=0.0) * math.sqrt(delta * (delta + 1))
         self.gamma = max(self.gamma, min(self.gamma * self.config.gamma_growth, cap))
