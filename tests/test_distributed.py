@@ -44,10 +44,12 @@ CASES: dict[str, tuple[str, dict[str, Any], int, int, str]] = {
     "lpom-batch-side-ce": ("lpom", {"loss": "ce", "mu": 20.0}, 40, 1, "64-128-10"),
     "lpom-svd": ("lpom", {"pinv": "svd", "w_iters": 2}, 40, 1, "64-128-10"),
     "lpom-sync": ("lpom-sync", {"momentum": 0.5}, 100, 1, "64-16-16-10"),
+    "lpom-sync-layers": ("lpom-sync", {"parallel": "layers", "monitor": "full"}, 100, 2, "64-32-32-16-10"),
+    "lpom-sync-layers-momentum": ("lpom-sync", {"parallel": "layers", "momentum": 0.5}, 200, 1, "64-32-16-10"),
     "lpom-async": ("lpom-async", {"gamma_growth": 4.0}, 100, 1, "64-16-16-10"),
     "lpom-async-sim": ("lpom-async", {"mode": "simulate", "workers": 2, "w_iters": 2}, 100, 1, "64-16-16-10"),
 }
-RESUMED = "tiam-full"  # also run as a 2-process interrupted-and-resumed run
+RESUMED = ("tiam-full", "lpom-sync-layers")  # also run as 2-process interrupted-and-resumed runs
 
 
 def _gloo_available() -> bool:
@@ -158,7 +160,7 @@ def _worker(out_file: str, labels: list[str]) -> None:
         liftkit.fit(method, data, epochs=epochs, batch_size=bs, seed=0, progress=False, comm=comm)
         weights[label] = {k: v.detach().clone() for k, v in method.model.state_dict().items()}
         traffic[label] = dict(comm.bytes_sent)
-        if label == RESUMED:
+        if label in RESUMED:
             # stop after half the epochs, then resume in new method objects: rank 0's checkpoint (with the
             # per-sample shards gathered into it) must continue every rank exactly
             ckpt = Path(out_file).parent / "resume-run"
@@ -306,7 +308,7 @@ def test_two_process_gloo_run_equals_single_process(tmp_path: Path) -> None:
         error = _relative_error(saved["weights"][label], reference)
         assert error <= 1e-10, (label, error)
         assert saved["traffic"][label].get("all_reduce", 0) > 0, label  # the reductions really happened
-        if label == RESUMED:
+        if label in RESUMED:
             error = _relative_error(saved["weights"][label + "/resumed"], reference)
             assert error <= 1e-10, (label + "/resumed", error)
 

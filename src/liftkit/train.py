@@ -171,6 +171,8 @@ def fit(
     world = comm.world_size
     if world > 1:
         method.set_comm(comm)
+    split = world > 1 and method.shards_batch
+    if split:
         smallest = effective_batch if sampling == "replacement" or n_train % effective_batch == 0 else (
             n_train % effective_batch
         )
@@ -252,7 +254,7 @@ def fit(
             bar = tqdm(total=len(batches), desc=f"{method.name} epoch {epoch + 1}/{epochs}", leave=False)
         t0 = time.perf_counter()
         for b, idx in enumerate(batches):
-            if world > 1:
+            if split:
                 if len(batches) == 1 and sampling == "shuffle":
                     # the full batch in index order: a sample's shard (and its per-sample state) never moves
                     idx = idx.sort().values
@@ -269,7 +271,8 @@ def fit(
             if world > 1:
                 # Σ_r loss_r · m_r / m: the global mean whether a rank reports its shard's mean or the replicated
                 # global loss, and the same number on every rank, so a divergence stops all of them together.
-                stats.loss = comm.sum_scalars(stats.loss * idx_local.shape[0] / idx.shape[0], op="trainer")[0]
+                share = idx_local.shape[0] / idx.shape[0] if split else 1.0 / world
+                stats.loss = comm.sum_scalars(stats.loss * share, op="trainer")[0]
             if not math.isfinite(stats.loss):
                 if bar is not None:
                     bar.close()
@@ -287,6 +290,7 @@ def fit(
                 bar.set_postfix(loss=f"{stats.loss:.4g}", refresh=False)
         if device.type == "cuda":
             torch.cuda.synchronize()
+        method.synchronize_model()
         train_seconds += time.perf_counter() - t0
         if bar is not None:
             bar.close()

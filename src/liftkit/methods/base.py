@@ -284,6 +284,18 @@ class Method(ABC):
             )
         self._comm = comm
 
+    @property
+    def shards_batch(self) -> bool:
+        """Whether the trainer splits each global batch over the ranks (data parallelism, the default). A
+        model-parallel method (layer-parallel ``lpom-sync``) returns ``False``: every rank then gets the whole
+        batch and the trainer counts the step loss once (the method reports the replicated global loss)."""
+        return True
+
+    def synchronize_model(self) -> None:  # noqa: B027 (optional hook: only model-parallel methods need it)
+        """Make ``self.model`` hold the current weights on every rank. The trainer calls it after each epoch's
+        steps, before evaluation and checkpointing; data-parallel methods keep the weights replicated at all
+        times and need nothing here."""
+
     def set_global_batch_size(self, size: int | None) -> None:
         """Tell the method how many samples the global mini-batch of the next ``step`` holds (the trainer
         does this before every step; ``None``: the local batch is the global one)."""

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from liftkit.distributed import Communicator
-from liftkit.methods.base import StepStats, evaluate_loss, register
+from liftkit.methods.base import Method, StepStats, evaluate_loss, register
 from liftkit.methods.lpom import (
     _POWER_COLD_ITERS,
     _SPECTRAL_SAFETY,
@@ -51,6 +51,7 @@ from liftkit.methods.lpom import (
     LPOMConfig,
     _warm_power,
 )
+from liftkit.methods.lpom_layers import LayerParallel
 
 __all__ = ["LPOMAsync", "LPOMAsyncConfig", "LPOMSync", "LPOMSyncConfig"]
 
@@ -95,9 +96,13 @@ class LPOMSyncConfig(LPOMConfig):
 
     workers: int = 2
     momentum: float = 0.0
+    #: under torchrun: 'data' splits every batch over the processes (METHODS.md §7); 'layers' gives each
+    #: process a group of layers and the whole batch (odd–even boundary exchange, liftkit.methods.lpom_layers)
+    parallel: str = "data"
 
     def validate(self) -> None:
         super().validate()
+        self._choice("parallel", ("data", "layers"))
         self._int_at_least("workers", 1)
         self._nonnegative("momentum")
         if self.momentum >= 1:
@@ -117,13 +122,35 @@ class LPOMSync(LPOM):
         super().__init__(model, loss=loss, **hparams)
         self.pool = _Pool(self.config.workers)
 
+    _layer_plan: LayerParallel | None = None
+
     def set_comm(self, comm: Communicator) -> None:
-        """Data-parallel sync-LPOM: every block's stopping test is a collective, and collectives must come in
-        the same order on every process, so the blocks of a phase run one after another in each process (the
-        result does not depend on ``workers``); the parallelism is then across the processes' shards."""
+        """Data-parallel sync-LPOM (``parallel=data``): every block's stopping test is a collective, and
+        collectives must come in the same order on every process, so the blocks of a phase run one after
+        another in each process (the result does not depend on ``workers``); the parallelism is then across
+        the processes' shards. ``parallel=layers``: see :mod:`liftkit.methods.lpom_layers`."""
+        if self.config.parallel == "layers":
+            if comm.world_size > 1 and self.config.x_init == "persistent":
+                raise ValueError("lpom-sync parallel=layers needs x_init=forward (the X cache is per process)")
+            Method.set_comm(self, comm)
+            self._layer_plan = LayerParallel(comm, self.lifted.L) if comm.world_size > 1 else None
+            return
         super().set_comm(comm)
         if comm.world_size > 1:
             self.pool = _Pool(1)
+
+    @property
+    def shards_batch(self) -> bool:
+        return self.config.parallel != "layers"
+
+    def synchronize_model(self) -> None:
+        if self._layer_plan is not None:
+            self._layer_plan.synchronize(self)
+
+    def step(self, x: Tensor, y: Tensor, *, idx: Tensor | None = None) -> StepStats:
+        if self._layer_plan is not None:
+            return self._layer_plan.step(self, x, y)
+        return super().step(x, y, idx=idx)
 
     def phases(self) -> list[list[int]]:
         """Blocks k of the two phases: paper-odd layers i = k + 1 (k even) first, then k odd."""
