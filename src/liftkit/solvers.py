@@ -201,7 +201,7 @@ def ridge_solve(A: Tensor, T: Tensor, beta: float, theta0: Tensor, *, form: str 
 def block_cg(
     apply_M: Callable[[Tensor], Tensor],
     rhs: Tensor,
-    x0: Tensor,
+    x0: Tensor | None,
     maxit: int,
     *,
     tol: float = 1e-2,
@@ -212,7 +212,8 @@ def block_cg(
     r"""Independent conjugate gradients on every column of M X = rhs, as in ProxProp's official code (§4.6).
 
     ``apply_M`` maps a (p, k) tensor to (p, k) and must act column by column (e.g. X ↦ AᵀAX + βX), ``rhs`` and
-    ``x0`` are (p, k). Per column j, with r = rhs − MX and p the search direction:
+    ``x0`` are (p, k) (``x0=None``: zero, without the product M·0, which under data parallelism would cost a
+    collective). Per column j, with r = rhs − MX and p the search direction:
 
     .. math::
 
@@ -238,6 +239,11 @@ def block_cg(
 
     if stop not in ("tol", "fixed"):
         raise ValueError(f"unknown stop rule {stop!r}; choose 'tol' or 'fixed'")
+    if x0 is None:
+        x0 = torch.zeros_like(rhs)
+        r = rhs.clone()
+    else:
+        r = None
     if rhs.ndim != 2 or x0.shape != rhs.shape:
         raise ValueError(
             f"block_cg: rhs must be 2-D (p, k) and x0 of the same shape, got {tuple(rhs.shape)} and {tuple(x0.shape)}"
@@ -245,7 +251,8 @@ def block_cg(
     if maxit < 0:
         raise ValueError(f"block_cg: maxit must be >= 0, got {maxit}")
     x = x0.clone()
-    r = rhs - apply_M(x)
+    if r is None:
+        r = rhs - apply_M(x)
     d = r.clone()
     rs = reduce((r * r).sum(dim=0))
     threshold = float(tol) ** 2 * float(rs.mean().item()) if rs.numel() else 0.0

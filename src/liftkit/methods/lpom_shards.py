@@ -9,11 +9,11 @@ X^{j+1}, the step being W̄ ← Y − (1/β) Rᵀ(X̄X̄ᵀ + εI)⁻¹X̄ on th
 side):
 
 * **feature side** (m_global > n_j + 1): S = X̄ᵀX̄ (float64, (n_j+1)², once), then X̄ᵀR ((n_j+1) × n_{j+1},
-  float64) in every APG iteration;
+  working dtype) in every APG iteration;
 * **batch side** (m_global ≤ n_j + 1, and the SVD form): X̄ is all-gathered once (m_global × (n_j+1)); every
   process builds the same m_global × m_global Gram and factor, forms its own rows P_r of
   P = (X̄X̄ᵀ + εI)⁻¹X̄ (or of the SVD pseudo-inverse), and every APG iteration all-reduces Σ_r R_rᵀP_r
-  (n_{j+1} × (n_j+1), float64).
+  (n_{j+1} × (n_j+1), working dtype).
 
 The guard ε = ridge_rel·tr/m uses the global trace and m_global, and the side is chosen by m_global, so every
 process computes the single-process step up to the order of floating-point sums.
@@ -99,14 +99,17 @@ class Shards:
             return self._batch_apply(rows, x_bar.dtype)
 
         def feature_apply(r: Tensor) -> Tensor:
-            rhs = self.comm.all_reduce_sum_((x_bar.t() @ r).to(torch.float64))
+            rhs = self.comm.all_reduce_sum_(x_bar.t() @ r).to(torch.float64)
             return torch.cholesky_solve(rhs, factor).to(r.dtype).t()
 
         return feature_apply
 
     def _batch_apply(self, rows: Tensor, dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
+        # P_r in the working dtype, as serial LPOM applies (K + εI)⁻¹R in float64 and multiplies by X̄ in it
+        rows = rows.to(dtype)
+
         def apply(r: Tensor) -> Tensor:
-            return self.comm.all_reduce_sum_(r.to(torch.float64).t() @ rows).to(dtype)
+            return self.comm.all_reduce_sum_(r.t() @ rows)
 
         return apply
 

@@ -546,8 +546,8 @@ class ProxProp(Method):
                 return w.contiguous(), (b.contiguous() if b is not None else None)
 
         c = self.config
-        d, iters = block_cg(apply_M, rhs, torch.zeros_like(rhs), c.iterations, tol=c.cg_tol, eps=c.cg_eps,
-                            stop=c.cg_stop)
+        d, iters = block_cg(apply_M, rhs, None if reduce is not None else torch.zeros_like(rhs), c.iterations,
+                            tol=c.cg_tol, eps=c.cg_eps, stop=c.cg_stop)
         residual = 0.0
         if c.residuals:
             residual = float((apply_M(d) - rhs).norm() / rhs.norm().clamp_min(1e-300))

@@ -175,9 +175,7 @@ def masked_gn_step(
             out = torch.addmm(lmb, Fs, reduce(Fs.T @ lmb), beta=lam)
             return out if Ms is None else Ms * out
 
-        dual, iterations = block_cg(
-            apply_sharded, rhs, torch.zeros_like(rhs), maxit, tol=tol, eps=eps, stop=stop, col_sum=reduce
-        )
+        dual, iterations = block_cg(apply_sharded, rhs, None, maxit, tol=tol, eps=eps, stop=stop, col_sum=reduce)
         delta_w = reduce(dual.to(dtype).T @ inputs)
         return GNStep(delta_w, inputs @ delta_w.T, iterations, dual)
     if reduce is not None and solver == "gn_exact":
@@ -222,7 +220,8 @@ def masked_gn_step(
 
         primal_rhs = _sum(reduce, Fs.T @ rhs)
         v, iterations = block_cg(
-            apply_primal, primal_rhs, torch.zeros_like(primal_rhs), maxit, tol=tol, eps=eps, stop=stop
+            apply_primal, primal_rhs, None if reduce is not None else torch.zeros_like(primal_rhs), maxit, tol=tol,
+            eps=eps, stop=stop,
         )
         return GNStep(v.T.to(dtype), (Fs @ v).to(dtype), iterations)
     raise ValueError(f"unknown Gauss–Newton solver {solver!r}; choose gn_cg, gn_exact or gn_primal_cg")
