@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -99,6 +100,8 @@ def main() -> None:
     p.add_argument("--data-dir", default=os.environ.get("LIFTKIT_DATA_DIR"))
     p.add_argument("--set", action="append", default=[], help="LABEL.KEY=VALUE")
     p.add_argument("--out", default="dist-step-measure")
+    p.add_argument("--bytes-only", action="store_true",
+                   help="only the 2-process run, and print bytes and calls per step (no timing: needs no lock)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--tag", default="run", help=argparse.SUPPRESS)
@@ -113,10 +116,8 @@ def main() -> None:
     ] + (["--data-dir", args.data_dir] if args.data_dir else [])
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(["src", env.get("PYTHONPATH", "")])
-    subprocess.run([sys.executable, *base, "--threads", "2", "--tag", "1proc"], env=env, check=True)
-    # the same single process with 1 thread: on a shared 2-core machine a 2-thread process can stall at
-    # OpenMP barriers, so this row separates that effect from the cost of the collectives
-    subprocess.run([sys.executable, *base, "--threads", "1", "--tag", "1proc1t"], env=env, check=True)
+    if not args.bytes_only:
+        single_runs(base, env)
     torchrun = str(Path(sys.executable).parent / "torchrun")
     subprocess.run(
         [torchrun, "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={_free_port()}", *base,
@@ -124,9 +125,26 @@ def main() -> None:
         env={**env, "OMP_NUM_THREADS": "1"}, check=True,
     )
     out = Path(args.out)
+    two = [json.loads((out / f"2proc-rank{r}.json").read_text()) for r in range(2)]
+    if args.bytes_only:
+        print("| method | bytes/step rank 0 (by call) | bytes/step rank 1 | calls/step rank 0 |")
+        print("|---|---|---|---|")
+        for label, r2 in two[0].items():
+            print(f"| {label} | {r2['bytes_per_step']} | {two[1][label]['bytes_per_step']} | {r2['calls_per_step']} |")
+        return
+    report(out, two)
+
+
+def single_runs(base: list[str], env: dict[str, str]) -> None:
+    subprocess.run([sys.executable, *base, "--threads", "2", "--tag", "1proc"], env=env, check=True)
+    # the same single process with 1 thread: on a shared 2-core machine a 2-thread process can stall at
+    # OpenMP barriers, so this row separates that effect from the cost of the collectives
+    subprocess.run([sys.executable, *base, "--threads", "1", "--tag", "1proc1t"], env=env, check=True)
+
+
+def report(out: Path, two: list[dict[str, Any]]) -> None:
     one = json.loads((out / "1proc-rank0.json").read_text())
     one_t1 = json.loads((out / "1proc1t-rank0.json").read_text())
-    two = [json.loads((out / f"2proc-rank{r}.json").read_text()) for r in range(2)]
     print("| method | s/step 1 proc (2 threads) | s/step 1 proc (1 thread) | s/step 2 procs (1 thread each) | "
           "bytes/step rank 0 | bytes/step rank 1 | collectives+p2p/step rank 0 | acc 1 / 2 procs (subset) |")
     print("|---|---|---|---|---|---|---|---|")

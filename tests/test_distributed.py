@@ -179,6 +179,20 @@ def _worker(out_file: str, labels: list[str]) -> None:
 # ------------------------------------------------------------------------------------------- in-process units
 
 
+class _ThreeRanks:
+    """A stand-in communicator that claims three processes (rank 0)."""
+
+    def __new__(cls) -> Any:
+        from liftkit.distributed import LocalComm
+
+        class Fake(LocalComm):
+            @property
+            def world_size(self) -> int:
+                return 3
+
+        return Fake()
+
+
 class _TwoRanks:
     """A stand-in communicator that claims two processes (for the refusal path; no collective is reached)."""
 
@@ -288,6 +302,31 @@ def test_batches_too_small_to_split_are_refused() -> None:
     with pytest.raises(ValueError, match="cannot be split over 2 processes"):
         # the last batch of the epoch keeps a single sample
         liftkit.fit(get("sgd")(model), data, epochs=1, batch_size=n - 1, progress=False, comm=_TwoRanks())
+
+
+def test_layer_parallel_refuses_more_processes_than_layers() -> None:
+    from liftkit.methods.lpom_layers import LayerParallel
+
+    with pytest.raises(ValueError, match="at most 2"):
+        LayerParallel(_ThreeRanks(), 2)
+    plan = LayerParallel(_TwoRanks(1), 3)  # rank 1 of 2 over 3 layers: blocks 3, layer 2, reads X^2
+    assert plan.blocks == [3] and plan.layers == [2] and plan.left == 2 and plan.right is None
+
+
+def test_cost_model_prints_a_row_per_machine_count() -> None:
+    import importlib.util
+
+    path = REPO / "scripts" / "lpom_cost_model.py"
+    spec = importlib.util.spec_from_file_location("lpom_cost_model", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    constants = json.loads(module.DEFAULT_CONSTANTS.read_text())
+    text = module.table(constants, 10.0, 50.0, [1, 2, 4, 8])
+    rows = [line for line in text.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [row.split("|")[1].strip() for row in rows] == ["1", "2", "4", "8"]
+    # one machine: no communication, speed-up 1 in both columns
+    assert "+ 0.0) | 1.00 |" in rows[0] and rows[0].endswith("| 1.00 |")
 
 
 # ------------------------------------------------------------------------------------------- real processes
