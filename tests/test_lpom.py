@@ -484,3 +484,21 @@ def test_model_from_spec_ends_in_the_hidden_activation():
         method = LPOM(model.to(DT))
         assert [a.name for a in method.lifted.acts] == [act, act]
     assert isinstance(mlp("4-3-2", "tanh", "hidden")[-1], nn.Tanh)
+
+
+def test_guard_ratio_gives_near_square_batch_grams_the_strong_guard():
+    """A layer with m > guard_ratio·(n_j+1) samples gets ridge_rel_feature on its batch-side Gram too (the
+    100 → 50 layer of 784-400-200-100-50-10 at batch 100 blew up to ‖W‖₂ ≈ 4e4 with the 1e-10 guard)."""
+    method, _, x, y = problem(widths=(6, 15, 4), m=12)
+    xs, _pre, _d, ws, bs = forward_state(method, x, y)
+    lifted = method.lifted
+    kw = {"iters": 1, "side": "auto", "pinv": "cholesky"}
+    assert lifted.guard_ratio == 0.5 and 12 > 0.5 * 16 and 12 <= 16  # batch side, guarded
+    guarded = lifted.solve_w(1, xs[1], xs[2] + 0.1, ws[1], bs[1], None, ridge_rel=1e-10, ridge_rel_feature=1e-3, **kw)
+    direct = lifted.solve_w(1, xs[1], xs[2] + 0.1, ws[1], bs[1], None, ridge_rel=1e-3, ridge_rel_feature=1e-3, **kw)
+    lifted.guard_ratio = 1.0
+    plain = lifted.solve_w(1, xs[1], xs[2] + 0.1, ws[1], bs[1], None, ridge_rel=1e-10, ridge_rel_feature=1e-3, **kw)
+    torch.testing.assert_close(guarded[0], direct[0], atol=0, rtol=0)
+    assert not torch.allclose(guarded[0], plain[0], atol=1e-9)
+    with pytest.raises(ValueError, match="guard_ratio"):
+        LPOM(net((6, 5, 4)), guard_ratio=0.0)

@@ -47,10 +47,13 @@ Per mini-batch (§2.5):
 3. **W-phase** (all layers independent; §2.4): ``w_iters`` accelerated steps in the data metric,
    W̄ ← Y − (1/β)(φ(X̄Ȳᵀ) − X^{j+1})ᵀ(X̄ᵀ)⁺ with β = κ(φ_j) and the pseudo-inverse built from a float64 Cholesky
    of the m×m batch Gram (``pinv='cholesky'``, guard ε = ``ridge_rel``·tr/m) or an SVD (``'svd'``). When a layer
-   has more samples than inputs (m > n_j+1) the Gram is on the feature side, the step is an exact least-squares
-   fit of the batch, and the guard is ``ridge_rel_feature`` (1e-3; (assumption): the spec's 1e-10 let near-dead
-   units blow the weights up, docs/results/lpom.md). The first step reuses the pre-activations cached by the
-   X-phase.
+   has more samples than inputs (m > n_j+1) the Gram is on the feature side and the step is an exact
+   least-squares fit of the batch; with m ≥ n_j+1 it interpolates the batch. Near m ≈ n_j+1 either Gram is
+   ill-conditioned (the smallest singular value of an m × (n_j+1) matrix vanishes as m/(n_j+1) → 1), so every
+   layer with m > ``guard_ratio``·(n_j+1) (default 0.5) gets the guard ``ridge_rel_feature`` (1e-3) instead of
+   ``ridge_rel`` ((assumption): the spec's 1e-10 let near-dead units blow the weights up, on the feature side of
+   a 64-32-10 net and on the batch side of the 100 → 50 layer of 784-400-200-100-50-10, docs/results/lpom.md).
+   The first step reuses the pre-activations cached by the X-phase.
 
 The method is derivative-free: the updates use φ only (plus φ's cheap prox for FISTA). Inference is the plain
 forward pass of the user's ``nn.Sequential``, which is trained in place.
@@ -127,9 +130,12 @@ class LPOMConfig(MethodConfig):
     pinv: str = "cholesky"
     #: relative guard ε = ridge_rel·tr(X̄X̄ᵀ)/m of the Cholesky pseudo-inverse (SVD: relative rcond), batch side
     ridge_rel: float = 1e-10
-    #: the guard when a layer's Gram is on the feature side (m > n_j+1: the W-step is then an exact least-squares
-    #: fit of an overdetermined batch, and near-dead units blow the weights up; (assumption), see docs)
+    #: the guard of a layer whose batch is not small against its inputs (m > guard_ratio·(n_j+1)): its W-step
+    #: (nearly) interpolates the batch through an ill-conditioned Gram, and near-dead units blow the weights up
+    #: ((assumption), see docs)
     ridge_rel_feature: float = 1e-3
+    #: layers with m > guard_ratio·(n_j+1) get ridge_rel_feature; 1 = only feature-side Grams (m > n_j+1)
+    guard_ratio: float = 0.5
     #: repeat (X-phase, W-phase) this many times per mini-batch
     outer_passes: int = 1
     #: X initialisation: 'forward' pass, or a per-sample cache kept across epochs ('persistent', needs idx)
@@ -143,7 +149,7 @@ class LPOMConfig(MethodConfig):
     monitor: str = "basic"
 
     def validate(self) -> None:
-        self._positive("mu", "x_tol", "ridge_rel", "ridge_rel_feature", "collapse_tol")
+        self._positive("mu", "x_tol", "ridge_rel", "ridge_rel_feature", "collapse_tol", "guard_ratio")
         if isinstance(self.mu, tuple) and len(self.mu) == 0:
             raise ValueError("mu must be a positive number or one positive number per linear layer, got ()")
         self._choice("x_solver", X_SOLVERS)
@@ -209,6 +215,8 @@ class LiftedChain:
             )
         self.mu: tuple[float, ...] = tuple(float(m) for m in mus)
         self.loss = loss
+        #: W-steps of layers with m > guard_ratio·(n_j+1) use the ``ridge_rel_feature`` guard (LPOMConfig)
+        self.guard_ratio = 1.0
         self.kappa = [a.kappa for a in self.acts]
         self.widths = [self.linears[0].in_features] + [lin.out_features for lin in self.linears]
         for j in range(1, self.L):
@@ -415,7 +423,8 @@ class LiftedChain:
             apply_pinv = _PinvApply(x_bar, batch_pinv(x_bar.t(), side="svd", rcond=ridge_rel))
         else:
             feature = side == "feature" or (side == "auto" and m > x_bar.shape[1])
-            guard = ridge_rel_feature if (feature and ridge_rel_feature is not None) else ridge_rel
+            near = feature or m > self.guard_ratio * x_bar.shape[1]
+            guard = ridge_rel_feature if (near and ridge_rel_feature is not None) else ridge_rel
             apply_pinv = _PinvApply.cholesky(x_bar, side, guard + extra)
         # W̄ ← Y − (1/β) Rᵀ(X̄ᵀ)⁺ᵀ, with (X̄ᵀ)⁺ᵀ = (X̄X̄ᵀ + εI)⁻¹X̄ applied to R (see _PinvApply).
         w_k, b_k = w, b
@@ -594,6 +603,7 @@ class LPOM(Method):
     def __init__(self, model: nn.Module, *, loss: str | None = None, **hparams: Any) -> None:
         super().__init__(model, loss=loss, **hparams)
         self.lifted = LiftedChain(model, self.name, self.config.mu, self.loss)
+        self.lifted.guard_ratio = self.config.guard_ratio
         c = self.config
         for k in range(1, self.lifted.L):
             solver = self.lifted.resolve_solver(c.x_solver, k)
