@@ -478,7 +478,7 @@ def test_model_from_spec_ends_in_the_hidden_activation():
     """METHODS.md §2.2: the output layer applies φ too, so --activation reaches the output of an LPOM model."""
     from liftkit.models import build_model
 
-    for act in ("sigmoid", "tanh", "relu"):
+    for act in ("sigmoid", "tanh", "relu", "identity"):
         model = build_model("8-5-3", input_shape=(8,), num_classes=3, activation=act,
                             output_activation=LPOM.model_output_activation)
         method = LPOM(model.to(DT))

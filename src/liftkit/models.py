@@ -69,8 +69,8 @@ def mlp(spec: str | Sequence[int], activation: str = "relu", output_activation: 
     widths = _parse_widths(spec, "mlp") if isinstance(spec, str) else list(spec)
     if len(widths) < 2:
         raise ValueError("an mlp needs at least an input and an output width")
-    if output_activation == "hidden":
-        output_activation = activation
+    if output_activation == "hidden":  # an identity output is a bare last layer
+        output_activation = None if activation == "identity" else activation
     return _dense_stack(widths, activation, output_activation)
 
 
