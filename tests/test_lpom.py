@@ -437,6 +437,68 @@ def test_bad_batches_raise():
 
 def test_registry_and_reporting():
     cls = get("lpom")
-    assert cls is LPOM and cls.default_loss == "mse" and cls.model_output_activation == "relu"
+    assert cls is LPOM and cls.default_loss == "mse" and cls.model_output_activation == "hidden"
     assert "reconstructed" in cls.reporting_name
     assert np.isclose(LPOM(mlp("6-9-4", output_activation="relu")).sweeps, 2)
+
+
+@pytest.mark.parametrize("act,gamma", [("relu", 0.0), ("leaky_relu", 0.0), ("hardtanh", 0.5), ("sigmoid", 0.0),
+                                       ("tanh", 0.7), ("identity", 0.0)])
+def test_fused_fista_equals_generic_projected_fista(act, gamma):
+    """The X-solver's folded affine update gives the iterates of solvers.projected_fista with the plain ∇S."""
+    from liftkit.solvers import projected_fista
+
+    method, _, x, y = problem(act=act, out_act="relu", seed=3)
+    xs, pre, _d, ws, bs = forward_state(method, x, y)
+    lifted = method.lifted
+    g = seeded(7)
+    k = 1
+    x_next = xs[k + 1] + 0.3 * torch.rand(xs[k + 1].shape, generator=g, dtype=DT)
+    anchor = xs[k] + 0.1 * torch.randn(xs[k].shape, generator=g, dtype=DT)
+    w_norm = 1.05 * float(torch.linalg.matrix_norm(ws[k], ord=2))
+    solver = lifted.resolve_solver("auto", k)
+    got = lifted.solve_hidden(k, xs[k], pre[k - 1], x_next, ws[k], bs[k], w_norm, solver=solver, iters=7,
+                              tol=1e-300, gamma=gamma, anchor=anchor if gamma else None)
+    mu_prev, mu_k = lifted.mu[k - 1], lifted.mu[k]
+    scale = mu_prev + gamma
+    a = (mu_prev * pre[k - 1] + gamma * anchor) / scale if gamma else pre[k - 1]
+    s, c = mu_prev / scale, mu_k / scale
+    a_in, a_out = lifted.acts[k - 1], lifted.acts[k]
+
+    def grad(v):
+        return v - a + c * (a_out.phi(lifted.preact(v, ws[k], bs[k])) - x_next) @ ws[k]
+
+    lip = 1.0 + c * a_out.kappa * w_norm**2
+    ref, it, _ = projected_fista(grad, lip, lambda z, t: a_in.prox_f(z, t * s), xs[k], 7, 1e-300)
+    assert got.iters == it == 7
+    torch.testing.assert_close(got.value, ref, atol=1e-12, rtol=1e-12)
+
+
+def test_model_from_spec_ends_in_the_hidden_activation():
+    """METHODS.md §2.2: the output layer applies φ too, so --activation reaches the output of an LPOM model."""
+    from liftkit.models import build_model
+
+    for act in ("sigmoid", "tanh", "relu", "identity"):
+        model = build_model("8-5-3", input_shape=(8,), num_classes=3, activation=act,
+                            output_activation=LPOM.model_output_activation)
+        method = LPOM(model.to(DT))
+        assert [a.name for a in method.lifted.acts] == [act, act]
+    assert isinstance(mlp("4-3-2", "tanh", "hidden")[-1], nn.Tanh)
+
+
+def test_guard_ratio_gives_near_square_batch_grams_the_strong_guard():
+    """A layer with m > guard_ratio·(n_j+1) samples gets ridge_rel_feature on its batch-side Gram too (the
+    100 → 50 layer of 784-400-200-100-50-10 at batch 100 blew up to ‖W‖₂ ≈ 4e4 with the 1e-10 guard)."""
+    method, _, x, y = problem(widths=(6, 15, 4), m=12)
+    xs, _pre, _d, ws, bs = forward_state(method, x, y)
+    lifted = method.lifted
+    kw = {"iters": 1, "side": "auto", "pinv": "cholesky"}
+    assert lifted.guard_ratio == 0.5 and 12 > 0.5 * 16 and 12 <= 16  # batch side, guarded
+    guarded = lifted.solve_w(1, xs[1], xs[2] + 0.1, ws[1], bs[1], None, ridge_rel=1e-10, ridge_rel_feature=1e-3, **kw)
+    direct = lifted.solve_w(1, xs[1], xs[2] + 0.1, ws[1], bs[1], None, ridge_rel=1e-3, ridge_rel_feature=1e-3, **kw)
+    lifted.guard_ratio = 1.0
+    plain = lifted.solve_w(1, xs[1], xs[2] + 0.1, ws[1], bs[1], None, ridge_rel=1e-10, ridge_rel_feature=1e-3, **kw)
+    torch.testing.assert_close(guarded[0], direct[0], atol=0, rtol=0)
+    assert not torch.allclose(guarded[0], plain[0], atol=1e-9)
+    with pytest.raises(ValueError, match="guard_ratio"):
+        LPOM(net((6, 5, 4)), guard_ratio=0.0)

@@ -131,3 +131,58 @@ def test_bad_hyperparameters_raise(cls, hp, match):
 def test_conv_layers_are_rejected():
     with pytest.raises(ValueError, match="fully connected"):
         LPOMSync(nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8, 3)))
+
+
+@pytest.mark.parametrize("hp", [{"workers": 2}, {"workers": 3, "x_sweeps": 3},
+                                {"mode": "simulate", "staleness": 2, "order": "random", "seed": 1}])
+def test_async_w_barrier_commits_every_x_block_before_any_w_block(hp):
+    """A W-block fitted to an X-block still in flight sees the forward value X = φ(U), so its step vanishes
+    (the 2-point async loss measured before the barrier); with the barrier all X commits come first."""
+    method, _ = make(LPOMAsync, **hp)
+    log: list[str] = []
+    original = method._commit
+
+    def logged(block, store, result):
+        log.append(block[0])
+        original(block, store, result)
+
+    method._commit = logged  # type: ignore[method-assign]
+    x, y = data()
+    for _ in range(4):
+        log.clear()
+        method.step(x, y)
+        n_w = method.lifted.L
+        assert log[-n_w:] == ["w"] * n_w and "w" not in log[:-n_w]
+
+
+def test_async_simulated_w_blocks_behind_the_barrier_read_the_final_x():
+    """Simulator, staleness 2, γ = 0: W-blocks read the committed X (the barrier), so the new weights are the
+    W-phase of serial LPOM applied to the X that the stale X-phase produced."""
+    method, _model = make(LPOMAsync, mode="simulate", staleness=2, gamma=0.0)
+    x, y = data()
+    captured = {}
+    original = method._simulate
+
+    def spy(seq, store, d, w_norms, info):
+        n_x = sum(1 for b in seq if b[0] == "x")
+        original(seq[:n_x], store, d, w_norms, info)  # the X-phase only
+        captured["xs"] = list(store.xs)
+        original(seq[n_x:], store, d, w_norms, info)
+
+    method._simulate = spy  # type: ignore[method-assign]
+    ws, bs = method.lifted.weights(), method.lifted.biases()
+    ws, bs = [w.clone() for w in ws], [b.clone() for b in bs]
+    method.step(x, y)
+    xs = captured["xs"]
+    c = method.config
+    for j, lin in enumerate(method.lifted.linears):
+        w_ref, b_ref = method.lifted.solve_w(j, xs[j], xs[j + 1], ws[j], bs[j], None, iters=c.w_iters,
+                                             side=c.w_side, pinv=c.pinv, ridge_rel=c.ridge_rel,
+                                             ridge_rel_feature=c.ridge_rel_feature)
+        torch.testing.assert_close(lin.weight.detach(), w_ref, atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(lin.bias.detach(), b_ref, atol=1e-12, rtol=1e-12)
+
+
+def test_async_w_barrier_must_be_boolean():
+    with pytest.raises(ValueError, match="w_barrier"):
+        make(LPOMAsync, w_barrier="maybe")

@@ -62,12 +62,15 @@ def mlp(spec: str | Sequence[int], activation: str = "relu", output_activation: 
     """A fully connected network ``Flatten -> (Linear -> act) * (L-1) -> Linear [-> output_activation]``.
 
     ``spec`` is ``"784-500-10"`` or a list of widths. ``activation`` names the hidden activation (one of
-    :data:`liftkit.activations.ACTIVATIONS`). The output is bare logits unless ``output_activation`` is given
-    (LPOM's papers apply the activation at the output too, METHODS.md §2.2).
+    :data:`liftkit.activations.ACTIVATIONS`). The output is bare logits unless ``output_activation`` is given;
+    ``output_activation="hidden"`` repeats ``activation`` there (LPOM's papers apply the activation at the output
+    too, METHODS.md §2.2).
     """
     widths = _parse_widths(spec, "mlp") if isinstance(spec, str) else list(spec)
     if len(widths) < 2:
         raise ValueError("an mlp needs at least an input and an output width")
+    if output_activation == "hidden":  # an identity output is a bare last layer
+        output_activation = None if activation == "identity" else activation
     return _dense_stack(widths, activation, output_activation)
 
 

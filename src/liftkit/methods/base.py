@@ -205,7 +205,8 @@ class Method(ABC):
     default_loss: ClassVar[str] = "ce"
     supported_losses: ClassVar[tuple[str, ...]] = LOSSES
     #: activation the papers' models put on the output layer; the trainer uses it when it builds an MLP from a
-    #: spec string for this method (e.g. LPOM applies phi at the output too). ``None``: bare logits.
+    #: spec string for this method. ``None``: bare logits; ``"hidden"``: the model's hidden activation (LPOM
+    #: applies the same φ at the output too).
     model_output_activation: ClassVar[str | None] = None
     #: name shown in reports (with the METHODS.md §0.1 suffix where a default is an assumption)
     reporting_name: ClassVar[str] = ""

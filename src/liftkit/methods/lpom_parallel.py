@@ -248,6 +248,9 @@ class LPOMAsyncConfig(LPOMConfig):
     order: str = "cyclic"
     #: seed of the simulator's random order
     seed: int = 0
+    #: W-blocks of a mini-batch start only once all its X-blocks are committed (threads), resp. read the final X
+    #: (simulator); False lets them read X-blocks still in flight (assumption, see the module docstring)
+    w_barrier: bool = True
 
     def validate(self) -> None:
         super().validate()
@@ -260,6 +263,8 @@ class LPOMAsyncConfig(LPOMConfig):
         self._choice("mode", MODES)
         self._choice("order", ORDERS)
         self._int_at_least("seed", 0)
+        if not isinstance(self.w_barrier, bool):
+            raise ValueError(f"w_barrier must be true or false, got {self.w_barrier!r}")
 
 
 class _Store:
@@ -374,13 +379,22 @@ class LPOMAsync(LPOM):
     def _simulate(self, seq: list[tuple[str, int]], store: _Store, d: Tensor, w_norms: Mapping[int, float],
                   info: dict[str, float]) -> None:
         delay = self.delta
+        barrier = self.config.w_barrier
         if self.config.order == "random":
             gen = torch.Generator().manual_seed(self.config.seed + self.steps_taken)
-            seq = [seq[i] for i in torch.randperm(len(seq), generator=gen).tolist()]
+            if barrier:  # shuffle within the X-phase and within the W-phase
+                xb = [b for b in seq if b[0] == "x"]
+                wb = [b for b in seq if b[0] == "w"]
+                seq = [xb[i] for i in torch.randperm(len(xb), generator=gen).tolist()]
+                seq += [wb[i] for i in torch.randperm(len(wb), generator=gen).tolist()]
+            else:
+                seq = [seq[i] for i in torch.randperm(len(seq), generator=gen).tolist()]
         snapshots: list[tuple[list[Tensor], list[Tensor], list[Tensor | None], list[int], list[int]]] = []
         for block in seq:
             snapshots.append((list(store.xs), list(store.ws), list(store.bs), list(store.ver_x), list(store.ver_w)))
-            view = snapshots[max(0, len(snapshots) - 1 - delay)]
+            # W-blocks read no W-block, so behind the barrier (all X committed) their view is the latest one
+            lag = 0 if (barrier and block[0] == "w") else delay
+            view = snapshots[max(0, len(snapshots) - 1 - lag)]
             self._commit(block, store, self._solve(block, store, view, d, w_norms))
         info["async_retries"] = 0.0
 
@@ -393,6 +407,9 @@ class LPOMAsync(LPOM):
         max_seen = [0]
         errors: list[BaseException] = []
         delta = self.delta
+        x_total = sum(1 for b in seq if b[0] == "x")
+        x_done = [0]
+        barrier = self.config.w_barrier
 
         def worker() -> None:
             while True:
@@ -401,7 +418,7 @@ class LPOMAsync(LPOM):
                         if position[0] >= len(seq) or errors:
                             return
                         block = seq[position[0]]
-                        if block not in in_flight:
+                        if block not in in_flight and not (barrier and block[0] == "w" and x_done[0] < x_total):
                             break
                         lock.wait()
                     position[0] += 1
@@ -418,6 +435,8 @@ class LPOMAsync(LPOM):
                             if stale <= delta:
                                 max_seen[0] = max(max_seen[0], stale)
                                 self._commit(block, store, result)
+                                if block[0] == "x":
+                                    x_done[0] += 1
                                 break
                             retries[0] += 1
                 except BaseException as exc:  # surfaced in the calling thread below
