@@ -419,7 +419,14 @@ def test_inertia_changes_the_iterates() -> None:
 
 
 @pytest.mark.parametrize(
-    "hp", [{}, {"history": "raw"}, {"mode": "minibatch", "minibatch_sweeps": 2}, {"zL_solver": "fista"}]
+    "hp",
+    [
+        {},
+        {"history": "raw"},
+        {"mode": "minibatch", "minibatch_sweeps": 2},
+        {"zL_solver": "fista"},
+        {"p_schedule": "fista", "constraint": "penalty"},
+    ],
 )
 def test_state_dict_round_trip_continues_bit_identically(hp: dict[str, object]) -> None:
     x, y = _problem(n=32)
