@@ -619,3 +619,14 @@ def test_penalty_constraint_with_fista_schedule_trains_a_tiny_problem() -> None:
     assert values[-1].loss < 0.5 * first.loss
     objective = [s.info["objective"] for s in values]
     assert all(b <= a * (1 + 1e-12) for a, b in itertools.pairwise(objective))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_elu_projection_stays_finite_below_the_floor(dtype: torch.dtype) -> None:
+    """An upper bound a + ε below ELU's floor −α must not map to h⁻¹(−α) = −inf (float32 rounding)."""
+    meth = TIAM(_model(activation="elu"))
+    act = meth._acts()[0]
+    a = torch.tensor([-1.0 - 1e-3, -0.5, 0.3], dtype=dtype)
+    w = torch.tensor([0.0, -3.0, 1.0], dtype=dtype)
+    z = meth._project_z(act, w, a, 1e-4)
+    assert bool(torch.isfinite(z).all())

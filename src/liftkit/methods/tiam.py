@@ -396,7 +396,9 @@ class TIAM(Method):
         if act.name == "elu":
             floor = -act._a
             lo = torch.where(lo_a > floor, act.inverse(torch.clamp(lo_a, min=floor)), -math.inf)
-            hi = act.inverse(torch.clamp(hi_a, min=floor * (1 - 1e-12)))
+            # keep the upper bound strictly above ELU's floor −α in the working dtype: at 1 − 1e-12 float32 rounds
+            # to −α itself and h⁻¹(−α) = −inf (seen on MNIST at ρ = 1: NaN objective after ~8 iterations)
+            hi = act.inverse(torch.clamp(hi_a, min=floor * (1 - 64 * torch.finfo(hi_a.dtype).eps)))
             return torch.minimum(torch.maximum(w, lo), hi)
         lo, hi = act.inverse(lo_a), act.inverse(hi_a)  # leaky ReLU: bijective
         return torch.minimum(torch.maximum(w, lo), hi)
