@@ -100,12 +100,29 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=0)
     ap.add_argument("--split", default="test")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--run", action="append", required=True)
+    ap.add_argument("--run", action="append", default=[])
+    ap.add_argument(
+        "--merge", nargs="+", default=[], help="merge the results.json of these output folders (runs made in "
+        "separate processes) into --out and re-plot; runs nothing"
+    )
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.merge:
+        parts = [json.loads((Path(d) / "results.json").read_text()) for d in args.merge]
+        merged = {"machine": parts[0]["machine"], "settings": [p["settings"] for p in parts], "runs": []}
+        for part in parts:
+            merged["runs"].extend(part["runs"])
+        (out / "results.json").write_text(json.dumps(merged, indent=1))
+        settings = parts[0]["settings"]
+        batch = settings["batch_size"] or "full"
+        title = f"{settings['dataset']} {settings['model']} {settings['activation']}, batch {batch}"
+        plot(merged["runs"], out, title)
+        return
+    if not args.run:
+        ap.error("give at least one --run (or --merge)")
     data = load_dataset(args.dataset, split=args.split)
     runs: list[dict[str, Any]] = []
     for spec in args.run:

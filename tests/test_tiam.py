@@ -419,7 +419,14 @@ def test_inertia_changes_the_iterates() -> None:
 
 
 @pytest.mark.parametrize(
-    "hp", [{}, {"history": "raw"}, {"mode": "minibatch", "minibatch_sweeps": 2}, {"zL_solver": "fista"}]
+    "hp",
+    [
+        {},
+        {"history": "raw"},
+        {"mode": "minibatch", "minibatch_sweeps": 2},
+        {"zL_solver": "fista"},
+        {"p_schedule": "fista", "constraint": "penalty"},
+    ],
 )
 def test_state_dict_round_trip_continues_bit_identically(hp: dict[str, object]) -> None:
     x, y = _problem(n=32)
@@ -493,6 +500,7 @@ def test_minibatch_training_lowers_loss() -> None:
         {"backtrack_factor": 1.0},
         {"backtrack_factor": math.inf},
         {"history": "bogus"},
+        {"p_schedule": "nesterov"},
         {"constraint": "hard"},
         {"bogus_key": 1},
     ],
@@ -542,3 +550,83 @@ def test_mdlam_init_draws_normal_weights() -> None:
     TIAM(m, init="mdlam")
     w = m[1].weight.detach()
     assert abs(float(w.std()) - 0.1) < 0.01 and abs(float(w.mean())) < 0.01
+
+
+# -- FISTA-like inertia schedule (METHODS.md §6.6 sweep alternative) -----------------------------------------------
+
+
+def test_fista_schedule_follows_the_t_recursion() -> None:
+    meth = TIAM(_model(), p_schedule="fista", p2=0.0)
+    t = [1.0]
+    for _ in range(30):
+        t.append(0.5 * (1 + math.sqrt(1 + 4 * t[-1] ** 2)))
+    for k in range(1, 30):
+        pk = (t[k - 1] - 1) / t[k]
+        assert meth._inertia(k) == pytest.approx((pk, 0.0, pk), rel=1e-15)  # a switched-off p_i stays 0
+    assert meth._inertia(0) == (0.0, 0.0, 0.0)
+    assert 0.8 < meth._inertia(29)[0] < 1.0
+
+
+def test_fista_schedule_keeps_am_unaccelerated_and_objective_monotone() -> None:
+    x, y = _problem(n=40)
+    idx = torch.arange(40)
+    m1, m2 = _model(), _model()
+    a1, a2 = AM(m1, p_schedule="fista"), AM(m2)
+    for _ in range(4):
+        assert a1.step(x, y, idx=idx).info == a2.step(x, y, idx=idx).info
+    meth = TIAM(_model(), p_schedule="fista", eps0=0.3, eps_decay=1.0, rho=0.5)
+    meth.step(x, y, idx=idx)
+    previous = _objective(meth, x, y)
+    for _ in range(25):
+        value = meth.step(x, y, idx=idx).info["objective"]
+        assert value <= previous * (1 + 1e-12)
+        previous = value
+
+
+def test_penalty_a_step_long_run_solves_the_regularised_least_squares() -> None:
+    """constraint='penalty': iterating the p = 0 a-block step converges to the closed-form minimiser of
+    (ρ/2)‖z_{l+1} − aWᵀ − 1bᵀ‖² + (ν/2)‖a − h(z_l)‖², i.e. a(ρWᵀW + νI) = ρ(z_{l+1} − 1bᵀ)W + νh(z_l)."""
+    x, _y = _problem()
+    rho, nu = 0.9, 0.4
+    meth = TIAM(_model(), p1=0.0, p2=0.0, p3=0.0, rho=rho, nu=nu, constraint="penalty")
+    act = meth._acts()[0]
+    g = torch.Generator().manual_seed(23)
+    z_l = torch.randn(x.shape[0], 5, generator=g, dtype=torch.float64)
+    nxt = meth.chain[1]
+    W_n, b_n = nxt.weight.detach(), nxt.bias.detach()
+    z_n = torch.randn(x.shape[0], 4, generator=g, dtype=torch.float64)
+    zero = torch.zeros_like(z_l)
+    u = act.phi(z_l)
+    for _ in range(4000):
+        res = meth._a_step(0, act, u, (0.0, 0.0, 0.0), zero, z_l, W_n, b_n, z_n, 1e-3, _Counters())
+        assert res is not None
+        u = res.new
+    lhs = rho * W_n.T @ W_n + nu * torch.eye(5, dtype=torch.float64)
+    rhs = rho * (z_n - b_n) @ W_n + nu * act.phi(z_l)
+    ref = torch.linalg.solve(lhs, rhs.T).T
+    torch.testing.assert_close(u, ref, atol=1e-8, rtol=0)
+
+
+def test_penalty_constraint_with_fista_schedule_trains_a_tiny_problem() -> None:
+    """The benchmark setting (penalty + FISTA-like inertia) lowers the forward-pass loss and keeps F monotone
+    at a fixed iteration's blocks (the safeguard), on a tiny learnable problem."""
+    x, _ = _problem(n=60)
+    y = (x @ torch.randn(6, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)).argmax(1)
+    meth = TIAM(_model(), constraint="penalty", nu=10.0, rho=1.0, p_schedule="fista", max_doublings=40)
+    idx = torch.arange(60)
+    first = meth.step(x, y, idx=idx)
+    values = [meth.step(x, y, idx=idx) for _ in range(60)]
+    assert values[-1].loss < 0.5 * first.loss
+    objective = [s.info["objective"] for s in values]
+    assert all(b <= a * (1 + 1e-12) for a, b in itertools.pairwise(objective))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_elu_projection_stays_finite_below_the_floor(dtype: torch.dtype) -> None:
+    """An upper bound a + ε below ELU's floor −α must not map to h⁻¹(−α) = −inf (float32 rounding)."""
+    meth = TIAM(_model(activation="elu"))
+    act = meth._acts()[0]
+    a = torch.tensor([-1.0 - 1e-3, -0.5, 0.3], dtype=dtype)
+    w = torch.tensor([0.0, -3.0, 1.0], dtype=dtype)
+    z = meth._project_z(act, w, a, 1e-4)
+    assert bool(torch.isfinite(z).all())

@@ -37,6 +37,11 @@ with Δ = u^k − u^{k−1}:
 * z_L: S = CE_sum, prox of (ρ/2)‖z − v_L‖²: z⁺ = (θw + ρv_L)/(θ + ρ); or ``zL_solver='fista'`` (mDLAM): FISTA
   on the whole z_L subproblem from z̃.
 
+Inertia schedule. ``p_schedule='constant'`` (default; p1 = p2 = p3 = 0.3, assumption) or ``'fista'`` (the
+FISTA-like alternative of METHODS.md §6.6): t_0 = 1, t_k = (1 + √(1 + 4t_{k−1}²))/2 and every switched-on p_i
+of iteration k is p_k = (t_{k−1} − 1)/t_k (0, 0, 0.28, 0.43, … → 1). The safeguard below keeps F monotone
+when the large late p_k overshoot.
+
 After the third inertia z_l is re-projected (given a_l) and a_l (given the new z_l), so (z_l, a_l) ∈ C_l(ε).
 With ``safeguard`` on, a block whose local objective (the terms of F that contain it) rises is redone with
 p1 = p2 = p3 = 0, so F does not increase across the blocks of one sweep at fixed ε.
@@ -96,6 +101,7 @@ class TIAMConfig(MethodConfig):
     p1: float = 0.3  # 1st inertia: centre of the proximal term (assumption)
     p2: float = 0.3  # 2nd inertia: gradient point (assumption)
     p3: float = 0.3  # 3rd inertia: post-update extrapolation (assumption)
+    p_schedule: str = "constant"  # 'constant' | 'fista': every non-zero p_i follows p_k = (t_{k-1} - 1)/t_k
     safeguard: bool = True  # redo a block with p = 0 when its local objective rises (assumption)
     history: str = "extrapolated"  # 'extrapolated': Δ = u^k − u^{k−1}; 'raw': Δ between raw prox outputs u⁺
     zL_solver: str = "prox_step"  # 'prox_step' (assumption) | 'fista' (mDLAM)
@@ -129,6 +135,7 @@ class TIAMConfig(MethodConfig):
         self._int_at_least("minibatch_sweeps", 1)
         self._int_at_least("fista_max_iter", 1)
         self._choice("history", ("extrapolated", "raw"))
+        self._choice("p_schedule", ("constant", "fista"))
         self._choice("zL_solver", ("prox_step", "fista"))
         self._choice("zL_init", ("target", "forward"))
         self._choice("constraint", ("box", "penalty"))
@@ -362,6 +369,19 @@ class TIAM(Method):
         c = self.config
         return max(c.eps0 * c.eps_decay**k, c.eps_min)
 
+    def _inertia(self, k: int) -> _P:
+        """(p1, p2, p3) of iteration k. 'fista' (METHODS.md §6.6, assumption): t_0 = 1,
+        t_k = (1 + sqrt(1 + 4 t_{k-1}^2))/2, p_k = (t_{k-1} - 1)/t_k (0 at k = 0, then rising towards 1); every
+        p_i that is switched on (non-zero) takes p_k, so am (all zero) stays un-accelerated."""
+        c = self.config
+        if c.p_schedule == "constant":
+            return (c.p1, c.p2, c.p3)
+        t_prev, t = 1.0, 1.0
+        for _ in range(k):
+            t_prev, t = t, 0.5 * (1.0 + math.sqrt(1.0 + 4.0 * t * t))
+        pk = (t_prev - 1.0) / t if k else 0.0
+        return (pk if c.p1 else 0.0, pk if c.p2 else 0.0, pk if c.p3 else 0.0)
+
     def _theta_start(self, stored: float) -> float:
         return stored if self.config.theta_warm_start else self.config.theta0
 
@@ -376,7 +396,9 @@ class TIAM(Method):
         if act.name == "elu":
             floor = -act._a
             lo = torch.where(lo_a > floor, act.inverse(torch.clamp(lo_a, min=floor)), -math.inf)
-            hi = act.inverse(torch.clamp(hi_a, min=floor * (1 - 1e-12)))
+            # keep the upper bound strictly above ELU's floor −α in the working dtype: at 1 − 1e-12 float32 rounds
+            # to −α itself and h⁻¹(−α) = −inf (seen on MNIST at ρ = 1: NaN objective after ~8 iterations)
+            hi = act.inverse(torch.clamp(hi_a, min=floor * (1 - 64 * torch.finfo(hi_a.dtype).eps)))
             return torch.minimum(torch.maximum(w, lo), hi)
         lo, hi = act.inverse(lo_a), act.inverse(hi_a)  # leaky ReLU: bijective
         return torch.minimum(torch.maximum(w, lo), hi)
@@ -529,7 +551,7 @@ class TIAM(Method):
         """One pass over the blocks W_l, b_l, z_l, a_l (l = 1..L) in place on z, a; returns F and residuals.
         ``P_first`` is a precomputed x W_1ᵀ."""
         c = self.config
-        p = (c.p1, c.p2, c.p3)
+        p = self._inertia(self.state.iteration)
         n_layers = len(self.chain)
         acts = self._acts()
         n_samples = x.shape[0]
