@@ -23,6 +23,7 @@ from torch import Tensor
 __all__ = [
     "batch_pinv",
     "block_cg",
+    "guarded_cholesky",
     "linear_prox_direction",
     "projected_fista",
     "push_through_coefficients",
@@ -420,3 +421,21 @@ def spd_ridge_solve(S: Tensor, R: Tensor, beta: float) -> Tensor:
             f"spd_ridge_solve: S must be square and R must have its rows, got {tuple(S.shape)}, {tuple(R.shape)}"
         )
     return _shifted_solve(S.detach().to(torch.float64), R.detach().to(torch.float64), beta).to(R.dtype)
+
+
+def guarded_cholesky(gram: Tensor, eps: float, trace: float) -> Tensor:
+    """Cholesky factor of ``gram + eps·I`` for LPOM's W-step (§2.4); when rounding leaves a nearly singular Gram
+    indefinite, grow the guard (×100, at least 1e-14·trace) up to 8 times, then raise a ValueError."""
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    factor, info = torch.linalg.cholesky_ex(gram + eps * eye)
+    tries = 0
+    while int(info.item()) != 0:
+        tries += 1
+        if tries > 8 or not math.isfinite(trace):
+            raise ValueError(
+                "lpom: the batch Gram of a W-step cannot be factorised (non-finite activations?); "
+                "lower mu or raise ridge_rel"
+            )
+        eps = max(eps * 100.0, 1e-14 * trace)
+        factor, info = torch.linalg.cholesky_ex(gram + eps * eye)
+    return factor

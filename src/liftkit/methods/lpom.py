@@ -86,7 +86,7 @@ from liftkit.distributed import Communicator
 from liftkit.methods.base import Method, MethodConfig, StepStats, evaluate_loss, register, targets_for
 from liftkit.methods.lpom_shards import Shards
 from liftkit.models import as_chain
-from liftkit.solvers import batch_pinv
+from liftkit.solvers import batch_pinv, guarded_cholesky
 
 __all__ = ["LPOM", "LPOMConfig", "LPOMState", "LiftedChain"]
 
@@ -511,20 +511,7 @@ class _PinvApply:
         if trace == 0.0:
             out.pinv = torch.zeros_like(x_bar)
             return out
-        eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-        eps = ridge_rel * trace / m
-        factor, info = torch.linalg.cholesky_ex(gram + eps * eye)
-        tries = 0
-        while int(info.item()) != 0:  # rounding in a nearly singular Gram: grow the guard until it factors
-            tries += 1
-            if tries > 8 or not math.isfinite(trace):
-                raise ValueError(
-                    "lpom: the batch Gram of a W-step cannot be factorised (non-finite activations?); "
-                    "lower mu or raise ridge_rel"
-                )
-            eps = max(eps * 100.0, 1e-14 * trace)
-            factor, info = torch.linalg.cholesky_ex(gram + eps * eye)
-        out.factor = factor
+        out.factor = guarded_cholesky(gram, ridge_rel * trace / m, trace)
         return out
 
     def __call__(self, r: Tensor) -> Tensor:

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from liftkit.distributed import Communicator
-from liftkit.solvers import batch_pinv
+from liftkit.solvers import batch_pinv, guarded_cholesky
 
 __all__ = ["Shards"]
 
@@ -93,7 +93,7 @@ class Shards:
         trace = float(gram.diagonal().sum().item())
         if trace == 0.0:
             return lambda r: r.new_zeros(r.shape[1], n1)
-        factor = _guarded_cholesky(gram, guard * trace / m_global, trace)
+        factor = guarded_cholesky(gram, guard * trace / m_global, trace)
         if batch_side:
             rows = self._own_rows(torch.cholesky_solve(full, factor), x_bar.shape[0])
             return self._batch_apply(rows, x_bar.dtype)
@@ -124,20 +124,3 @@ class Shards:
 
     def _own_rows(self, full: Tensor, count: int) -> Tensor:
         return full[self._offset:self._offset + count]
-
-
-def _guarded_cholesky(gram: Tensor, eps: float, trace: float) -> Tensor:
-    """Cholesky of gram + εI, growing ε as serial LPOM does when rounding leaves it indefinite."""
-    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-    factor, info = torch.linalg.cholesky_ex(gram + eps * eye)
-    tries = 0
-    while int(info.item()) != 0:
-        tries += 1
-        if tries > 8 or not math.isfinite(trace):
-            raise ValueError(
-                "lpom: the batch Gram of a W-step cannot be factorised (non-finite activations?); "
-                "lower mu or raise ridge_rel"
-            )
-        eps = max(eps * 100.0, 1e-14 * trace)
-        factor, info = torch.linalg.cholesky_ex(gram + eps * eye)
-    return factor
