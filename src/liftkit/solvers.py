@@ -31,6 +31,7 @@ __all__ = [
     "spd_ridge_solve",
     "spectral_norm",
     "spectral_norm_op",
+    "step_change_norms",
 ]
 
 _FORMS = ("auto", "gram", "push_through")
@@ -279,6 +280,21 @@ def block_cg(
 # --------------------------------------------------------------------------------------------------
 
 
+def step_change_norms(
+    dx: Tensor, x: Tensor, sq_sum: Callable[[Tensor], Tensor] | None = None
+) -> tuple[float, float]:
+    """(‖dx‖, ‖x‖) with one host synchronisation: the stopping test of the FISTA solvers.
+
+    With ``sq_sum`` (data parallelism, METHODS.md §7) the squared norms are summed over the processes first, so
+    every process sees the norms of the whole batch and stops at the same iteration."""
+    if sq_sum is None:
+        dnorm, xnorm = torch.stack([dx.norm(), x.norm()]).tolist()
+        return float(dnorm), float(xnorm)
+    sq = sq_sum(torch.stack([dx.pow(2).sum(), x.pow(2).sum()]).to(torch.float64))
+    dsq, xsq = sq.tolist()
+    return math.sqrt(float(dsq)), math.sqrt(float(xsq))
+
+
 def projected_fista(
     grad: Callable[[Tensor], Tensor],
     L: float,
@@ -322,11 +338,7 @@ def projected_fista(
         s_new = 0.5 * (1.0 + math.sqrt(1.0 + 4.0 * s * s))
         dx = x_new - x
         v = x_new + ((s - 1.0) / s_new) * dx
-        if sq_sum is None:
-            dnorm, xnorm = (float(n) for n in torch.stack([dx.norm(), x.norm()]).tolist())  # one host sync
-        else:
-            sq = sq_sum(torch.stack([dx.pow(2).sum(), x.pow(2).sum()]).to(torch.float64))
-            dnorm, xnorm = (math.sqrt(float(n)) for n in sq.tolist())
+        dnorm, xnorm = step_change_norms(dx, x, sq_sum)
         x, s = x_new, s_new
         it += 1
         rel = dnorm / xnorm if xnorm > 0.0 else (0.0 if dnorm == 0.0 else math.inf)

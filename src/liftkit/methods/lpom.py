@@ -86,7 +86,7 @@ from liftkit.distributed import Communicator
 from liftkit.methods.base import Method, MethodConfig, StepStats, evaluate_loss, register, targets_for
 from liftkit.methods.lpom_shards import Shards
 from liftkit.models import as_chain
-from liftkit.solvers import batch_pinv, guarded_cholesky
+from liftkit.solvers import batch_pinv, guarded_cholesky, step_change_norms
 
 __all__ = ["LPOM", "LPOMConfig", "LPOMState", "LiftedChain"]
 
@@ -572,11 +572,7 @@ def _fused_fista(
         theta_new = 0.5 * (1.0 + math.sqrt(1.0 + 4.0 * theta * theta))
         dx = x_new - x
         v = torch.add(x_new, dx, alpha=(theta - 1.0) / theta_new)
-        if sq_sum is None:
-            dnorm, xnorm = (float(n) for n in torch.stack([dx.norm(), x.norm()]).tolist())  # one host sync
-        else:  # data parallelism: the norms of the whole batch, so every process stops at the same iteration
-            sq = sq_sum(torch.stack([dx.pow(2).sum(), x.pow(2).sum()]).to(torch.float64))
-            dnorm, xnorm = (math.sqrt(float(n)) for n in sq.tolist())
+        dnorm, xnorm = step_change_norms(dx, x, sq_sum)
         x, theta = x_new, theta_new
         it += 1
         rel = dnorm / xnorm if xnorm > 0.0 else (0.0 if dnorm == 0.0 else math.inf)
