@@ -141,7 +141,10 @@ class FenchelConfig(MethodConfig):
 
     Defaults (assumption): λ 1, ρ 0 and c 1 are the pure method; ρ_d 10 (hidden) / 30 (output), 20 FISTA
     iterations per X-block and 5 ``mm`` iterations per W-block were chosen on the MNIST validation split at batch
-    500 (docs/results/fenchel.md). The official scripts' values are in ``configs/fenchel-*.json``.
+    500 for 784-300-10 (docs/results/fenchel.md). The official scripts' values are in ``configs/fenchel-*.json``.
+    LeNet-5 wants far weaker anchors: its validation split preferred the official per-layer ρ_d divided by 100
+    (1e-6 / 1e-4 / 1e-2 / 1e-2 / 0.1) with c 1 (``configs/fenchel-*-lenet5-tuned.json``); its fc layers have
+    fewer inputs than a batch has samples, so their W-blocks are well posed without the anchor's damping.
     """
 
     lambdas: PerLayer = 1.0
