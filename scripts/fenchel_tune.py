@@ -82,6 +82,9 @@ def main() -> None:
                 rec = {"batches": done, "val_acc": round(evaluate(), 2), "s_per_batch": round(seconds / done, 3),
                        "s_per_epoch": round(seconds / done * per_epoch, 1)}
                 rec.update({k: round(v / count, 4) for k, v in stats_acc.items()})
+                norms = [round(v, 1) for k, v in sorted(st.info.items()) if k.startswith("w_norm_l")]
+                if norms:
+                    rec["w_norms"] = norms
                 if args.profile:
                     rec["profile_s_per_batch"] = {k: round(v / done, 3) for k, v in sorted(times.items())}
                 print(json.dumps(rec), flush=True)
