@@ -289,6 +289,7 @@ def test_registry_defaults_and_init_option() -> None:
         (nn.Sequential(nn.Flatten(), nn.Linear(4, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 2)), "BatchNorm"),
         (nn.Sequential(nn.Flatten(), nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 2), nn.ReLU()), "logits"),
         (nn.Sequential(nn.Flatten(), nn.Linear(4, 5, bias=False), nn.ReLU(), nn.Linear(5, 2)), "bias"),
+        (nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3)), "groups=2"),
     ],
 )
 def test_unsupported_models_raise(model: nn.Module, message: str) -> None:

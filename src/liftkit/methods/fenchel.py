@@ -450,6 +450,12 @@ class Fenchel(Method):
                 f"{self.chain[-1].activation.name} after module {self.chain[-1].index}"
             )
         for layer in self.chain:
+            if isinstance(layer.linear, nn.Conv2d) and layer.linear.groups != 1:
+                # the W-blocks' data metric is built from full im2col patches, i.e. for groups=1
+                raise ValueError(
+                    f"fenchel cannot train module {layer.index} (Conv2d with groups={layer.linear.groups}); "
+                    "use groups=1"
+                )
             if layer.bias is None:
                 raise ValueError(
                     f"fenchel needs a bias in module {layer.index} ({type(layer.linear).__name__}); "
