@@ -289,6 +289,7 @@ def test_registry_defaults_and_init_option() -> None:
         (nn.Sequential(nn.Flatten(), nn.Linear(4, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 2)), "BatchNorm"),
         (nn.Sequential(nn.Flatten(), nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 2), nn.ReLU()), "logits"),
         (nn.Sequential(nn.Flatten(), nn.Linear(4, 5, bias=False), nn.ReLU(), nn.Linear(5, 2)), "bias"),
+        (nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3)), "groups=2"),
     ],
 )
 def test_unsupported_models_raise(model: nn.Module, message: str) -> None:
@@ -344,7 +345,7 @@ def test_leaky_relu_hidden_layers_train() -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("solver", ["mm", "lbfgs"])
 def test_conv_w_blocks_match_reference(solver: str) -> None:
-    meth, x, y = _tiny_lenet(m=2, w_solver=solver, w_iters=3000, w_tol=1e-13, rho_d=0.5)
+    meth, x, y = _tiny_lenet(m=2, w_solver=solver, w_iters=3000, w_tol=1e-13, rho_d=0.5, rho=0.2)
     xs = meth.lift(x)
     for l in range(1, meth.L + 1):
         xs[l] = xs[l] + 0.2 * torch.rand_like(xs[l])
@@ -362,3 +363,59 @@ def test_per_layer_values_and_output_anchor_override() -> None:
     assert meth.rho_d == [1.0, 2.0, 3.0] and meth.lbd_coef == [4.0, 5.0] and meth.lambdas == [1.0, 1.0]
     meth = Fenchel(mlp("6-7-5-3").to(DT), rho_d="10", rho_d_output="100")
     assert meth.rho_d == [10.0, 10.0, 100.0]
+
+
+# -- fast paths of the conv blocks ---------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "conv, shape",
+    [
+        (nn.Conv2d(1, 6, 5), (3, 1, 12, 12)),
+        (nn.Conv2d(6, 4, 5), (2, 6, 9, 9)),
+        (nn.Conv2d(3, 4, 3, stride=2, padding=1), (3, 3, 9, 8)),
+        (nn.Conv2d(4, 4, 3, dilation=2), (2, 4, 9, 9)),
+        (nn.Conv2d(4, 4, 3, groups=2), (2, 4, 7, 7)),
+    ],
+)
+def test_patch_matrix_matches_unfold_and_reproduces_the_conv(conv: nn.Conv2d, shape: tuple[int, ...]) -> None:
+    from liftkit.methods.fenchel import _patch_matrix
+
+    conv = conv.to(DT)
+    P = torch.randn(*shape, dtype=DT)
+    ref = tF.unfold(P, conv.kernel_size, conv.dilation, conv.padding, conv.stride).transpose(1, 2)
+    ref = ref.reshape(-1, ref.shape[2])
+    assert torch.equal(_patch_matrix(conv, P), ref)
+    with_ones = _patch_matrix(conv, P, with_ones=True)
+    assert torch.equal(with_ones[:, :-1], ref) and bool((with_ones[:, -1] == 1).all())
+    if conv.groups == 1:  # conv(P; W) + b = P̄ θᵀ, rows in (sample, position) order
+        out = conv(P).detach()
+        theta = torch.cat([conv.weight.detach().reshape(conv.out_channels, -1), conv.bias.detach()[:, None]], 1)
+        U2 = with_ones @ theta.T
+        assert torch.allclose(U2, out.permute(0, 2, 3, 1).reshape(-1, conv.out_channels), atol=1e-12)
+
+
+def test_chunked_gram_matches_float64_gram() -> None:
+    from liftkit.methods.fenchel import _gram64
+
+    A = torch.rand(5000, 7, dtype=torch.float32)
+    ref = A.double().T @ A.double()
+    G = _gram64(A, chunk=999)
+    assert G.dtype == torch.float64
+    assert float((G - ref).abs().max()) <= 1e-6 * float(ref.abs().max())
+    A64 = A.double()
+    assert torch.allclose(_gram64(A64, chunk=64), ref, rtol=1e-13, atol=0)
+
+
+def test_fast_pool_glue_matches_avg_pool_and_its_adjoint() -> None:
+    chain = as_chain(lenet5().to(DT), method="fenchel", allow_conv=True, allowed_activations=("relu",))
+    op = LayerOperator(chain[1], (6, 28, 28))
+    X = torch.randn(3, 6, 28, 28, dtype=DT)
+    assert torch.allclose(op.glue(X), tF.avg_pool2d(X, 2), atol=1e-15)
+    G = torch.randn(3, 6, 14, 14, dtype=DT)
+    ref = torch.ops.aten.avg_pool2d_backward(G, X, [2, 2], [2, 2], [0, 0], False, True, None)
+    assert torch.equal(op.glue_adjoint(G), ref)
+    # odd sizes and other pools take the generic path
+    odd = LayerOperator(as_chain(nn.Sequential(nn.Conv2d(1, 2, 2), nn.ReLU(), nn.AvgPool2d(3), nn.Flatten(),
+                                               nn.Linear(8, 3)).to(DT), method="fenchel", allow_conv=True,
+                                 allowed_activations=("relu",))[1], (2, 7, 7))
+    Y = torch.randn(2, 2, 7, 7, dtype=DT)
+    assert torch.allclose(odd.glue(Y), tF.avg_pool2d(Y, 3).flatten(1), atol=1e-15)

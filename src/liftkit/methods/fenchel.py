@@ -148,7 +148,11 @@ class FenchelConfig(MethodConfig):
 
     Defaults (assumption): λ 1, ρ 0 and c 1 are the pure method; ρ_d 10 (hidden) / 30 (output), 20 FISTA
     iterations per X-block and 5 ``mm`` iterations per W-block were chosen on the MNIST validation split at batch
-    500 (docs/results/fenchel.md). The official scripts' values are in ``configs/fenchel-*.json``.
+    500 for 784-300-10 (docs/results/fenchel.md). The official scripts' values are in ``configs/fenchel-*.json``.
+    LeNet-5 wants far weaker hidden anchors: its validation split preferred the official hidden ρ_d divided by 100
+    (1e-6 / 1e-4 / 1e-2 / 1e-2) with the official output anchor 10 and c 1 (``configs/fenchel-*-lenet5-tuned.json``);
+    its fc layers have fewer inputs than a batch has samples, so their W-blocks are well posed without much damping,
+    while a weak output anchor lets ‖W_L‖ grow until the X_L-block's step 1/L_x stalls the lower layers.
     """
 
     lambdas: PerLayer = 1.0
@@ -241,14 +245,21 @@ class LayerOperator:
         return isinstance(self.linear, nn.Conv2d)
 
     def glue(self, X: Tensor) -> Tensor:
-        return self.layer.apply_pre(X)
+        for module in self.layer.pre:
+            X = _pool2_sum(X) if _is_pool2(module, X) else module(X)
+        return X
 
     def glue_adjoint(self, G: Tensor) -> Tensor:
         batch = G.shape[0]
         for module, (in_shape, out_shape) in zip(reversed(self.layer.pre), reversed(self.glue_shapes)):
             if isinstance(module, nn.Flatten):
                 continue  # the reshape below restores every flattened shape at once
-            G = _module_adjoint(module, G.reshape(batch, *out_shape), in_shape)
+            G = G.reshape(batch, *out_shape)
+            if _is_pool2(module, torch.empty((0, *in_shape))):
+                # adjoint of the 2×2 mean: each pooled value spread as ¼ over its window
+                G = (0.25 * G)[:, :, :, None, :, None].expand(*G.shape[:3], 2, G.shape[3], 2).reshape(batch, *in_shape)
+            else:
+                G = _module_adjoint(module, G, in_shape)
         return G.reshape(batch, *self.sample_shape)
 
     def linear_apply(self, P: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -340,6 +351,26 @@ class LayerOperator:
         )
 
 
+def _is_pool2(module: nn.Module, X: Tensor) -> bool:
+    """Whether ``module`` is LeNet-5's plain 2×2 / stride-2 average pooling on even-sized 4-D input X."""
+    return (
+        isinstance(module, nn.AvgPool2d)
+        and _pair(module.kernel_size) == [2, 2]
+        and _pair(module.stride if module.stride is not None else module.kernel_size) == [2, 2]
+        and _pair(module.padding) == [0, 0]
+        and module.divisor_override is None
+        and X.ndim == 4
+        and X.shape[2] % 2 == 0
+        and X.shape[3] % 2 == 0
+    )
+
+
+def _pool2_sum(X: Tensor) -> Tensor:
+    """2×2 / stride-2 average pooling by strided slices: 2-3x faster than ``avg_pool2d`` on the CPU here."""
+    rows = X[:, :, 0::2] + X[:, :, 1::2]
+    return 0.25 * (rows[..., 0::2] + rows[..., 1::2])
+
+
 def _module_adjoint(module: nn.Module, G: Tensor, in_shape: tuple[int, ...]) -> Tensor:
     """Adjoint of one linear, parameter-free glue module (exact: the module is linear).
 
@@ -358,6 +389,48 @@ def _module_adjoint(module: nn.Module, G: Tensor, in_shape: tuple[int, ...]) -> 
         z = torch.zeros((batch, *in_shape), dtype=G.dtype, device=G.device, requires_grad=True)
         (g,) = torch.autograd.grad(module(z), z, G)
     return g
+
+
+def _patch_matrix(conv: nn.Conv2d, P: Tensor, with_ones: bool = False) -> Tensor:
+    """The im2col matrix of ``conv`` on P: one row per (sample, output position), columns in the (C, kh, kw)
+    order of ``weight.reshape(out, -1)``, so that ``conv(P; W)`` is ``patches @ W.reshape(out, -1).T``;
+    ``with_ones`` appends a ones column (for the bias) in the same single copy.
+
+    Built from strided views (zero padding first) rather than ``F.unfold``, which needs a second, transposing
+    copy and was 2-4x slower on the CPU for LeNet-5's shapes; ``F.unfold`` remains for dilated or grouped convs.
+    """
+    kh, kw = _pair(conv.kernel_size)
+    sh, sw = _pair(conv.stride)
+    ph, pw = _pair(conv.padding)
+    if tuple(_pair(conv.dilation)) != (1, 1) or conv.groups != 1:
+        patches = tF.unfold(P, (kh, kw), conv.dilation, (ph, pw), (sh, sw)).transpose(1, 2)
+        flat = patches.reshape(-1, patches.shape[2])
+        return torch.cat([flat, torch.ones_like(flat[:, :1])], dim=1) if with_ones else flat
+    if ph or pw:
+        P = tF.pad(P, (pw, pw, ph, ph))
+    windows = P.unfold(2, kh, sh).unfold(3, kw, sw).permute(0, 2, 3, 1, 4, 5)  # m, Ho, Wo, C, kh, kw
+    m, Ho, Wo, C = windows.shape[:4]
+    fan_in = C * kh * kw
+    if not with_ones:
+        return windows.reshape(-1, fan_in)
+    out = torch.empty((m * Ho * Wo, fan_in + 1), dtype=P.dtype, device=P.device)
+    out[:, fan_in] = 1.0
+    row = fan_in + 1
+    out.as_strided(windows.shape, (Ho * Wo * row, Wo * row, row, kh * kw, kw, 1)).copy_(windows)
+    return out
+
+
+def _gram64(A: Tensor, chunk: int = 16384) -> Tensor:
+    """AᵀA in float64 for a tall A: row chunks multiplied in A's dtype, accumulated in float64.
+
+    A float64 copy of LeNet-5's conv1 patch matrix (392 000 × 26) costs 10x more than this; each chunk's float32
+    Gram carries a relative error ~1e-7, far below the ρ_d shift that the Cholesky factor relies on.
+    """
+    G = torch.zeros((A.shape[1], A.shape[1]), dtype=torch.float64, device=A.device)
+    for start in range(0, A.shape[0], chunk):
+        block = A[start:start + chunk]
+        G += (block.T @ block).to(torch.float64)
+    return G
 
 
 def _pair(v: Any) -> list[int]:
@@ -394,6 +467,12 @@ class Fenchel(Method):
                 f"{self.chain[-1].activation.name} after module {self.chain[-1].index}"
             )
         for layer in self.chain:
+            if isinstance(layer.linear, nn.Conv2d) and layer.linear.groups != 1:
+                # the W-blocks' data metric is built from full im2col patches, i.e. for groups=1
+                raise ValueError(
+                    f"fenchel cannot train module {layer.index} (Conv2d with groups={layer.linear.groups}); "
+                    "use groups=1"
+                )
             if layer.bias is None:
                 raise ValueError(
                     f"fenchel needs a bias in module {layer.index} ({type(layer.linear).__name__}); "
@@ -649,7 +728,8 @@ class Fenchel(Method):
         if c.w_solver == "fista":
             return self._w_block_fista(l, op, P, value_grad)
         if c.w_solver == "mm":
-            return self._w_block_mm(l, op, P, value_grad)
+            target = None if l == self.L else xs[l + 1]
+            return self._w_block_mm(l, op, P, value_grad, W0, b0, target)
         W = lin.weight.detach().clone().requires_grad_(True)
         b = lin.bias.detach().clone().requires_grad_(True)
         _, gW0, gb0 = value_grad(W.detach(), b.detach(), False)
@@ -701,6 +781,7 @@ class Fenchel(Method):
     def _w_block_mm(
         self, l: int, op: LayerOperator, P: Tensor,
         value_grad: Callable[[Tensor, Tensor, bool], tuple[float, Tensor, Tensor]],
+        W0: Tensor, b0: Tensor, target: Tensor | None,
     ) -> int:
         """Accelerated majorize–minimize on θ = [W, b] in the data metric H = a·P̄ᵀP̄ + 2(ρ_d + ρ)I.
 
@@ -714,15 +795,23 @@ class Fenchel(Method):
         lin = op.linear
         assert lin.bias is not None
         out = lin.weight.shape[0]
+        last = l == self.L
+        # Conv blocks run in the unfolded (im2col) form: U = P̄θᵀ row by row, ∇ = GᵀP̄ + 2ρ_d(θ − θ⁰) + 2ρ[W, 0];
+        # two plain matmuls replace a conv2d / conv2d_weight pair per iteration (about 2x cheaper for conv1 on the
+        # CPU), and the Gram of the tall patch matrix is accumulated in chunks (10x cheaper than a float64 copy).
+        matrix_form = isinstance(lin, nn.Conv2d) and not last
         if isinstance(lin, nn.Conv2d):
-            # m × (fan-in) × positions, in the (C, kh, kw) order of weight.reshape(out, -1)
-            patches = tF.unfold(P, lin.kernel_size, lin.dilation, tuple(_pair(lin.padding)), lin.stride)
-            P2 = patches.transpose(1, 2).reshape(-1, patches.shape[1])
+            P_bar = _patch_matrix(lin, P, with_ones=True)
         else:
             P2 = P.reshape(-1, P.shape[-1])
-        P_bar = torch.cat([P2, torch.ones_like(P2[:, :1])], dim=1).to(torch.float64)
-        curvature = 0.5 if l == self.L else 2.0 * self.lambdas[l] * self._act(l).kappa
-        H = curvature * (P_bar.T @ P_bar)
+            P_bar = torch.cat([P2, torch.ones_like(P2[:, :1])], dim=1)
+        curvature = 0.5 if last else 2.0 * self.lambdas[l] * self._act(l).kappa
+        if matrix_form:
+            H = curvature * _gram64(P_bar)
+        else:
+            P64 = P_bar.to(torch.float64)
+            H = curvature * (P64.T @ P64)
+            del P64
         if self._reduce is not None:
             self._reduce(H)  # the float64 Gram of the global batch (METHODS.md §7)
         shift = 2.0 * (self.rho_d[l] + c.rho)
@@ -731,10 +820,31 @@ class Fenchel(Method):
         H_inv = torch.cholesky_inverse(torch.linalg.cholesky(H)).to(P.dtype)
         shape_W = lin.weight.shape
 
-        def grad(theta: Tensor) -> Tensor:
-            _, gW, gb = value_grad(theta[:, :-1].reshape(shape_W), theta[:, -1], False)
-            assert gb is not None
-            return torch.cat([gW.reshape(out, -1), gb.reshape(out, 1)], dim=1)
+        if matrix_form:
+            assert target is not None
+            act = self._act(l)
+            T2 = target.permute(0, 2, 3, 1).reshape(-1, out)
+            weight = 2.0 * self.lambdas[l]
+            theta0 = torch.cat([W0.reshape(out, -1), b0.reshape(out, 1)], dim=1)
+            ridge_mask = torch.ones_like(theta0)
+            ridge_mask[:, -1] = 0.0
+
+            def grad(theta: Tensor) -> Tensor:
+                G2 = weight * act.grad_u(P_bar @ theta.T, T2)
+                g = G2.T @ P_bar
+                if self._reduce is not None:
+                    self._reduce(g)  # the data term is a sum over samples (METHODS.md §7), as in value_grad
+                g = g + (2.0 * self.rho_d[l]) * (theta - theta0)
+                if c.rho:
+                    g = g + (2.0 * c.rho) * theta * ridge_mask
+                return g
+
+        else:
+
+            def grad(theta: Tensor) -> Tensor:
+                _, gW, gb = value_grad(theta[:, :-1].reshape(shape_W), theta[:, -1], False)
+                assert gb is not None
+                return torch.cat([gW.reshape(out, -1), gb.reshape(out, 1)], dim=1)
 
         theta = torch.cat([lin.weight.detach().reshape(out, -1), lin.bias.detach().reshape(out, 1)], dim=1)
         v, s = theta, 1.0
