@@ -13,15 +13,10 @@ import argparse
 import time
 
 import torch
+from tiam_tune import parse_run, validation_subset  # the sibling script (scripts/ is on sys.path when run)
 
-from liftkit.data import load_dataset
 from liftkit.methods import get
 from liftkit.models import build_model
-
-
-def parse_run(text: str) -> tuple[str, dict[str, str]]:
-    name, _, rest = text.partition(":")
-    return name, dict(kv.split("=", 1) for kv in rest.split(",") if kv)
 
 
 def rms(t: torch.Tensor) -> float:
@@ -56,11 +51,7 @@ def main() -> None:
             return P
 
         TIAM._update_W = repeated  # type: ignore[method-assign]
-    ds = load_dataset(args.dataset, split="validation")
-    x, y = ds.x_train, ds.y_train
-    if args.subset:
-        x, y = x[: args.subset], y[: args.subset]
-    idx = torch.arange(x.shape[0])
+    ds, x, y, idx = validation_subset(args.dataset, args.subset)
     for spec in args.run:
         name, hp = parse_run(spec)
         model = build_model(

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from liftkit.data import load_dataset
+from liftkit.data import Dataset, load_dataset
 from liftkit.methods import get
 from liftkit.models import build_model
 
@@ -21,6 +21,18 @@ def parse_run(text: str) -> tuple[str, dict[str, str]]:
     name, _, rest = text.partition(":")
     hp = dict(kv.split("=", 1) for kv in rest.split(",") if kv)
     return name, hp
+
+
+def validation_subset(
+    dataset: str, subset: int
+) -> tuple[Dataset, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The validation split's training part (first 90 % of the training set), cut to its first ``subset``
+    samples when ``subset`` > 0, with the full-batch sample index TIAM's per-sample state is keyed by."""
+    ds = load_dataset(dataset, split="validation")
+    x, y = ds.x_train, ds.y_train
+    if subset:
+        x, y = x[:subset], y[:subset]
+    return ds, x, y, torch.arange(x.shape[0])
 
 
 def main() -> None:
@@ -35,11 +47,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    ds = load_dataset(args.dataset, split="validation")
-    x, y = ds.x_train, ds.y_train
-    if args.subset:
-        x, y = x[: args.subset], y[: args.subset]
-    idx = torch.arange(x.shape[0])
+    ds, x, y, idx = validation_subset(args.dataset, args.subset)
     for spec in args.run:
         name, hp = parse_run(spec)
         model = build_model(
