@@ -32,6 +32,16 @@ CASES: dict[str, tuple[str, dict[str, Any], int, int, str]] = {
     "tiam-full": ("tiam", {}, 0, 4, "64-16-16-10"),
     "tiam-minibatch": ("tiam", {"minibatch_sweeps": 2}, 200, 1, "64-16-16-10"),
     "am-full": ("am", {"rho": 0.01}, 0, 4, "64-16-16-10"),
+    # the Gram metrics all-reduce aᵀa; the first layer's full-batch Gram is cached under a global fingerprint
+    "tiam-metrics": (
+        "tiam",
+        {"constraint": "penalty", "nu": 10.0, "rho": 1.0, "w_metric": "gram", "a_metric": "gram",
+         "p_schedule": "fista"},
+        0,
+        3,
+        "64-16-16-10",
+    ),
+    "am-diagonal": ("am", {"w_metric": "diagonal"}, 0, 3, "64-16-16-10"),
     "proxprop-exact": ("proxprop", {}, 100, 1, "64-16-16-10"),
     "proxprop-cg": ("proxprop", {"solver": "cg3", "optimizer": "sgd", "lr": 0.5}, 100, 1, "64-16-16-10"),
     "sibp": ("sibp", {}, 100, 1, "64-16-16-10"),

@@ -426,6 +426,8 @@ def test_inertia_changes_the_iterates() -> None:
         {"mode": "minibatch", "minibatch_sweeps": 2},
         {"zL_solver": "fista"},
         {"p_schedule": "fista", "constraint": "penalty"},
+        {"p_schedule": "fista", "constraint": "penalty", "w_metric": "gram", "a_metric": "gram"},
+        {"w_metric": "diagonal"},
     ],
 )
 def test_state_dict_round_trip_continues_bit_identically(hp: dict[str, object]) -> None:
@@ -502,6 +504,9 @@ def test_minibatch_training_lowers_loss() -> None:
         {"history": "bogus"},
         {"p_schedule": "nesterov"},
         {"constraint": "hard"},
+        {"w_metric": "newton"},
+        {"a_metric": "diagonal"},
+        {"a_metric": "gram"},  # the box constraint has no closed-form prox in that metric
         {"bogus_key": 1},
     ],
 )
@@ -630,3 +635,129 @@ def test_elu_projection_stays_finite_below_the_floor(dtype: torch.dtype) -> None
     w = torch.tensor([0.0, -3.0, 1.0], dtype=dtype)
     z = meth._project_z(act, w, a, 1e-4)
     assert bool(torch.isfinite(z).all())
+
+
+# -- W and a metrics (w_metric, a_metric; assumption) ---------------------------------------------------------
+
+
+def _ridge_w(a: torch.Tensor, z: torch.Tensor, b: torch.Tensor, rho: float, mu: float) -> torch.Tensor:
+    """argmin_W (ρ/2)‖z − aWᵀ − 1bᵀ‖² + (μ/2)‖W‖² by a dense solve."""
+    lhs = rho * a.T @ a + mu * torch.eye(a.shape[1], dtype=a.dtype)
+    return torch.linalg.solve(lhs, rho * a.T @ (z - b)).T
+
+
+@pytest.mark.parametrize("p", [(0.0, 0.0, 0.0), (0.4, 0.4, 0.0)])
+def test_gram_w_metric_step_is_the_exact_minimiser(p: tuple[float, float, float]) -> None:
+    """In the Gram metric M = ρaᵀa + μI (∇²S_W) the first trial θ = 1 is accepted and, with p1 = p2, it is the
+    Newton step on a quadratic: the exact minimiser over W, whatever the gradient point."""
+    x, _ = _problem(n=40)
+    rho, mu = 0.7, 0.05
+    meth = TIAM(_model(), p1=p[0], p2=p[1], p3=p[2], rho=rho, mu=mu, w_metric="gram")
+    layer = meth.chain[0]
+    g = torch.Generator().manual_seed(8)
+    z = torch.randn(x.shape[0], 5, generator=g, dtype=torch.float64)
+    W = layer.weight.detach().clone()
+    meth.state.W_prev[0] = W + 0.2 * torch.randn(W.shape, generator=g, dtype=torch.float64)
+    cnt = _Counters()
+    out = meth._w_block(0, x, z, x @ W.T, p, cnt, meth._w_metric(0, x))
+    assert out is not None
+    torch.testing.assert_close(out[0], _ridge_w(x, z, layer.bias.detach(), rho, mu), atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(out[1], x @ out[0].T)
+    assert cnt.backtracks == 0
+    # the identity metric (the paper's gradient step) does not reach it in one step
+    plain = TIAM(_model(), p1=p[0], p2=p[1], p3=p[2], rho=rho, mu=mu)
+    plain.state.W_prev[0] = meth.state.W_prev[0].clone()
+    other = plain._w_block(0, x, z, x @ W.T, p, _Counters())
+    assert other is not None
+    assert not torch.allclose(other[0], out[0], atol=1e-3)
+
+
+def test_diagonal_w_metric_matches_reference_backtracking() -> None:
+    """w_metric='diagonal': W⁺ = W̃ − G D⁻¹/θ with D = diag(ρΣa² + μ), accepted at the first θ (doubling from
+    θ0) with S(W⁺) ≤ S(Ŵ) + ⟨G, d⟩ + (θ/2)‖d‖²_D; reference by autograd and direct evaluation of S."""
+    x, _ = _problem(n=40)
+    x = x * torch.linspace(0.1, 5.0, x.shape[1], dtype=torch.float64)  # badly scaled columns
+    rho, mu, p = 0.5, 0.05, (0.5, 0.2, 0.3)
+    meth = TIAM(_model(), p1=p[0], p2=p[1], p3=p[2], rho=rho, mu=mu, theta0=0.01, w_metric="diagonal")
+    layer = meth.chain[0]
+    g = torch.Generator().manual_seed(9)
+    z = torch.randn(x.shape[0], 5, generator=g, dtype=torch.float64)
+    W, b = layer.weight.detach().clone(), layer.bias.detach().clone()
+    W_prev = W + 0.1 * torch.randn(W.shape, generator=g, dtype=torch.float64)
+    meth.state.W_prev[0] = W_prev.clone()
+
+    def S(Wv: torch.Tensor) -> torch.Tensor:
+        return 0.5 * rho * (z - x @ Wv.T - b).pow(2).sum() + 0.5 * mu * Wv.pow(2).sum()
+
+    delta = W - W_prev
+    W_t, W_h = W + p[0] * delta, W + p[1] * delta
+    Wv = W_h.clone().requires_grad_(True)
+    (G,) = torch.autograd.grad(S(Wv), Wv)
+    D = rho * x.pow(2).sum(0) + mu
+    D = D + 1e-10 * float(D.mean() - mu)
+    theta = 0.01
+    while True:
+        W_plus = W_t - G / D / theta
+        d = W_plus - W_h
+        if float(S(W_plus)) <= float(S(W_h) + (G * d).sum() + 0.5 * theta * (d.pow(2) * D).sum()) + 1e-12:
+            break
+        theta *= 2
+    out = meth._w_block(0, x, z, x @ W.T, p, _Counters(), meth._w_metric(0, x))
+    assert out is not None
+    torch.testing.assert_close(out[2], W_plus)
+    torch.testing.assert_close(out[0], W_plus + p[2] * (W_plus - W))
+    assert meth.state.theta_W[0] == theta
+    assert theta > 0.01  # the check exercised the backtracking
+
+
+def test_gram_a_metric_step_is_the_exact_penalty_minimiser() -> None:
+    """a_metric='gram' (constraint='penalty'): one p = 0 a-step is the closed-form minimiser of
+    (ρ/2)‖z_{l+1} − aWᵀ − 1bᵀ‖² + (ν/2)‖a − h(z_l)‖² (the identity metric needs thousands of steps)."""
+    x, _ = _problem()
+    rho, nu = 0.9, 0.4
+    meth = TIAM(_model(), p1=0.0, p2=0.0, p3=0.0, rho=rho, nu=nu, constraint="penalty", a_metric="gram")
+    act = meth._acts()[0]
+    g = torch.Generator().manual_seed(23)
+    z_l = torch.randn(x.shape[0], 5, generator=g, dtype=torch.float64)
+    nxt = meth.chain[1]
+    W_n, b_n = nxt.weight.detach(), nxt.bias.detach()
+    z_n = torch.randn(x.shape[0], 4, generator=g, dtype=torch.float64)
+    cnt = _Counters()
+    res = meth._a_step(0, act, act.phi(z_l), (0.0, 0.0, 0.0), torch.zeros_like(z_l), z_l, W_n, b_n, z_n, 1e-3, cnt)
+    assert res is not None
+    lhs = rho * W_n.T @ W_n + nu * torch.eye(5, dtype=torch.float64)
+    ref = torch.linalg.solve(lhs, (rho * (z_n - b_n) @ W_n + nu * act.phi(z_l)).T).T
+    torch.testing.assert_close(res.new, ref, atol=1e-9, rtol=1e-9)
+    assert cnt.backtracks == 0
+
+
+@pytest.mark.parametrize("metrics", [{}, {"w_metric": "gram", "a_metric": "gram"}, {"w_metric": "diagonal"}])
+def test_metrics_keep_the_objective_monotone_and_train(metrics: dict[str, str]) -> None:
+    """With the FISTA-like inertia and the safeguard, F never rises; the forward loss falls."""
+    x, _ = _problem(n=90)
+    y = (x @ torch.randn(6, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)).argmax(1)
+    meth = TIAM(_model(), constraint="penalty", nu=10.0, rho=1.0, p_schedule="fista", max_doublings=40, **metrics)
+    idx = torch.arange(90)
+    first = meth.step(x, y, idx=idx)
+    values = [meth.step(x, y, idx=idx) for _ in range(40)]
+    assert values[-1].loss < 0.5 * first.loss
+    objective = [s.info["objective"] for s in values]
+    assert all(b <= a * (1 + 1e-12) for a, b in itertools.pairwise(objective))
+
+
+def test_cached_first_layer_gram_gives_the_same_steps() -> None:
+    """Full batch: the first layer's Gram metric is computed once (n > 10·d here) and reused; dropping the cache
+    recomputes the identical factor, so the next step is bit-identical."""
+    x, _ = _problem(n=90)
+    y = torch.arange(90) % 3
+    meth = TIAM(_model(), constraint="penalty", nu=10.0, rho=1.0, w_metric="gram", a_metric="gram")
+    idx = torch.arange(90)
+    for _ in range(3):
+        meth.step(x, y, idx=idx)
+    assert meth._gram_cache is not None
+    twin = copy.deepcopy(meth)
+    twin._gram_cache = None
+    meth.step(x, y, idx=idx)
+    twin.step(x, y, idx=idx)
+    for p1, p2 in zip(meth.model.parameters(), twin.model.parameters()):
+        assert torch.equal(p1, p2)

@@ -435,9 +435,12 @@ def spd_ridge_solve(S: Tensor, R: Tensor, beta: float) -> Tensor:
     return _shifted_solve(S.detach().to(torch.float64), R.detach().to(torch.float64), beta).to(R.dtype)
 
 
-def guarded_cholesky(gram: Tensor, eps: float, trace: float) -> Tensor:
-    """Cholesky factor of ``gram + eps·I`` for LPOM's W-step (§2.4); when rounding leaves a nearly singular Gram
-    indefinite, grow the guard (×100, at least 1e-14·trace) up to 8 times, then raise a ValueError."""
+def guarded_cholesky(
+    gram: Tensor, eps: float, trace: float, *, who: str = "lpom", fix: str = "lower mu or raise ridge_rel"
+) -> Tensor:
+    """Cholesky factor of ``gram + eps·I`` for LPOM's W-step (§2.4) and TIAM's Gram metric; when rounding leaves
+    a nearly singular Gram indefinite, grow the guard (×100, at least 1e-14·trace) up to 8 times, then raise a
+    ValueError naming ``who`` and the ``fix``."""
     eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
     factor, info = torch.linalg.cholesky_ex(gram + eps * eye)
     tries = 0
@@ -445,8 +448,7 @@ def guarded_cholesky(gram: Tensor, eps: float, trace: float) -> Tensor:
         tries += 1
         if tries > 8 or not math.isfinite(trace):
             raise ValueError(
-                "lpom: the batch Gram of a W-step cannot be factorised (non-finite activations?); "
-                "lower mu or raise ridge_rel"
+                f"{who}: the batch Gram of a W-step cannot be factorised (non-finite activations?); {fix}"
             )
         eps = max(eps * 100.0, 1e-14 * trace)
         factor, info = torch.linalg.cholesky_ex(gram + eps * eye)

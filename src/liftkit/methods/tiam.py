@@ -80,7 +80,7 @@ from liftkit.activations import Activation
 from liftkit.distributed import Communicator
 from liftkit.methods.base import Method, MethodConfig, StepStats, evaluate_loss, register
 from liftkit.models import ChainLayer, as_chain
-from liftkit.solvers import projected_fista
+from liftkit.solvers import guarded_cholesky, projected_fista
 
 __all__ = ["AM", "TIAM", "AMConfig", "TIAMConfig", "TIAMState", "grad_a", "grad_b", "grad_ce_sum", "grad_w"]
 
@@ -119,6 +119,8 @@ class TIAMConfig(MethodConfig):
     fista_step: float = 4.0  # step of zL_solver='fista' (mDLAM)
     fista_max_iter: int = 500
     fista_tol: float = 1e-4  # relative-change stop of the shared projected_fista
+    w_metric: str = "identity"  # metric of the W backtracking: 'identity' (paper) | 'diagonal' | 'gram' (assumption)
+    a_metric: str = "identity"  # metric of the a backtracking: 'identity' (paper) | 'gram' (penalty only; assumption)
 
     def validate(self) -> None:
         self._positive("rho", "nu", "eps0", "eps_min", "theta0", "fista_step")
@@ -141,6 +143,13 @@ class TIAMConfig(MethodConfig):
         self._choice("constraint", ("box", "penalty"))
         self._choice("init", ("pytorch", "mdlam"))
         self._choice("mode", ("auto", "full", "minibatch"))
+        self._choice("w_metric", ("identity", "diagonal", "gram"))
+        self._choice("a_metric", ("identity", "gram"))
+        if self.a_metric == "gram" and self.constraint != "penalty":
+            raise ValueError(
+                "a_metric='gram' needs constraint='penalty' (the box prox has no closed form in that metric); "
+                "set constraint=penalty or a_metric=identity"
+            )
 
 
 @dataclass
@@ -226,6 +235,30 @@ class _Counters:
         self.theta_max = max(self.theta_max, theta)
 
 
+@dataclass
+class _WMetric:
+    """A W-step metric M acting on the right of W (n_out × n_in): a diagonal ``diag`` or a Cholesky ``factor``
+    of ρ aᵀa + shift·I (float64)."""
+
+    rho: float
+    shift: float
+    diag: Tensor | None = None
+    factor: Tensor | None = None
+
+    def precondition(self, G: Tensor) -> Tensor:
+        """G M⁻¹."""
+        if self.diag is not None:
+            return G / self.diag
+        assert self.factor is not None
+        return torch.cholesky_solve(G.T.to(torch.float64), self.factor).T.to(G.dtype)
+
+    def sq_norm(self, U: Tensor, a_sq: float) -> float:
+        """‖U‖²_M = tr(U M Uᵀ); ``a_sq`` = ‖a Uᵀ‖² (summed over all ranks), which the Gram metric needs."""
+        if self.diag is not None:
+            return float((U.square() * self.diag).sum())
+        return self.rho * a_sq + self.shift * _sq(U)
+
+
 def _risen(new: float, old: float, dtype: torch.dtype) -> bool:
     # A rise below a few ulps of the compared sums is rounding, not an ascent.
     return new > old + 64 * torch.finfo(dtype).eps * max(abs(old), abs(new), 1e-30)
@@ -288,6 +321,7 @@ class TIAM(Method):
     def __init__(self, model: nn.Module, *, loss: str | None = None, **hparams: Any) -> None:
         super().__init__(model, loss=loss, **hparams)
         self._m_global = 0  # N_global of the batch being swept (the b-step's exact mean divides by it)
+        self._gram_cache: tuple[tuple[Any, ...], _WMetric] | None = None  # the first layer's W metric, full batch
         c = self.config
         self.chain: list[ChainLayer] = as_chain(
             model, method=self.name, allowed_activations=_SUPPORTED_ACTIVATIONS, require_bias=True
@@ -438,8 +472,43 @@ class TIAM(Method):
         return val
 
     # -- the W block --------------------------------------------------------------------------------
+    def _w_metric(self, l: int, a_in: Tensor) -> _WMetric | None:
+        """The metric M of W_l's backtracking (``w_metric``): None for the identity (the paper's gradient step);
+        'diagonal': M = diag(ρ Σ_rows a² + δ); 'gram': M = ρ aᵀa + δI (S's exact Hessian, so with p1 = p2 the
+        first trial θ = 1 is the exact minimiser over W). δ = μ + 1e-10·mean diag keeps M positive definite
+        and M ⪰ ∇²S, so θ = 1 always passes the test. The first layer's Gram in full-batch mode is computed
+        once and reused while the inputs' fingerprint is unchanged (the same training set every iteration)."""
+        c = self.config
+        if c.w_metric == "identity":
+            return None
+        if c.w_metric == "diagonal":
+            m = a_in.to(torch.float64).square().sum(dim=0)
+            if self.comm.world_size > 1:
+                m = self.comm.all_reduce_sum_(m)
+            m = c.rho * m
+            m += c.mu + 1e-10 * float(m.mean())
+            return _WMetric(diag=m.to(a_in.dtype), rho=c.rho, shift=0.0)
+        key: tuple[Any, ...] | None = None
+        if l == 0 and a_in.shape[0] > 10 * a_in.shape[1]:
+            key = (tuple(a_in.shape), a_in.dtype, *self._sum(float(a_in.sum()), _sq(a_in)))
+            cached = self._gram_cache
+            if cached is not None and cached[0] == key:
+                return cached[1]
+        a64 = a_in.to(torch.float64)
+        gram = a64.T @ a64
+        if self.comm.world_size > 1:
+            gram = self.comm.all_reduce_sum_(gram)
+        gram *= c.rho
+        trace = float(gram.diagonal().sum())
+        shift = c.mu + 1e-10 * trace / max(gram.shape[0], 1)
+        factor = guarded_cholesky(gram, shift, trace, who=f"{self.name} (w_metric='gram')", fix="lower rho")
+        metric = _WMetric(factor=factor, rho=c.rho, shift=shift)
+        if key is not None:
+            self._gram_cache = (key, metric)
+        return metric
+
     def _w_block(
-        self, l: int, a_in: Tensor, z: Tensor, P0: Tensor, p: _P, cnt: _Counters
+        self, l: int, a_in: Tensor, z: Tensor, P0: Tensor, p: _P, cnt: _Counters, metric: _WMetric | None = None
     ) -> tuple[Tensor, Tensor, Tensor] | None:
         """One inertial W-step from W^k (with P0 = a W^kᵀ); returns (W^{k+1}, a W^{k+1}ᵀ, W⁺), or None when
         backtracking fails."""
@@ -464,23 +533,30 @@ class TIAM(Method):
             G = grad_w(a_in, z, W_hat, b, c.rho, c.mu, aWt=P_hat)
         else:
             G = self.comm.all_reduce_sum_(c.rho * ((P_hat + b - z).T @ a_in)) + c.mu * W_hat
-        PG = a_in @ G.T
-        # S is quadratic: S(û + d) − S(û) − ⟨∇S(û), d⟩ = (ρ/2)‖a dᵀ‖² + (μ/2)‖d‖², with d = (p1 − p2)Δ − G/θ,
+        # The step direction is G M⁻¹ in the metric M of ``w_metric`` (M = I: the paper's gradient step).
+        D = G if metric is None else metric.precondition(G)
+        PG = a_in @ D.T
+        # S is quadratic: S(û + d) − S(û) − ⟨∇S(û), d⟩ = (ρ/2)‖a dᵀ‖² + (μ/2)‖d‖², with d = (p1 − p2)Δ − D/θ,
         # so every trial is three inner products instead of a pass over the data.
         q = p1 - p2 if use_delta else 0.0
-        dd, dg, gg = _sq(delta), _dot(delta, G), _sq(G)
+        dd, dg, gg = _sq(delta), _dot(delta, D), _sq(D)
         ee, eg = (_sq(Pd), _dot(Pd, PG)) if Pd is not None else (0.0, 0.0)
         pgpg = _sq(PG)
         ee, eg, pgpg = self._sum(ee, eg, pgpg)
+        if metric is not None:
+            # ‖d‖²_M = q²‖Δ‖²_M − (2q/θ)⟨Δ, G⟩ + ⟨D, G⟩/θ² (D M = G)
+            dd_m = metric.sq_norm(delta, ee) if q else 0.0
+            dg_m, gg_m = _dot(delta, G), _dot(D, G)
         theta = self._theta_start(self.state.theta_W[l])
         for trial in range(c.max_doublings + 1):
             d_sq = q * q * dd - 2 * q / theta * dg + gg / theta**2
             ad_sq = q * q * ee - 2 * q / theta * eg + pgpg / theta**2
             excess = 0.5 * c.rho * ad_sq + 0.5 * c.mu * d_sq
-            if excess <= 0.5 * theta * d_sq * (1 + 1e-12):
+            bound_sq = d_sq if metric is None else q * q * dd_m - 2 * q / theta * dg_m + gg_m / theta**2
+            if excess <= 0.5 * theta * bound_sq * (1 + 1e-12):
                 cnt.add_trials(trial, theta)
                 self.state.theta_W[l] = theta
-                W_plus = W_hat + q * delta - G / theta
+                W_plus = W_hat + q * delta - D / theta
                 P_plus = P_hat - PG / theta
                 if Pd is not None:
                     P_plus = P_plus + q * Pd
@@ -501,9 +577,10 @@ class TIAM(Method):
         b = self._bias(layer).detach()
         if P0 is None:
             P0 = a_in @ W_old.T
-        result = self._w_block(l, a_in, z, P0, p, cnt)
+        metric = self._w_metric(l, a_in)
+        result = self._w_block(l, a_in, z, P0, p, cnt, metric)
         if result is None and (p[0] or p[1]):
-            result = self._w_block(l, a_in, z, P0, (0.0, 0.0, p[2]), cnt)
+            result = self._w_block(l, a_in, z, P0, (0.0, 0.0, p[2]), cnt, metric)
         if result is not None and c.safeguard and any(p):
             W_new, P_new, _ = result
             fit_old, fit_new = self._sum(_sq(z - P0 - b), _sq(z - P_new - b))
@@ -511,7 +588,7 @@ class TIAM(Method):
             new = 0.5 * c.rho * fit_new + 0.5 * c.mu * _sq(W_new)
             if _risen(new, old, z.dtype):
                 cnt.safeguard_restarts += 1
-                result = self._w_block(l, a_in, z, P0, (0.0, 0.0, 0.0), cnt)
+                result = self._w_block(l, a_in, z, P0, (0.0, 0.0, 0.0), cnt, metric)
         if result is None:
             W_new, P_new, W_raw = W_old, P0, W_old
         else:
@@ -676,13 +753,16 @@ class TIAM(Method):
         prox: Callable[[Tensor, float], Tensor],
         theta: float,
         cnt: _Counters,
+        metric: tuple[Tensor, Callable[[Tensor], float]] | None = None,
     ) -> tuple[Tensor | None, float]:
-        """u⁺ = prox(ũ − ∇S(û)/θ, θ), θ ← factor·θ until S(u⁺) ≤ S(û) + ⟨∇S(û), d⟩ + θ/2‖d‖² (d = u⁺ − û)."""
+        """u⁺ = prox(ũ − ∇S(û)/θ, θ), θ ← factor·θ until S(u⁺) ≤ S(û) + ⟨∇S(û), d⟩ + θ/2‖d‖² (d = u⁺ − û).
+        ``metric`` = (∇S(û)M⁻¹, ‖·‖²_M) runs the same test in a metric M (``prox`` must then be the prox in M)."""
         c = self.config
+        direction, sq_norm = (grad, _sq) if metric is None else metric
         for trial in range(c.max_doublings + 1):
-            u_plus = prox(u_tilde - grad / theta, theta)
+            u_plus = prox(u_tilde - direction / theta, theta)
             d = u_plus - u_hat
-            s_plus, grad_d, d_sq = self._sum(objective(u_plus), _dot(grad, d), _sq(d))
+            s_plus, grad_d, d_sq = self._sum(objective(u_plus), _dot(grad, d), sq_norm(d))
             bound = s_hat + grad_d + 0.5 * theta * d_sq
             # the sums carry rounding of a few ulps of S itself; without slack a tie can read as a rejection
             slack = 64 * torch.finfo(u_plus.dtype).eps * (abs(s_hat) + abs(s_plus))
@@ -743,14 +823,37 @@ class TIAM(Method):
             return 0.5 * c.rho * _sq(u @ W_next.T + b_next - z_next)
 
         hz = act.phi(z_l)
+        metric: tuple[Tensor, Callable[[Tensor], float]] | None = None
+        if c.a_metric == "gram":
+            # M = ρ WᵀW + δI, S's exact Hessian (plus a tiny δ): with p1 = p2 the first trial θ = 1 is the exact
+            # minimiser of the a-subproblem. Prox in M: u = (θ w M + ν h(z))(θM + νI)⁻¹.
+            W64 = W_next.to(torch.float64)
+            M = c.rho * (W64.T @ W64)
+            M.diagonal().add_(1e-10 * float(M.diagonal().sum()) / max(M.shape[0], 1))
+            eye = torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
+            factor = guarded_cholesky(M, 0.0, float(M.diagonal().sum()), who=f"{self.name} (a_metric='gram')",
+                                      fix="lower rho")
+            direction = torch.cholesky_solve(grad.T.to(torch.float64), factor).T.to(grad.dtype)
+            M_w = M.to(a.dtype)
 
-        def prox(w: Tensor, theta: float) -> Tensor:
-            if c.constraint == "box":
-                return self._project_a(act, w, z_l, eps)
-            return (theta * w + c.nu * hz) / (theta + c.nu)
+            def sq_norm_m(d: Tensor) -> float:
+                return _dot(d @ M_w, d)
+
+            metric = (direction, sq_norm_m)
+
+            def prox(w: Tensor, theta: float) -> Tensor:
+                rhs = theta * (w.to(torch.float64) @ M) + c.nu * hz.to(torch.float64)
+                return torch.linalg.solve(theta * M + c.nu * eye, rhs.T).T.to(w.dtype)
+
+        else:
+
+            def prox(w: Tensor, theta: float) -> Tensor:
+                if c.constraint == "box":
+                    return self._project_a(act, w, z_l, eps)
+                return (theta * w + c.nu * hz) / (theta + c.nu)
 
         theta0 = self._theta_start(self.state.theta_a[l])
-        a_plus, theta = self._backtrack(a_tilde, a_hat, grad, s_hat, objective, prox, theta0, cnt)
+        a_plus, theta = self._backtrack(a_tilde, a_hat, grad, s_hat, objective, prox, theta0, cnt, metric)
         if a_plus is None:
             return None
         self.state.theta_a[l] = theta
