@@ -68,6 +68,7 @@ def main() -> None:
                     f"{spec} it={k} t={t_train:.1f}s trainCE={tr:.4f} val={acc:.4f} "
                     f"F={info.get('objective', float('nan')):.4g} ce={info.get('ce_sum', float('nan')):.4g} "
                     f"rl={info.get('residual_linear', float('nan')):.4g} "
+                    f"ra={info.get('residual_activation', float('nan')):.4g} "
                     f"bt={info.get('backtracks', 0):.0f} fail={info.get('backtrack_failures', 0):.0f} "
                     f"sg={info.get('safeguard_restarts', 0):.0f} thmax={info.get('theta_max', 0):.3g}",
                     flush=True,

@@ -428,6 +428,7 @@ def test_inertia_changes_the_iterates() -> None:
         {"p_schedule": "fista", "constraint": "penalty"},
         {"p_schedule": "fista", "constraint": "penalty", "w_metric": "gram", "a_metric": "gram"},
         {"w_metric": "diagonal"},
+        {"constraint": "penalty", "penalty_growth": 1.3, "penalty_growth_max": 2.0},
     ],
 )
 def test_state_dict_round_trip_continues_bit_identically(hp: dict[str, object]) -> None:
@@ -507,6 +508,9 @@ def test_minibatch_training_lowers_loss() -> None:
         {"w_metric": "newton"},
         {"a_metric": "diagonal"},
         {"a_metric": "gram"},  # the box constraint has no closed-form prox in that metric
+        {"penalty_growth": 0.9},
+        {"penalty_growth": math.inf},
+        {"penalty_growth_max": 0.5},
         {"bogus_key": 1},
     ],
 )
@@ -761,3 +765,31 @@ def test_cached_first_layer_gram_gives_the_same_steps() -> None:
     twin.step(x, y, idx=idx)
     for p1, p2 in zip(meth.model.parameters(), twin.model.parameters()):
         assert torch.equal(p1, p2)
+
+
+def test_penalty_continuation_scales_rho_and_nu_per_iteration_and_restores_the_config() -> None:
+    """penalty_growth g: the sweep of iteration k runs with ρ·min(g^k, cap) and ν·min(g^k, cap); the stored
+    config is untouched, and the reported objective is F at iteration k's penalties."""
+    meth = TIAM(_model(), constraint="penalty", rho=0.5, nu=2.0, penalty_growth=2.0, penalty_growth_max=5.0)
+    seen = []
+    for k in range(4):
+        with meth._penalties_at(k):
+            seen.append((meth.config.rho, meth.config.nu))
+    assert seen == [(0.5, 2.0), (1.0, 4.0), (2.0, 8.0), (2.5, 10.0)]
+    assert (meth.config.rho, meth.config.nu) == (0.5, 2.0)
+    x, _ = _problem(n=30)
+    y = torch.arange(30) % 3
+    idx = torch.arange(30)
+    for _ in range(3):
+        stats = meth.step(x, y, idx=idx)
+    st = meth.state
+    onehot = tF.one_hot(y, 3).double()
+    F = float(-(onehot * torch.log_softmax(st.z[-1], dim=1)).sum())
+    rho_k, nu_k = 0.5 * 4.0, 2.0 * 4.0  # the third sweep ran at iteration k = 2
+    for l, layer in enumerate(meth.chain):
+        a_in = x if l == 0 else st.a[l - 1]
+        F += 0.5 * rho_k * float((st.z[l] - a_in @ layer.weight.detach().T - layer.bias.detach()).pow(2).sum())
+        F += 0.5 * meth.config.mu * float(layer.weight.detach().pow(2).sum())
+        if l < len(st.a):
+            F += 0.5 * nu_k * float((st.a[l] - torch.relu(st.z[l])).pow(2).sum())
+    assert stats.info["objective"] == pytest.approx(F, rel=1e-10)

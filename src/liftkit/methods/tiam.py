@@ -37,6 +37,17 @@ with Δ = u^k − u^{k−1}:
 * z_L: S = CE_sum, prox of (ρ/2)‖z − v_L‖²: z⁺ = (θw + ρv_L)/(θ + ρ); or ``zL_solver='fista'`` (mDLAM): FISTA
   on the whole z_L subproblem from z̃.
 
+Metrics (assumption, switchable; the default is the paper's Euclidean step). The W and a steps are gradient
+steps on ill-conditioned least-squares blocks (the Hessian of S_W is ρaᵀa + μI, whose spectrum on MNIST pixels
+spans many decades), so with the identity metric θ settles near the largest eigenvalue and the weights move
+along the small ones very slowly. ``w_metric='diagonal'`` runs the same backtracking in the metric
+M = diag(ρΣ_rows a² + μ) (still no matrix inversion); ``w_metric='gram'`` in M = ρaᵀa + μI, the block's exact
+Hessian, and ``a_metric='gram'`` (penalty constraint only) in M = ρW_{l+1}ᵀW_{l+1} for a_l with the prox
+u = (θwM + νh(z_l))(θM + νI)⁻¹: the step is u⁺ = prox^M(ũ − ∇S(û)M⁻¹/θ), accepted iff
+S(u⁺) ≤ S(û) + ⟨∇S(û), d⟩ + (θ/2)‖d‖²_M. With p1 = p2 the first trial θ = 1 is then the exact block minimiser
+(a Newton step on a quadratic); the factorisations are of n_{l−1} × n_{l−1} and n_l × n_l matrices (784 × 784 for
+MNIST's first layer, 100 × 100 after it), which departs from the paper's "no matrix inversion" and is reported as such.
+
 Inertia schedule. ``p_schedule='constant'`` (default; p1 = p2 = p3 = 0.3, assumption) or ``'fista'`` (the
 FISTA-like alternative of METHODS.md §6.6): t_0 = 1, t_k = (1 + √(1 + 4t_{k−1}²))/2 and every switched-on p_i
 of iteration k is p_k = (t_{k−1} − 1)/t_k (0, 0, 0.28, 0.43, … → 1). The safeguard below keeps F monotone
@@ -68,8 +79,9 @@ iteration's change reduced). Checkpoints gather the per-sample shards into full 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -121,6 +133,8 @@ class TIAMConfig(MethodConfig):
     fista_tol: float = 1e-4  # relative-change stop of the shared projected_fista
     w_metric: str = "identity"  # metric of the W backtracking: 'identity' (paper) | 'diagonal' | 'gram' (assumption)
     a_metric: str = "identity"  # metric of the a backtracking: 'identity' (paper) | 'gram' (penalty only; assumption)
+    penalty_growth: float = 1.0  # ρ and ν are multiplied by growth^k at iteration k (continuation; assumption)
+    penalty_growth_max: float = 100.0  # cap on that factor
 
     def validate(self) -> None:
         self._positive("rho", "nu", "eps0", "eps_min", "theta0", "fista_step")
@@ -145,6 +159,10 @@ class TIAMConfig(MethodConfig):
         self._choice("mode", ("auto", "full", "minibatch"))
         self._choice("w_metric", ("identity", "diagonal", "gram"))
         self._choice("a_metric", ("identity", "gram"))
+        if not (math.isfinite(self.penalty_growth) and self.penalty_growth >= 1.0):
+            raise ValueError(f"penalty_growth must be a finite number >= 1, got {self.penalty_growth!r}")
+        if not (math.isfinite(self.penalty_growth_max) and self.penalty_growth_max >= 1.0):
+            raise ValueError(f"penalty_growth_max must be a finite number >= 1, got {self.penalty_growth_max!r}")
         if self.a_metric == "gram" and self.constraint != "penalty":
             raise ValueError(
                 "a_metric='gram' needs constraint='penalty' (the box prox has no closed form in that metric); "
@@ -403,6 +421,22 @@ class TIAM(Method):
         c = self.config
         return max(c.eps0 * c.eps_decay**k, c.eps_min)
 
+    @contextmanager
+    def _penalties_at(self, k: int) -> Iterator[None]:
+        """Within the block: ρ and ν of iteration k, ρ_k = ρ·min(growth^k, cap) and the same factor on ν (the
+        quadratic-penalty continuation; with growth = 1, the configured values). Every block reads
+        ``self.config``, so the scaled copy stands in for it during one sweep."""
+        c = self.config
+        factor = min(c.penalty_growth ** min(k, 10_000), c.penalty_growth_max)
+        if factor == 1.0:
+            yield
+            return
+        self.config = replace(c, rho=c.rho * factor, nu=c.nu * factor)
+        try:
+            yield
+        finally:
+            self.config = c
+
     def _inertia(self, k: int) -> _P:
         """(p1, p2, p3) of iteration k. 'fista' (METHODS.md §6.6, assumption): t_0 = 1,
         t_k = (1 + sqrt(1 + 4 t_{k-1}^2))/2, p_k = (t_{k-1} - 1)/t_k (0 at k = 0, then rising towards 1); every
@@ -490,7 +524,7 @@ class TIAM(Method):
             return _WMetric(diag=m.to(a_in.dtype), rho=c.rho, shift=0.0)
         key: tuple[Any, ...] | None = None
         if l == 0 and a_in.shape[0] > 10 * a_in.shape[1]:
-            key = (tuple(a_in.shape), a_in.dtype, *self._sum(float(a_in.sum()), _sq(a_in)))
+            key = (tuple(a_in.shape), a_in.dtype, c.rho, c.mu, *self._sum(float(a_in.sum()), _sq(a_in)))
             cached = self._gram_cache
             if cached is not None and cached[0] == key:
                 return cached[1]
@@ -1036,7 +1070,8 @@ class TIAM(Method):
                     _BlockHistory(st.a_prev[l][idx], st.a_raw[l][idx] if st.a_raw else None) for l in range(len(a))
                 ]
                 eps = self._eps(st.iteration)
-                info = self._sweep(x_flat, onehot, z, a, z_hist, a_hist, eps, cnt, P_first)
+                with self._penalties_at(st.iteration):
+                    info = self._sweep(x_flat, onehot, z, a, z_hist, a_hist, eps, cnt, P_first)
                 for l in range(len(z)):
                     st.z[l][idx] = z[l]
                     st.z_prev[l][idx] = z_hist[l].prev
@@ -1058,7 +1093,10 @@ class TIAM(Method):
                 info = {}
                 for sweep in range(c.minibatch_sweeps):
                     eps = self._eps(sweep)
-                    info = self._sweep(x_flat, onehot, z, a, z_hist, a_hist, eps, cnt, P_first if sweep == 0 else None)
+                    with self._penalties_at(sweep):
+                        info = self._sweep(
+                            x_flat, onehot, z, a, z_hist, a_hist, eps, cnt, P_first if sweep == 0 else None
+                        )
                 self.state.iteration += 1
         info.update(
             {
