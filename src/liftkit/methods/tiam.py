@@ -523,8 +523,10 @@ class TIAM(Method):
             m += c.mu + 1e-10 * float(m.mean())
             return _WMetric(diag=m.to(a_in.dtype), rho=c.rho, shift=0.0)
         key: tuple[Any, ...] | None = None
-        if l == 0 and a_in.shape[0] > 10 * a_in.shape[1]:
-            key = (tuple(a_in.shape), a_in.dtype, c.rho, c.mu, *self._sum(float(a_in.sum()), _sq(a_in)))
+        # every input of the cache decision is global (N over all ranks, summed fingerprints), so all ranks hit or
+        # miss together and take part in the same collectives
+        if l == 0 and self._m_global > 10 * a_in.shape[1]:
+            key = (self._m_global, a_in.shape[1], a_in.dtype, c.rho, c.mu, *self._sum(float(a_in.sum()), _sq(a_in)))
             cached = self._gram_cache
             if cached is not None and cached[0] == key:
                 return cached[1]
