@@ -776,6 +776,8 @@ def test_penalty_continuation_scales_rho_and_nu_per_iteration_and_restores_the_c
         with meth._penalties_at(k):
             seen.append((meth.config.rho, meth.config.nu))
     assert seen == [(0.5, 2.0), (1.0, 4.0), (2.0, 8.0), (2.5, 10.0)]
+    with meth._penalties_at(10**6):  # far beyond the cap: no overflow
+        assert (meth.config.rho, meth.config.nu) == (2.5, 10.0)
     assert (meth.config.rho, meth.config.nu) == (0.5, 2.0)
     x, _ = _problem(n=30)
     y = torch.arange(30) % 3

@@ -427,7 +427,8 @@ class TIAM(Method):
         quadratic-penalty continuation; with growth = 1, the configured values). Every block reads
         ``self.config``, so the scaled copy stands in for it during one sweep."""
         c = self.config
-        factor = min(c.penalty_growth ** min(k, 10_000), c.penalty_growth_max)
+        growth, cap = c.penalty_growth, c.penalty_growth_max
+        factor = cap if k * math.log(growth) >= math.log(cap) else growth**k  # no float overflow for large k
         if factor == 1.0:
             yield
             return
