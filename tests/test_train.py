@@ -235,6 +235,23 @@ def test_bench_writes_results_table_and_plots(tmp_path, capsys):
     assert (tmp_path / "accuracy.png").stat().st_size > 0 and (tmp_path / "loss.png").stat().st_size > 0
 
 
+def test_bench_methods_narrow_a_config_and_drop_its_other_runs_settings(tmp_path, capsys):
+    config = tmp_path / "bench.json"
+    config.write_text(json.dumps({
+        "methods": ["adam", "sgd"], "dataset": "digits", "model": "64-16-10", "epochs": 1,
+        "set": {"adam.lr": 0.002, "sgd.lr": 0.05},
+    }))
+    code, _, err = _cli(capsys, "bench", "--config", str(config), "--methods", "adam", "--out", str(tmp_path / "o"))
+    assert code == 0, err
+    results = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert [r["label"] for r in results["runs"]] == ["adam"]
+    assert results["runs"][0]["hparams"]["lr"] == 0.002
+    # a setting for a run that neither the config nor --methods has is still an error
+    config.write_text(json.dumps({"methods": ["adam"], "dataset": "digits", "model": "64-16-10", "set": {"sgd.lr": 1}}))
+    code, _, err = _cli(capsys, "bench", "--config", str(config), "--out", str(tmp_path / "p"))
+    assert code == 2 and "sgd" in err.strip().splitlines()[-1]
+
+
 def test_checkpoint_every_resumes_from_the_last_written_epoch(tmp_path):
     data = load_dataset("digits")
     common = dict(epochs=4, batch_size=64, seed=1, progress=False, checkpoint_every=2)

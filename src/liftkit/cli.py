@@ -207,7 +207,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         if pick(name) is None:
             raise LiftkitError(f"bench needs --{name}")
     settings: dict[str, dict[str, Any]] = {}
-    raw_sets = [(k, v) for k, v in (config.get("set") or {}).items()] + _parse_sets(args.set)
+    # --methods may narrow a config's runs: the config's settings of the runs left out go with them
+    config_runs = config.get("methods") or []
+    config_runs = [m.strip() for m in config_runs.split(",")] if isinstance(config_runs, str) else list(config_runs)
+    config_sets = [
+        (k, v)
+        for k, v in (config.get("set") or {}).items()
+        if not ("." in k and k.rsplit(".", 1)[0] in config_runs and k.rsplit(".", 1)[0] not in methods)
+    ]
+    raw_sets = config_sets + _parse_sets(args.set)
     from liftkit.bench import RUN_KEYS
     from liftkit.methods import get, parse_hparam
 
