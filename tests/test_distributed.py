@@ -270,6 +270,7 @@ def test_every_registered_method_is_data_parallel_and_has_an_equality_case() -> 
         ("fenchel", {"x_solver": "scipy_lbfgsb"}, "64-16-10", "single process"),
         ("lpom", {"x_init": "persistent"}, "64-16-10", "single process"),
         ("lpom-async", {"workers": 2}, "64-16-10", "workers=1 or mode=simulate"),
+        ("lpom-sync", {"parallel": "layers", "x_init": "persistent"}, "64-16-10", "needs x_init=forward"),
     ],
 )
 def test_single_process_only_settings_refuse_with_one_line(

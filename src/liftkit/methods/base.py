@@ -283,7 +283,25 @@ class Method(ABC):
                 f"method {self.name} does not support data-parallel training yet ({comm.world_size} processes "
                 "requested); run it in a single process (without torchrun)"
             )
+        if comm.world_size > 1:
+            reason = self.single_process_only()
+            if reason is not None:
+                raise ValueError(reason)
         self._comm = comm
+
+    def single_process_only(self) -> str | None:
+        """A one-line error (naming the setting and the fix) when this configuration cannot run on several
+        processes, else ``None``; :meth:`set_comm` raises it for a world size above 1."""
+        return None
+
+    @property
+    def _reduce(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The in-place tensor sum over data-parallel processes, ``None`` in one process."""
+        return self.comm.all_reduce_sum_ if self.comm.world_size > 1 else None
+
+    def _sum_scalars(self, *values: float) -> tuple[float, ...]:
+        """Sums of per-process scalars over all processes (the values themselves in one process)."""
+        return self.comm.sum_scalars(*values) if self.comm.world_size > 1 else values
 
     @property
     def shards_batch(self) -> bool:

@@ -491,18 +491,13 @@ class Fenchel(Method):
             self._official_init()
 
     # -- data parallelism (METHODS.md §7) ---------------------------------------------------------------------------
-    def set_comm(self, comm: Any) -> None:
-        if comm.world_size > 1 and self.config.x_solver == "scipy_lbfgsb":
-            raise ValueError(
+    def single_process_only(self) -> str | None:
+        if self.config.x_solver == "scipy_lbfgsb":
+            return (
                 "fenchel with x_solver=scipy_lbfgsb runs in a single process only (L-BFGS-B couples the samples "
                 "of a block through its inner products); use x_solver=fista or pgd under torchrun"
             )
-        super().set_comm(comm)
-
-    @property
-    def _reduce(self) -> Callable[[Tensor], Tensor] | None:
-        """The in-place sum over data-parallel processes, ``None`` in one process."""
-        return self.comm.all_reduce_sum_ if self.comm.world_size > 1 else None
+        return None
 
     # -- setup ------------------------------------------------------------------------------------------------------
     def _official_init(self) -> None:

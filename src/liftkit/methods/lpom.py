@@ -635,13 +635,16 @@ class LPOM(Method):
     def set_comm(self, comm: Communicator) -> None:
         """Data-parallel LPOM (METHODS.md §7, :mod:`liftkit.methods.lpom_shards`): X stays on the shard, the
         stopping norms, energies and W-step Gram/right-hand sides are all-reduced."""
-        if comm.world_size > 1 and self.config.x_init == "persistent":
-            raise ValueError(
+        super().set_comm(comm)
+        self.lifted.shards = Shards(comm) if comm.world_size > 1 else None
+
+    def single_process_only(self) -> str | None:
+        if self.config.x_init == "persistent":
+            return (
                 f"{self.name} with x_init=persistent runs in a single process only (a sample's cached X lives on "
                 "the process that last held it); use x_init=forward under torchrun"
             )
-        super().set_comm(comm)
-        self.lifted.shards = Shards(comm) if comm.world_size > 1 else None
+        return None
 
     # -- helpers ---------------------------------------------------------------------------------------------
     @property

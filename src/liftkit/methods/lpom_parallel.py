@@ -130,14 +130,17 @@ class LPOMSync(LPOM):
         another in each process (the result does not depend on ``workers``); the parallelism is then across
         the processes' shards. ``parallel=layers``: see :mod:`liftkit.methods.lpom_layers`."""
         if self.config.parallel == "layers":
-            if comm.world_size > 1 and self.config.x_init == "persistent":
-                raise ValueError("lpom-sync parallel=layers needs x_init=forward (the X cache is per process)")
             Method.set_comm(self, comm)
             self._layer_plan = LayerParallel(comm, self.lifted.L) if comm.world_size > 1 else None
             return
         super().set_comm(comm)
         if comm.world_size > 1:
             self.pool = _Pool(1)
+
+    def single_process_only(self) -> str | None:
+        if self.config.parallel == "layers" and self.config.x_init == "persistent":
+            return "lpom-sync parallel=layers needs x_init=forward (the X cache is per process)"
+        return super().single_process_only()
 
     @property
     def shards_batch(self) -> bool:
@@ -301,12 +304,15 @@ class LPOMAsync(LPOM):
         X-blocks' stopping norms, the W-blocks' Gram sums, the energies that drive γ and the γ cap's norms are
         all-reduced. Real asynchronous threads interleave differently in every process, while each block's
         stopping test is a collective that must come in the same order everywhere, so they are refused."""
-        if comm.world_size > 1 and self.config.mode == "threads" and self.config.workers > 1:
-            raise ValueError(
+        super().set_comm(comm)
+
+    def single_process_only(self) -> str | None:
+        if self.config.mode == "threads" and self.config.workers > 1:
+            return (
                 f"lpom-async with mode=threads and workers={self.config.workers} cannot run data-parallel (thread "
                 "interleavings differ between processes); use workers=1 or mode=simulate under torchrun"
             )
-        super().set_comm(comm)
+        return super().single_process_only()
 
     @property
     def delta(self) -> int:

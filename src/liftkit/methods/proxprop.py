@@ -510,7 +510,7 @@ class ProxProp(Method):
         gw, gb = self._reduce_params(*op.adjoint(G))
         # under data parallelism each rank holds its rows of A: AᵀA v is all-reduced in every iteration, the
         # CG scalars then act on replicated vectors (METHODS.md §7)
-        reduce = self.comm.all_reduce_sum_ if self.comm.world_size > 1 else None
+        reduce = self._reduce
         apply_M: Callable[[Tensor], Tensor]
         unpack: Callable[[Tensor], tuple[Tensor, Tensor | None]]
         if isinstance(op.module, nn.Linear):

@@ -559,22 +559,15 @@ class SIBP(Method):
         self.lambda_w = _per_layer(self.config.lambda_w, n_layers, "lambda_w")
         self.lambda_b = _per_layer(self.config.lambda_b, n_layers, "lambda_b")
 
-    def set_comm(self, comm: Any) -> None:
-        if comm.world_size > 1 and self.config.hidden_solver == "gn_exact":
-            raise ValueError(
+    # Data parallelism (METHODS.md §7): the targets, masks and residuals are column-wise given the replicated
+    # weights and stay on their shard; only the base class's reductions (_reduce, _sum_scalars) cross processes.
+    def single_process_only(self) -> str | None:
+        if self.config.hidden_solver == "gn_exact":
+            return (
                 "sibp with hidden_solver=gn_exact runs in a single process only (its per-neuron m×m systems need "
                 "the whole batch); use hidden_solver=gn_cg or gn_primal_cg under torchrun"
             )
-        super().set_comm(comm)
-
-    @property
-    def _reduce(self) -> Reduce:
-        """The in-place sum over data-parallel processes, ``None`` in one process (METHODS.md §7: the targets,
-        masks and residuals are column-wise given the replicated weights and stay on their shard)."""
-        return self.comm.all_reduce_sum_ if self.comm.world_size > 1 else None
-
-    def _sum_floats(self, *values: float) -> tuple[float, ...]:
-        return self.comm.sum_scalars(*values) if self.comm.world_size > 1 else values
+        return None
 
     def _is_relu(self, layer: ChainLayer) -> bool:
         return layer.activation is not None and layer.activation.name == "relu"
@@ -683,7 +676,7 @@ class SIBP(Method):
     ) -> None:
         """Relative decrease of the layer's W-prox and b-prox objectives (negative: the prox call made it
         worse, e.g. an ``fr_cg`` stall or an inexact solve) and the size of the step."""
-        base_w, fit_w, fit_b = self._sum_floats(
+        base_w, fit_w, fit_b = self._sum_scalars(
             float(_row_objective(z0, targets, relu).sum()),
             float(_row_objective(z_new_w, targets, relu).sum()),
             float(_row_objective(z_new, targets, relu).sum()),
@@ -771,7 +764,7 @@ class SIBP(Method):
             base_w, after_w = float(guard.objective_before.sum()), float(guard.objective_after.sum())
         zw = z0 + delta_z  # pre-activations with the new W and the old b
         if not c.safeguard:
-            base_w, fit = self._sum_floats(
+            base_w, fit = self._sum_scalars(
                 float(_row_objective(z0, targets, relu).sum()), float(_row_objective(zw, targets, relu).sum())
             )
             after_w = fit + lam_w * float(step_sq.sum())
@@ -800,7 +793,7 @@ class SIBP(Method):
             reverted += guard_b.rows_reverted
             base_b, after_b = float(guard_b.objective_before.sum()), float(guard_b.objective_after.sum())
         else:
-            base_b, fit = self._sum_floats(
+            base_b, fit = self._sum_scalars(
                 float(_row_objective(zw, targets, relu).sum()), float(_row_objective(zw + delta_b, targets, relu).sum())
             )
             after_b = fit + lam_b * float((delta_b * delta_b).sum())

@@ -89,7 +89,6 @@ import torch.nn.functional as tF
 from torch import Tensor, nn
 
 from liftkit.activations import Activation
-from liftkit.distributed import Communicator
 from liftkit.methods.base import Method, MethodConfig, StepStats, evaluate_loss, register
 from liftkit.models import ChainLayer, as_chain
 from liftkit.solvers import guarded_cholesky, projected_fista
@@ -389,19 +388,13 @@ class TIAM(Method):
         self.state.theta_zL = c.theta0
 
     # -- data parallelism ---------------------------------------------------------------------------
-    def set_comm(self, comm: Communicator) -> None:
-        if comm.world_size > 1 and self.config.zL_solver == "fista":
-            raise ValueError(
+    def single_process_only(self) -> str | None:
+        if self.config.zL_solver == "fista":
+            return (
                 f"{self.name}: zL_solver='fista' runs in a single process only; use zL_solver=prox_step with "
                 "several processes"
             )
-        super().set_comm(comm)
-
-    def _sum(self, *values: float) -> tuple[float, ...]:
-        """Sample sums over all ranks (the values themselves in one process)."""
-        if self.comm.world_size == 1:
-            return values
-        return self.comm.sum_scalars(*values)
+        return None
 
     # -- helpers ------------------------------------------------------------------------------------
     @staticmethod
@@ -527,7 +520,8 @@ class TIAM(Method):
         # every input of the cache decision is global (N over all ranks, summed fingerprints), so all ranks hit or
         # miss together and take part in the same collectives
         if l == 0 and self._m_global > 10 * a_in.shape[1]:
-            key = (self._m_global, a_in.shape[1], a_in.dtype, c.rho, c.mu, *self._sum(float(a_in.sum()), _sq(a_in)))
+            fingerprint = self._sum_scalars(float(a_in.sum()), _sq(a_in))
+            key = (self._m_global, a_in.shape[1], a_in.dtype, c.rho, c.mu, *fingerprint)
             cached = self._gram_cache
             if cached is not None and cached[0] == key:
                 return cached[1]
@@ -579,7 +573,7 @@ class TIAM(Method):
         dd, dg, gg = _sq(delta), _dot(delta, D), _sq(D)
         ee, eg = (_sq(Pd), _dot(Pd, PG)) if Pd is not None else (0.0, 0.0)
         pgpg = _sq(PG)
-        ee, eg, pgpg = self._sum(ee, eg, pgpg)
+        ee, eg, pgpg = self._sum_scalars(ee, eg, pgpg)
         if metric is not None:
             # ‖d‖²_M = q²‖Δ‖²_M − (2q/θ)⟨Δ, G⟩ + ⟨D, G⟩/θ² (D M = G)
             dd_m = metric.sq_norm(delta, ee) if q else 0.0
@@ -620,7 +614,7 @@ class TIAM(Method):
             result = self._w_block(l, a_in, z, P0, (0.0, 0.0, p[2]), cnt, metric)
         if result is not None and c.safeguard and any(p):
             W_new, P_new, _ = result
-            fit_old, fit_new = self._sum(_sq(z - P0 - b), _sq(z - P_new - b))
+            fit_old, fit_new = self._sum_scalars(_sq(z - P0 - b), _sq(z - P_new - b))
             old = 0.5 * c.rho * fit_old + 0.5 * c.mu * _sq(W_old)
             new = 0.5 * c.rho * fit_new + 0.5 * c.mu * _sq(W_new)
             if _risen(new, old, z.dtype):
@@ -679,7 +673,7 @@ class TIAM(Method):
             b_old = b.clone()
             b_new, b_raw = self._b_step(l, P, z[l], p, b_old)
             if c.safeguard and any(p):
-                old, new = self._sum(_sq(z[l] - P - b_old), _sq(z[l] - P - b_new))
+                old, new = self._sum_scalars(_sq(z[l] - P - b_old), _sq(z[l] - P - b_new))
                 if _risen(new, old, z[l].dtype):
                     cnt.safeguard_restarts += 1
                     b_new, b_raw = self._b_step(l, P, z[l], (0.0, 0.0, 0.0), b_old)
@@ -799,7 +793,7 @@ class TIAM(Method):
         for trial in range(c.max_doublings + 1):
             u_plus = prox(u_tilde - direction / theta, theta)
             d = u_plus - u_hat
-            s_plus, grad_d, d_sq = self._sum(objective(u_plus), _dot(grad, d), sq_norm(d))
+            s_plus, grad_d, d_sq = self._sum_scalars(objective(u_plus), _dot(grad, d), sq_norm(d))
             bound = s_hat + grad_d + 0.5 * theta * d_sq
             # the sums carry rounding of a few ulps of S itself; without slack a tie can read as a rejection
             slack = 64 * torch.finfo(u_plus.dtype).eps * (abs(s_hat) + abs(s_plus))
@@ -824,7 +818,9 @@ class TIAM(Method):
             return _AuxStep(z_new, z_plus, 0.0, 0.0)  # a p = 0 step is a descent step: nothing to compare
         if c.constraint == "box" and self.comm.world_size > 1:
             infeasible = 0.0 if self._feasible(act, z, a, eps) else 1.0
-            f_new, f_old, infeasible = self._sum(0.5 * c.rho * _sq(z_new - v), 0.5 * c.rho * _sq(z - v), infeasible)
+            f_new, f_old, infeasible = self._sum_scalars(
+                0.5 * c.rho * _sq(z_new - v), 0.5 * c.rho * _sq(z - v), infeasible
+            )
             f_old = math.inf if infeasible else f_old
         elif c.constraint == "box":
             f_new = 0.5 * c.rho * _sq(z_new - v)
@@ -833,7 +829,7 @@ class TIAM(Method):
         else:
             f_new = 0.5 * c.rho * _sq(z_new - v) + 0.5 * c.nu * _sq(a - act.phi(z_new))
             f_old = 0.5 * c.rho * _sq(z - v) + 0.5 * c.nu * _sq(a - act.phi(z))
-            f_new, f_old = self._sum(f_new, f_old)
+            f_new, f_old = self._sum_scalars(f_new, f_old)
         return _AuxStep(z_new, z_plus, f_new, f_old)
 
     def _a_step(
@@ -854,7 +850,7 @@ class TIAM(Method):
         c = self.config
         a_tilde, a_hat = a + p[0] * delta, a + p[1] * delta
         grad = grad_a(a_hat, z_next, W_next, b_next, c.rho)
-        (s_hat,) = self._sum(0.5 * c.rho * _sq(a_hat @ W_next.T + b_next - z_next))
+        (s_hat,) = self._sum_scalars(0.5 * c.rho * _sq(a_hat @ W_next.T + b_next - z_next))
 
         def objective(u: Tensor) -> float:
             return 0.5 * c.rho * _sq(u @ W_next.T + b_next - z_next)
@@ -901,7 +897,7 @@ class TIAM(Method):
             return _AuxStep(a_new, a_plus, 0.0, 0.0)
         f_new = self._local_a(act, a_new, z_l, z_next, a_new @ W_next.T + b_next)
         f_old = self._local_a(act, a, z_l, z_next, a @ W_next.T + b_next)
-        f_new, f_old = self._sum(f_new, f_old)
+        f_new, f_old = self._sum_scalars(f_new, f_old)
         return _AuxStep(a_new, a_plus, f_new, f_old)
 
     def _zL_step(self, z: Tensor, p: _P, delta: Tensor, v: Tensor, onehot: Tensor, cnt: _Counters) -> _AuxStep | None:
@@ -927,7 +923,7 @@ class TIAM(Method):
             cnt.fista_iters += iters
         else:
             grad = grad_ce_sum(z_hat, onehot)
-            (s_hat,) = self._sum(float(self._ce_sum(z_hat, onehot)))
+            (s_hat,) = self._sum_scalars(float(self._ce_sum(z_hat, onehot)))
 
             def prox(w: Tensor, theta: float) -> Tensor:
                 return (theta * w + rho * v) / (theta + rho)
@@ -944,7 +940,7 @@ class TIAM(Method):
         z_new = z_plus + p[2] * (z_plus - z)
         if not (c.safeguard and any(p)):
             return _AuxStep(z_new, z_plus, 0.0, 0.0)
-        f_new, f_old = self._sum(local(z_new), local(z))
+        f_new, f_old = self._sum_scalars(local(z_new), local(z))
         return _AuxStep(z_new, z_plus, f_new, f_old)
 
     # -- auxiliary-variable initialisation ----------------------------------------------------------
