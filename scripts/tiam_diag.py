@@ -9,11 +9,10 @@ of z_l and a_l, and the RMS gap between the auxiliaries and the forward pass (z_
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
-from tiam_tune import parse_run, validation_subset  # the sibling script (scripts/ is on sys.path when run)
+from tiam_tune import parse_run, run_parser, validation_subset  # the sibling script (scripts/ is on sys.path when run)
 
 from liftkit.methods import get
 from liftkit.models import build_model
@@ -24,15 +23,7 @@ def rms(t: torch.Tensor) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--dataset", default="mnist")
-    ap.add_argument("--model", default="784-100-100-10")
-    ap.add_argument("--activation", default="relu")
-    ap.add_argument("--iters", type=int, default=30)
-    ap.add_argument("--every", type=int, default=5)
-    ap.add_argument("--subset", type=int, default=10000)
-    ap.add_argument("--run", action="append", required=True)
-    ap.add_argument("--threads", type=int, default=1)
+    ap = run_parser(subset=10000)
     ap.add_argument(
         "--w-repeats", type=int, default=1, help="diagnostic only (not TIAM): repeat every W-block step this often"
     )

@@ -35,17 +35,22 @@ def validation_subset(
     return ds, x, y, torch.arange(x.shape[0])
 
 
-def main() -> None:
+def run_parser(subset: int) -> argparse.ArgumentParser:
+    """The options shared by the TIAM tuning scripts (this one and ``tiam_diag.py``)."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--dataset", default="mnist")
     ap.add_argument("--model", default="784-100-100-10")
     ap.add_argument("--activation", default="relu")
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--every", type=int, default=5)
-    ap.add_argument("--subset", type=int, default=0, help="use only the first N training samples")
+    ap.add_argument("--subset", type=int, default=subset, help="use only the first N training samples")
     ap.add_argument("--run", action="append", required=True)
     ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = run_parser(subset=0).parse_args()
     torch.set_num_threads(args.threads)
     ds, x, y, idx = validation_subset(args.dataset, args.subset)
     for spec in args.run:
