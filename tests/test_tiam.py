@@ -272,9 +272,14 @@ def _reference_am_iteration(
     mu: float,
     eps: float,
     margin: float,
+    rho_out: float | None = None,
+    order: str = "forward",
 ) -> None:
-    """p = 0, ReLU, box constraint, prox-step z_L; plain formulas, direct objective evaluation."""
+    """p = 0, ReLU, box constraint, prox-step z_L; plain formulas, direct objective evaluation. ``rho_out``: the
+    output layer's penalty weight (ρ when None). ``order``: forward (l = 1..L: W, b, z, a) or backward
+    (l = L..1: z_l, W_l, b_l, a_{l−1})."""
     L = len(Ws)
+    rhos = [rho] * (L - 1) + [rho if rho_out is None else rho_out]
 
     def backtrack(S, grad, prox, u):  # type: ignore[no-untyped-def]
         theta = 1.0
@@ -286,39 +291,61 @@ def _reference_am_iteration(
             theta *= 2
         return u
 
-    for l in range(L):
-        a_in = x if l == 0 else a[l - 1]
+    def a_in(l: int) -> torch.Tensor:
+        return x if l == 0 else a[l - 1]
 
-        def S_W(W: torch.Tensor, l: int = l, a_in: torch.Tensor = a_in) -> float:
-            return float(0.5 * rho * (z[l] - a_in @ W.T - bs[l]).pow(2).sum() + 0.5 * mu * W.pow(2).sum())
+    def w_and_b_step(l: int) -> None:
+        rho_l = rhos[l]
 
-        G = rho * (a_in @ Ws[l].T + bs[l] - z[l]).T @ a_in + mu * Ws[l]
+        def S_W(W: torch.Tensor) -> float:
+            return float(0.5 * rho_l * (z[l] - a_in(l) @ W.T - bs[l]).pow(2).sum() + 0.5 * mu * W.pow(2).sum())
+
+        G = rho_l * (a_in(l) @ Ws[l].T + bs[l] - z[l]).T @ a_in(l) + mu * Ws[l]
         Ws[l] = backtrack(S_W, G, lambda w, t: w, Ws[l])
-        bs[l] = (z[l] - a_in @ Ws[l].T).mean(dim=0)
-        v = a_in @ Ws[l].T + bs[l]
+        bs[l] = (z[l] - a_in(l) @ Ws[l].T).mean(dim=0)
+
+    def z_step(l: int) -> None:
+        v = a_in(l) @ Ws[l].T + bs[l]
         if l < L - 1:
-            hi = a[l] + eps - margin
+            zz = torch.minimum(v, a[l] + eps - margin)
             lo = a[l] - eps + margin
-            zz = torch.minimum(v, hi)
             z[l] = torch.where(lo > 0, torch.maximum(zz, lo), zz)
-            Wn, bn, zn = Ws[l + 1], bs[l + 1], z[l + 1]
-            hz = torch.relu(z[l])
+            return
+        Gz = torch.softmax(z[l], dim=1) - onehot
 
-            def S_a(u: torch.Tensor, Wn: torch.Tensor = Wn, bn: torch.Tensor = bn, zn: torch.Tensor = zn) -> float:
-                return float(0.5 * rho * (zn - u @ Wn.T - bn).pow(2).sum())
+        def S_z(u: torch.Tensor) -> float:
+            return float(-(onehot * torch.log_softmax(u, dim=1)).sum())
 
-            Ga = rho * (a[l] @ Wn.T + bn - zn) @ Wn
-            a[l] = backtrack(S_a, Ga, lambda w, t, hz=hz: torch.clamp(w, hz - eps + margin, hz + eps - margin), a[l])
-        else:
-            Gz = torch.softmax(z[l], dim=1) - onehot
+        rho_l = rhos[l]
+        z[l] = backtrack(S_z, Gz, lambda w, t: (t * w + rho_l * v) / (t + rho_l), z[l])
 
-            def S_z(u: torch.Tensor) -> float:
-                return float(-(onehot * torch.log_softmax(u, dim=1)).sum())
+    def a_step(l: int) -> None:
+        Wn, bn, zn, rho_n = Ws[l + 1], bs[l + 1], z[l + 1], rhos[l + 1]  # a_l enters F through layer l + 1
+        hz = torch.relu(z[l])
 
-            z[l] = backtrack(S_z, Gz, lambda w, t, v=v: (t * w + rho * v) / (t + rho), z[l])
+        def S_a(u: torch.Tensor) -> float:
+            return float(0.5 * rho_n * (zn - u @ Wn.T - bn).pow(2).sum())
+
+        Ga = rho_n * (a[l] @ Wn.T + bn - zn) @ Wn
+        a[l] = backtrack(S_a, Ga, lambda w, t: torch.clamp(w, hz - eps + margin, hz + eps - margin), a[l])
+
+    if order == "forward":
+        for l in range(L):
+            w_and_b_step(l)
+            z_step(l)
+            if l < L - 1:
+                a_step(l)
+    else:
+        for l in reversed(range(L)):
+            z_step(l)
+            w_and_b_step(l)
+            if l > 0:
+                a_step(l - 1)
 
 
-def test_am_iteration_matches_independent_reference() -> None:
+@pytest.mark.parametrize("order", ["forward", "backward"])
+@pytest.mark.parametrize("rho_out", [None, 2.0])
+def test_am_iteration_matches_independent_reference(rho_out: float | None, order: str) -> None:
     x, y = _problem(n=20)
     m = _model()
     onehot = tF.one_hot(y, 3).double()
@@ -334,11 +361,12 @@ def test_am_iteration_matches_independent_reference() -> None:
             h = torch.relu(u)
             a_ref.append(h)
     z_ref[-1] = 2 * onehot - 1
-    meth = AM(m, rho=0.5, mu=0.05, eps0=0.4, eps_decay=0.5)
+    meth = AM(m, rho=0.5, mu=0.05, eps0=0.4, eps_decay=0.5, rho_output=rho_out, block_order=order)
     idx = torch.arange(20)
     for k in range(4):
         meth.step(x, y, idx=idx)
-        _reference_am_iteration(x, onehot, Ws, bs, z_ref, a_ref, 0.5, 0.05, max(0.4 * 0.5**k, 1e-3), 1e-9)
+        eps = max(0.4 * 0.5**k, 1e-3)
+        _reference_am_iteration(x, onehot, Ws, bs, z_ref, a_ref, 0.5, 0.05, eps, 1e-9, rho_out, order)
     for W, W_ref in zip([layer.weight for layer in meth.chain], Ws):
         torch.testing.assert_close(W.detach(), W_ref, atol=1e-10, rtol=1e-10)
     for zl, zr in zip(meth.state.z, z_ref):
@@ -356,15 +384,18 @@ def _objective(meth: TIAM, x: torch.Tensor, y: torch.Tensor) -> float:
     F = float(-(onehot * torch.log_softmax(st.z[-1], dim=1)).sum())
     for l, layer in enumerate(meth.chain):
         a_in = x if l == 0 else st.a[l - 1]
-        F += 0.5 * c.rho * float((st.z[l] - a_in @ layer.weight.T - layer.bias).pow(2).sum())
+        rho_l = c.rho_output if (c.rho_output is not None and l == len(meth.chain) - 1) else c.rho
+        F += 0.5 * rho_l * float((st.z[l] - a_in @ layer.weight.T - layer.bias).pow(2).sum())
         F += 0.5 * c.mu * float(layer.weight.pow(2).sum())
     return F
 
 
-@pytest.mark.parametrize("history", ["extrapolated", "raw"])
-def test_objective_non_increasing_with_safeguard_at_fixed_eps(history: str) -> None:
+@pytest.mark.parametrize(("history", "rho_out"), [("extrapolated", None), ("raw", None), ("extrapolated", 3.0)])
+def test_objective_non_increasing_with_safeguard_at_fixed_eps(history: str, rho_out: float | None) -> None:
     x, y = _problem(n=40)
-    meth = TIAM(_model(), p1=0.7, p2=0.5, p3=0.8, eps0=0.3, eps_decay=1.0, rho=0.5, history=history)
+    meth = TIAM(
+        _model(), p1=0.7, p2=0.5, p3=0.8, eps0=0.3, eps_decay=1.0, rho=0.5, history=history, rho_output=rho_out
+    )
     idx = torch.arange(40)
     meth.step(x, y, idx=idx)
     previous = _objective(meth, x, y)
@@ -429,6 +460,7 @@ def test_inertia_changes_the_iterates() -> None:
         {"p_schedule": "fista", "constraint": "penalty", "w_metric": "gram", "a_metric": "gram"},
         {"w_metric": "diagonal"},
         {"constraint": "penalty", "penalty_growth": 1.3, "penalty_growth_max": 2.0},
+        {"constraint": "penalty", "rho_output": 3.0, "w_metric": "gram", "a_metric": "gram"},
     ],
 )
 def test_state_dict_round_trip_continues_bit_identically(hp: dict[str, object]) -> None:
@@ -497,6 +529,8 @@ def test_minibatch_training_lowers_loss() -> None:
         {"p3": 1.5},
         {"rho": 0.0},
         {"rho": -1.0},
+        {"rho_output": 0.0},
+        {"rho_output": math.nan},
         {"nu": 0.0},
         {"mu": -0.1},
         {"eps0": 0.0},
@@ -755,15 +789,17 @@ def test_cached_first_layer_gram_gives_the_same_steps() -> None:
 def test_penalty_continuation_scales_rho_and_nu_per_iteration_and_restores_the_config() -> None:
     """penalty_growth g: the sweep of iteration k runs with ρ·min(g^k, cap) and ν·min(g^k, cap); the stored
     config is untouched, and the reported objective is F at iteration k's penalties."""
-    meth = TIAM(_model(), constraint="penalty", rho=0.5, nu=2.0, penalty_growth=2.0, penalty_growth_max=5.0)
+    meth = TIAM(
+        _model(), constraint="penalty", rho=0.5, nu=2.0, rho_output=1.5, penalty_growth=2.0, penalty_growth_max=5.0
+    )
     seen = []
     for k in range(4):
         with meth._penalties_at(k):
-            seen.append((meth.config.rho, meth.config.nu))
-    assert seen == [(0.5, 2.0), (1.0, 4.0), (2.0, 8.0), (2.5, 10.0)]
+            seen.append((meth.config.rho, meth.config.nu, meth.config.rho_output))
+    assert seen == [(0.5, 2.0, 1.5), (1.0, 4.0, 3.0), (2.0, 8.0, 6.0), (2.5, 10.0, 7.5)]
     with meth._penalties_at(10**6):  # far beyond the cap: no overflow
         assert (meth.config.rho, meth.config.nu) == (2.5, 10.0)
-    assert (meth.config.rho, meth.config.nu) == (0.5, 2.0)
+    assert (meth.config.rho, meth.config.nu, meth.config.rho_output) == (0.5, 2.0, 1.5)
     x, _ = _problem(n=30)
     y = torch.arange(30) % 3
     idx = torch.arange(30)
@@ -772,10 +808,11 @@ def test_penalty_continuation_scales_rho_and_nu_per_iteration_and_restores_the_c
     st = meth.state
     onehot = tF.one_hot(y, 3).double()
     F = float(-(onehot * torch.log_softmax(st.z[-1], dim=1)).sum())
-    rho_k, nu_k = 0.5 * 4.0, 2.0 * 4.0  # the third sweep ran at iteration k = 2
+    rho_k, nu_k, rho_out_k = 0.5 * 4.0, 2.0 * 4.0, 1.5 * 4.0  # the third sweep ran at iteration k = 2
     for l, layer in enumerate(meth.chain):
         a_in = x if l == 0 else st.a[l - 1]
-        F += 0.5 * rho_k * float((st.z[l] - a_in @ layer.weight.detach().T - layer.bias.detach()).pow(2).sum())
+        rho_l = rho_out_k if l == len(meth.chain) - 1 else rho_k
+        F += 0.5 * rho_l * float((st.z[l] - a_in @ layer.weight.detach().T - layer.bias.detach()).pow(2).sum())
         F += 0.5 * meth.config.mu * float(layer.weight.detach().pow(2).sum())
         if l < len(st.a):
             F += 0.5 * nu_k * float((st.a[l] - torch.relu(st.z[l])).pow(2).sum())

@@ -48,6 +48,13 @@ S(u⁺) ≤ S(û) + ⟨∇S(û), d⟩ + (θ/2)‖d‖²_M. With p1 = p2 the firs
 (a Newton step on a quadratic); the factorisations are of n_{l−1} × n_{l−1} and n_l × n_l matrices (784 × 784 for
 MNIST's first layer, 100 × 100 after it), which departs from the paper's "no matrix inversion" and is reported as such.
 
+Output penalty (assumption, switchable). ``rho_output`` weights the output layer's penalty (ρ_L/2)‖z_L − v_L‖²
+separately (None: ρ, the spec). Minimising F over z_L leaves the Moreau envelope of CE with parameter 1/ρ_L at
+the network's logits v_L: at a stationary point the error signal reaching W_L and a_{L−1} is y − softmax(z_L),
+not y − softmax(v_L), and z_L may sit up to ‖y − softmax‖/ρ_L logits closer to the label than the network. A
+small ρ_L therefore lets the auxiliary chain "classify" the training set while the network does not; a larger
+ρ_L ties the loss to the network's own logits.
+
 Inertia schedule. ``p_schedule='constant'`` (default; p1 = p2 = p3 = 0.3, assumption) or ``'fista'`` (the
 FISTA-like alternative of METHODS.md §6.6): t_0 = 1, t_k = (1 + √(1 + 4t_{k−1}²))/2 and every switched-on p_i
 of iteration k is p_k = (t_{k−1} − 1)/t_k (0, 0, 0.28, 0.43, … → 1). The safeguard below keeps F monotone
@@ -105,6 +112,7 @@ class TIAMConfig(MethodConfig):
     mDLAM code; p1 = p2 = p3 = 0.3 (assumption). Every (assumption) of §6.4 is a field here."""
 
     rho: float = 1e-3  # weight of the linear-constraint penalties (official code, mDLAM)
+    rho_output: float | None = None  # weight of the output layer's penalty (ρ/2)‖z_L − v_L‖²; None: ρ (assumption)
     mu: float = 0.05  # weight regulariser (μ/2)‖W‖² (official code, mDLAM)
     eps0: float = 100.0  # initial half-width of C_l(ε)
     eps_decay: float = 0.5  # ε ← max(decay·ε, eps_min) after every full-batch iteration
@@ -134,9 +142,13 @@ class TIAMConfig(MethodConfig):
     a_metric: str = "identity"  # metric of the a backtracking: 'identity' (paper) | 'gram' (penalty only; assumption)
     penalty_growth: float = 1.0  # ρ and ν are multiplied by growth^k at iteration k (continuation; assumption)
     penalty_growth_max: float = 100.0  # cap on that factor
+    # 'forward': l = 1..L, blocks W_l b_l z_l a_l (paper) | 'backward': l = L..1, z_l W_l b_l a_{l-1} (assumption)
+    block_order: str = "forward"
 
     def validate(self) -> None:
         self._positive("rho", "nu", "eps0", "eps_min", "theta0", "fista_step")
+        if self.rho_output is not None:
+            self._positive("rho_output")
         self._nonnegative("mu", "projection_margin", "fista_tol")
         for name in ("p1", "p2", "p3"):
             v = getattr(self, name)
@@ -158,6 +170,7 @@ class TIAMConfig(MethodConfig):
         self._choice("mode", ("auto", "full", "minibatch"))
         self._choice("w_metric", ("identity", "diagonal", "gram"))
         self._choice("a_metric", ("identity", "gram"))
+        self._choice("block_order", ("forward", "backward"))
         if not (math.isfinite(self.penalty_growth) and self.penalty_growth >= 1.0):
             raise ValueError(f"penalty_growth must be a finite number >= 1, got {self.penalty_growth!r}")
         if not (math.isfinite(self.penalty_growth_max) and self.penalty_growth_max >= 1.0):
@@ -425,7 +438,29 @@ class TIAM(Method):
         if factor == 1.0:
             yield
             return
-        self.config = replace(c, rho=c.rho * factor, nu=c.nu * factor)
+        rho_output = None if c.rho_output is None else c.rho_output * factor
+        self.config = replace(c, rho=c.rho * factor, nu=c.nu * factor, rho_output=rho_output)
+        try:
+            yield
+        finally:
+            self.config = c
+
+    def _rho_of(self, l: int) -> float:
+        """ρ of layer l's linear penalty (ρ_l/2)‖z_l − a_{l−1}W_lᵀ − 1b_lᵀ‖²: ``rho_output`` for the output layer
+        when set, else ρ."""
+        c = self.config
+        return c.rho_output if (c.rho_output is not None and l == len(self.chain) - 1) else c.rho
+
+    @contextmanager
+    def _layer_penalty(self, l: int) -> Iterator[None]:
+        """Within the block: ``config.rho`` is ρ_l, the weight of the linear penalty of layer l (the blocks read
+        ``config.rho``; only the output layer's can differ, by ``rho_output``)."""
+        c = self.config
+        rho = self._rho_of(l)
+        if rho == c.rho:
+            yield
+            return
+        self.config = replace(c, rho=rho)
         try:
             yield
         finally:
@@ -656,73 +691,150 @@ class TIAM(Method):
         cnt: _Counters,
         P_first: Tensor | None = None,
     ) -> dict[str, float]:
-        """One pass over the blocks W_l, b_l, z_l, a_l (l = 1..L) in place on z, a; returns F and residuals.
-        ``P_first`` is a precomputed x W_1ᵀ."""
-        c = self.config
+        """One pass over all blocks in place on z, a, in ``block_order``; returns F and residuals. ``P_first`` is
+        a precomputed x W_1ᵀ (W_1 as at the start of the sweep)."""
         p = self._inertia(self.state.iteration)
-        n_layers = len(self.chain)
+        if self.config.block_order == "backward":
+            self._sweep_backward(x, onehot, z, a, z_hist, a_hist, eps, cnt, p, P_first)
+            v = [
+                (x if l == 0 else a[l - 1]) @ layer.weight.detach().T + self._bias(layer).detach()
+                for l, layer in enumerate(self.chain)
+            ]
+        else:
+            v = self._sweep_forward(x, onehot, z, a, z_hist, a_hist, eps, cnt, p, P_first)
+        return self._sweep_info(x, onehot, z, a, v)
+
+    def _sweep_forward(
+        self,
+        x: Tensor,
+        onehot: Tensor,
+        z: list[Tensor],
+        a: list[Tensor],
+        z_hist: list[_BlockHistory],
+        a_hist: list[_BlockHistory],
+        eps: float,
+        cnt: _Counters,
+        p: _P,
+        P_first: Tensor | None,
+    ) -> list[Tensor]:
+        """The paper's order (METHODS.md §6.5): for l = 1..L, W_l, b_l, z_l, a_l. Returns the final
+        v_l = a_{l−1}W_lᵀ + 1b_lᵀ (nothing upstream of v_l changes after layer l's z-step)."""
+        last = len(self.chain) - 1
+        vs: list[Tensor] = []
+        for l in range(len(self.chain)):
+            a_in = x if l == 0 else a[l - 1]
+            with self._layer_penalty(l):
+                P = self._update_W(l, a_in, z[l], p, cnt, P_first if l == 0 else None)
+            v = P + self._update_b(l, P, z[l], p, cnt)
+            vs.append(v)
+            z[l] = self._inertial_z(l, onehot, z, a, z_hist, v, eps, cnt, p)
+            if l < last:
+                a[l] = self._inertial_a(l, z, a, a_hist, eps, cnt, p)
+        return vs
+
+    def _sweep_backward(
+        self,
+        x: Tensor,
+        onehot: Tensor,
+        z: list[Tensor],
+        a: list[Tensor],
+        z_hist: list[_BlockHistory],
+        a_hist: list[_BlockHistory],
+        eps: float,
+        cnt: _Counters,
+        p: _P,
+        P_first: Tensor | None,
+    ) -> None:
+        """``block_order='backward'`` (assumption): for l = L..1, z_l, W_l, b_l, a_{l−1}. Every block sees the
+        same neighbours' newest values as in the forward order, but the label signal entering at z_L reaches
+        W_1 within one sweep instead of travelling back one block per sweep (as dlADMM's backward pass)."""
+        for l in reversed(range(len(self.chain))):
+            layer = self.chain[l]
+            a_in = x if l == 0 else a[l - 1]
+            P0 = P_first if (l == 0 and P_first is not None) else a_in @ layer.weight.detach().T
+            v = P0 + self._bias(layer).detach()
+            z[l] = self._inertial_z(l, onehot, z, a, z_hist, v, eps, cnt, p)
+            with self._layer_penalty(l):
+                P = self._update_W(l, a_in, z[l], p, cnt, P0)
+            self._update_b(l, P, z[l], p, cnt)
+            if l > 0:
+                a[l - 1] = self._inertial_a(l - 1, z, a, a_hist, eps, cnt, p)
+
+    def _update_b(self, l: int, P: Tensor, z: Tensor, p: _P, cnt: _Counters) -> Tensor:
+        """b_l ← its exact step θ = ρN (with the safeguard), given P = a_{l−1}W_lᵀ; returns b_l^{k+1}."""
+        layer = self.chain[l]
+        b_old = self._bias(layer).detach().clone()
+        b_new, b_raw = self._b_step(l, P, z, p, b_old)
+        if self.config.safeguard and any(p):
+            old, new = self._sum_scalars(_sq(z - P - b_old), _sq(z - P - b_new))
+            if _risen(new, old, z.dtype):
+                cnt.safeguard_restarts += 1
+                b_new, b_raw = self._b_step(l, P, z, (0.0, 0.0, 0.0), b_old)
+        self._advance_history(self.state.b_prev, self.state.b_raw, l, b_old, b_raw)
+        with torch.no_grad():
+            self._bias(layer).copy_(b_new)
+        return b_new
+
+    def _inertial_z(
+        self,
+        l: int,
+        onehot: Tensor,
+        z: list[Tensor],
+        a: list[Tensor],
+        z_hist: list[_BlockHistory],
+        v: Tensor,
+        eps: float,
+        cnt: _Counters,
+        p: _P,
+    ) -> Tensor:
+        """z_l's triple-inertial step given v_l = a_{l−1}W_lᵀ + 1b_lᵀ (and a_l for a hidden layer)."""
+        step: Callable[[Tensor, _P, Tensor], _AuxStep | None]
+        if l == len(self.chain) - 1:
+
+            def step(u: Tensor, pp: _P, delta: Tensor) -> _AuxStep | None:
+                return self._zL_step(u, pp, delta, v, onehot, cnt)
+
+        else:
+            act, a_l = self._acts()[l], a[l]
+
+            def step(u: Tensor, pp: _P, delta: Tensor) -> _AuxStep | None:
+                return self._z_step(act, u, pp, delta, v, a_l, eps)
+
+        with self._layer_penalty(l):
+            return self._inertial_aux(z[l], z_hist[l], p, cnt, step)
+
+    def _inertial_a(
+        self, l: int, z: list[Tensor], a: list[Tensor], a_hist: list[_BlockHistory], eps: float, cnt: _Counters, p: _P
+    ) -> Tensor:
+        """a_l's triple-inertial step given z_l, layer l + 1's weights and z_{l+1}."""
+        act, nxt = self._acts()[l], self.chain[l + 1]
+        z_l, W_next, b_next, z_next = z[l], nxt.weight.detach(), self._bias(nxt).detach(), z[l + 1]
+
+        def step(u: Tensor, pp: _P, delta: Tensor) -> _AuxStep | None:
+            return self._a_step(l, act, u, pp, delta, z_l, W_next, b_next, z_next, eps, cnt)
+
+        with self._layer_penalty(l + 1):  # a_l enters F through layer l + 1's penalty
+            return self._inertial_aux(a[l], a_hist[l], p, cnt, step)
+
+    def _sweep_info(
+        self, x: Tensor, onehot: Tensor, z: list[Tensor], a: list[Tensor], v: list[Tensor]
+    ) -> dict[str, float]:
+        """F and its parts after a sweep, given v_l = a_{l−1}W_lᵀ + 1b_lᵀ at the final iterates."""
+        c = self.config
         acts = self._acts()
         n_samples = x.shape[0]
-        residual_linear = 0.0
-        for l, layer in enumerate(self.chain):
-            a_in = x if l == 0 else a[l - 1]
-            # W_l
-            P = self._update_W(l, a_in, z[l], p, cnt, P_first if l == 0 else None)
-            # b_l: exact step θ = ρN
-            b = self._bias(layer).detach()
-            b_old = b.clone()
-            b_new, b_raw = self._b_step(l, P, z[l], p, b_old)
-            if c.safeguard and any(p):
-                old, new = self._sum_scalars(_sq(z[l] - P - b_old), _sq(z[l] - P - b_new))
-                if _risen(new, old, z[l].dtype):
-                    cnt.safeguard_restarts += 1
-                    b_new, b_raw = self._b_step(l, P, z[l], (0.0, 0.0, 0.0), b_old)
-            self._advance_history(self.state.b_prev, self.state.b_raw, l, b_old, b_raw)
-            with torch.no_grad():
-                self._bias(layer).copy_(b_new)
-            v = P + b_new
-            if l < n_layers - 1:
-                act = acts[l]
-                z_l, a_l = z[l], a[l]
-
-                def z_step(
-                    u: Tensor, pp: _P, delta: Tensor, act: Activation = act, v: Tensor = v, a_l: Tensor = a_l
-                ) -> _AuxStep:
-                    return self._z_step(act, u, pp, delta, v, a_l, eps)
-
-                z[l] = self._inertial_aux(z_l, z_hist[l], p, cnt, z_step)
-                residual_linear += _sq(z[l] - v)
-                nxt = self.chain[l + 1]
-                blocks = (z[l], nxt.weight.detach(), self._bias(nxt).detach(), z[l + 1])
-
-                def a_step(
-                    u: Tensor,
-                    pp: _P,
-                    delta: Tensor,
-                    act: Activation = act,
-                    l: int = l,
-                    blocks: tuple[Tensor, Tensor, Tensor, Tensor] = blocks,
-                ) -> _AuxStep | None:
-                    z_new, W_next, b_next, z_next = blocks
-                    return self._a_step(l, act, u, pp, delta, z_new, W_next, b_next, z_next, eps, cnt)
-
-                a[l] = self._inertial_aux(a_l, a_hist[l], p, cnt, a_step)
-            else:
-
-                def zL_step(u: Tensor, pp: _P, delta: Tensor, v: Tensor = v) -> _AuxStep | None:
-                    return self._zL_step(u, pp, delta, v, onehot, cnt)
-
-                z[l] = self._inertial_aux(z[l], z_hist[l], p, cnt, zL_step)
-                residual_linear += _sq(z[l] - v)
         ce = float(self._ce_sum(z[-1], onehot))
+        residuals = [_sq(z_l - v_l) for z_l, v_l in zip(z, v)]
+        residual_linear = sum(residuals)
+        penalty_linear = sum(self._rho_of(l) * r for l, r in enumerate(residuals))  # Σ_l ρ_l‖z_l − v_l‖²
         weights = sum(_sq(layer.weight.detach()) for layer in self.chain)
-        residual_act = sum(_sq(a[l] - acts[l].phi(z[l])) for l in range(n_layers - 1))
+        residual_act = sum(_sq(a[l] - acts[l].phi(z[l])) for l in range(len(a)))
         if self.comm.world_size > 1:
-            ce, residual_linear, residual_act, total = self.comm.sum_scalars(
-                ce, residual_linear, residual_act, float(n_samples)
+            ce, residual_linear, penalty_linear, residual_act, total = self.comm.sum_scalars(
+                ce, residual_linear, penalty_linear, residual_act, float(n_samples)
             )
             n_samples = round(total)
-        objective = ce + 0.5 * c.rho * residual_linear + 0.5 * c.mu * weights
+        objective = ce + 0.5 * penalty_linear + 0.5 * c.mu * weights
         if c.constraint == "penalty":
             objective += 0.5 * c.nu * residual_act
         return {
