@@ -42,6 +42,23 @@ CASES: dict[str, tuple[str, dict[str, Any], int, int, str]] = {
         "64-16-16-10",
     ),
     "am-diagonal": ("am", {"w_metric": "diagonal"}, 0, 3, "64-16-16-10"),
+    # the backward order recomputes every v_l after the sweep for F; a separate output-layer penalty weight
+    "tiam-backward": (
+        "tiam",
+        {"constraint": "penalty", "nu": 3.0, "rho": 0.5, "rho_output": 2.0, "block_order": "backward",
+         "a_metric": "gram"},
+        0,
+        3,
+        "64-16-16-10",
+    ),
+    # the exact output's W_L and b_L are replicated blocks: only their CE share is summed over ranks
+    "tiam-exact-output": (
+        "tiam",
+        {"constraint": "penalty", "nu": 3.0, "rho": 0.5, "output": "exact", "w_metric": "gram", "p_schedule": "fista"},
+        0,
+        3,
+        "64-16-16-10",
+    ),
     "proxprop-exact": ("proxprop", {}, 100, 1, "64-16-16-10"),
     "proxprop-cg": ("proxprop", {"solver": "cg3", "optimizer": "sgd", "lr": 0.5}, 100, 1, "64-16-16-10"),
     "sibp": ("sibp", {}, 100, 1, "64-16-16-10"),

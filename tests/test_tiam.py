@@ -274,22 +274,39 @@ def _reference_am_iteration(
     margin: float,
     rho_out: float | None = None,
     order: str = "forward",
+    output: str = "penalty",
 ) -> None:
     """p = 0, ReLU, box constraint, prox-step z_L; plain formulas, direct objective evaluation. ``rho_out``: the
     output layer's penalty weight (ρ when None). ``order``: forward (l = 1..L: W, b, z, a) or backward
-    (l = L..1: z_l, W_l, b_l, a_{l−1})."""
+    (l = L..1: z_l, W_l, b_l, a_{l−1}). ``output='exact'``: no z_L block; W_L, b_L (metric ½N) and a_{L−1} take
+    backtracking steps on CE_sum of the logits a_{L−1}W_Lᵀ + b_L, and z_L is those logits."""
     L = len(Ws)
     rhos = [rho] * (L - 1) + [rho if rho_out is None else rho_out]
 
-    def backtrack(S, grad, prox, u):  # type: ignore[no-untyped-def]
+    def backtrack(S, grad, prox, u, scale=1.0):  # type: ignore[no-untyped-def]
         theta = 1.0
         for _ in range(11):
-            up = prox(u - grad / theta, theta)
+            up = prox(u - grad / (theta * scale), theta)
             d = up - u
-            if S(up) <= S(u) + float((grad * d).sum()) + 0.5 * theta * float(d.pow(2).sum()) + 1e-9:
+            if S(up) <= S(u) + float((grad * d).sum()) + 0.5 * theta * scale * float(d.pow(2).sum()) + 1e-9:
                 return up
             theta *= 2
         return u
+
+    def ce(logits: torch.Tensor) -> float:
+        return float(-(onehot * torch.log_softmax(logits, dim=1)).sum())
+
+    def exact_output_step() -> None:
+        l = L - 1
+
+        def S_W(W: torch.Tensor) -> float:
+            return ce(a_in(l) @ W.T + bs[l]) + 0.5 * mu * float(W.pow(2).sum())
+
+        G = (torch.softmax(a_in(l) @ Ws[l].T + bs[l], dim=1) - onehot).T @ a_in(l) + mu * Ws[l]
+        Ws[l] = backtrack(S_W, G, lambda w, t: w, Ws[l])
+        P = a_in(l) @ Ws[l].T
+        Gb = (torch.softmax(P + bs[l], dim=1) - onehot).sum(dim=0)
+        bs[l] = backtrack(lambda u: ce(P + u), Gb, lambda w, t: w, bs[l], scale=0.5 * x.shape[0])
 
     def a_in(l: int) -> torch.Tensor:
         return x if l == 0 else a[l - 1]
@@ -324,28 +341,44 @@ def _reference_am_iteration(
         hz = torch.relu(z[l])
 
         def S_a(u: torch.Tensor) -> float:
+            if output == "exact" and l + 1 == L - 1:
+                return ce(u @ Wn.T + bn)
             return float(0.5 * rho_n * (zn - u @ Wn.T - bn).pow(2).sum())
 
-        Ga = rho_n * (a[l] @ Wn.T + bn - zn) @ Wn
+        if output == "exact" and l + 1 == L - 1:
+            Ga = (torch.softmax(a[l] @ Wn.T + bn, dim=1) - onehot) @ Wn
+        else:
+            Ga = rho_n * (a[l] @ Wn.T + bn - zn) @ Wn
         a[l] = backtrack(S_a, Ga, lambda w, t: torch.clamp(w, hz - eps + margin, hz + eps - margin), a[l])
+
+    def exact(l: int) -> bool:
+        return output == "exact" and l == L - 1
 
     if order == "forward":
         for l in range(L):
+            if exact(l):
+                exact_output_step()
+                continue
             w_and_b_step(l)
             z_step(l)
             if l < L - 1:
                 a_step(l)
     else:
         for l in reversed(range(L)):
-            z_step(l)
-            w_and_b_step(l)
+            if exact(l):
+                exact_output_step()
+            else:
+                z_step(l)
+                w_and_b_step(l)
             if l > 0:
                 a_step(l - 1)
+    if output == "exact":
+        z[L - 1] = a_in(L - 1) @ Ws[L - 1].T + bs[L - 1]
 
 
 @pytest.mark.parametrize("order", ["forward", "backward"])
-@pytest.mark.parametrize("rho_out", [None, 2.0])
-def test_am_iteration_matches_independent_reference(rho_out: float | None, order: str) -> None:
+@pytest.mark.parametrize(("rho_out", "output"), [(None, "penalty"), (2.0, "penalty"), (None, "exact")])
+def test_am_iteration_matches_independent_reference(rho_out: float | None, output: str, order: str) -> None:
     x, y = _problem(n=20)
     m = _model()
     onehot = tF.one_hot(y, 3).double()
@@ -360,13 +393,14 @@ def test_am_iteration_matches_independent_reference(rho_out: float | None, order
         if l < len(Ws) - 1:
             h = torch.relu(u)
             a_ref.append(h)
-    z_ref[-1] = 2 * onehot - 1
-    meth = AM(m, rho=0.5, mu=0.05, eps0=0.4, eps_decay=0.5, rho_output=rho_out, block_order=order)
+    if output == "penalty":
+        z_ref[-1] = 2 * onehot - 1
+    meth = AM(m, rho=0.5, mu=0.05, eps0=0.4, eps_decay=0.5, rho_output=rho_out, block_order=order, output=output)
     idx = torch.arange(20)
     for k in range(4):
         meth.step(x, y, idx=idx)
         eps = max(0.4 * 0.5**k, 1e-3)
-        _reference_am_iteration(x, onehot, Ws, bs, z_ref, a_ref, 0.5, 0.05, eps, 1e-9, rho_out, order)
+        _reference_am_iteration(x, onehot, Ws, bs, z_ref, a_ref, 0.5, 0.05, eps, 1e-9, rho_out, order, output)
     for W, W_ref in zip([layer.weight for layer in meth.chain], Ws):
         torch.testing.assert_close(W.detach(), W_ref, atol=1e-10, rtol=1e-10)
     for zl, zr in zip(meth.state.z, z_ref):
@@ -461,6 +495,7 @@ def test_inertia_changes_the_iterates() -> None:
         {"w_metric": "diagonal"},
         {"constraint": "penalty", "penalty_growth": 1.3, "penalty_growth_max": 2.0},
         {"constraint": "penalty", "rho_output": 3.0, "w_metric": "gram", "a_metric": "gram"},
+        {"output": "exact", "history": "raw", "block_order": "backward", "w_metric": "diagonal"},
     ],
 )
 def test_state_dict_round_trip_continues_bit_identically(hp: dict[str, object]) -> None:
@@ -530,6 +565,10 @@ def test_minibatch_training_lowers_loss() -> None:
         {"rho": 0.0},
         {"rho": -1.0},
         {"rho_output": 0.0},
+        {"output": "exact", "rho_output": 2.0},  # no z_L block to weight
+        {"output": "exact", "zL_solver": "fista"},
+        {"output": "identity"},
+        {"block_order": "random"},
         {"rho_output": math.nan},
         {"nu": 0.0},
         {"mu": -0.1},
@@ -817,3 +856,30 @@ def test_penalty_continuation_scales_rho_and_nu_per_iteration_and_restores_the_c
         if l < len(st.a):
             F += 0.5 * nu_k * float((st.a[l] - torch.relu(st.z[l])).pow(2).sum())
     assert stats.info["objective"] == pytest.approx(F, rel=1e-10)
+
+
+@pytest.mark.parametrize("order", ["forward", "backward"])
+def test_exact_output_majorised_steps_accept_the_first_trial_and_keep_z_L_on_the_logits(order: str) -> None:
+    """output='exact' in the Gram metrics: ½aᵀa + μI and ½N bound the CE Hessians of W_L and b_L, and ½W_LᵀW_L that
+    of a_{L−1}, so AM never backtracks (every block's first trial θ = 1 is accepted); z_L stays equal to the
+    logits of the auxiliary chain, so the reported CE is theirs; TIAM's inertia keeps F monotone."""
+    x, y = _problem(n=40)
+    idx = torch.arange(40)
+    hp = {"constraint": "penalty", "nu": 2.0, "rho": 0.5, "output": "exact", "w_metric": "gram", "a_metric": "gram",
+          "block_order": order}
+    am = AM(_model(), **hp)
+    for _ in range(8):
+        info = am.step(x, y, idx=idx).info
+        assert info["backtracks"] == 0 and info["backtrack_failures"] == 0
+        st, out = am.state, am.chain[-1]
+        torch.testing.assert_close(st.z[-1], st.a[-1] @ out.weight.detach().T + out.bias.detach(), rtol=0, atol=1e-12)
+        onehot = tF.one_hot(y, 3).double()
+        assert info["ce_sum"] == pytest.approx(float(-(onehot * torch.log_softmax(st.z[-1], dim=1)).sum()))
+    tiam = TIAM(_model(), **hp, p1=0.6, p2=0.3, p3=0.6)
+    first = float(tiam.batch_loss(x, y))
+    previous = math.inf
+    for _ in range(15):
+        info = tiam.step(x, y, idx=idx).info
+        assert info["objective"] <= previous * (1 + 1e-12)
+        previous = info["objective"]
+    assert float(tiam.batch_loss(x, y)) < 0.9 * first

@@ -142,6 +142,9 @@ class TIAMConfig(MethodConfig):
     a_metric: str = "identity"  # metric of the a backtracking: 'identity' (paper) | 'gram' (penalty only; assumption)
     penalty_growth: float = 1.0  # ρ and ν are multiplied by growth^k at iteration k (continuation; assumption)
     penalty_growth_max: float = 100.0  # cap on that factor
+    # 'penalty': z_L is an auxiliary block tied to v_L by (ρ/2)‖z_L − v_L‖² (spec) | 'exact': z_L = v_L is kept
+    # exactly and CE acts on the network's own logits; W_L, b_L, a_{L-1} take majorised CE steps (assumption)
+    output: str = "penalty"
     # 'forward': l = 1..L, blocks W_l b_l z_l a_l (paper) | 'backward': l = L..1, z_l W_l b_l a_{l-1} (assumption)
     block_order: str = "forward"
 
@@ -171,6 +174,12 @@ class TIAMConfig(MethodConfig):
         self._choice("w_metric", ("identity", "diagonal", "gram"))
         self._choice("a_metric", ("identity", "gram"))
         self._choice("block_order", ("forward", "backward"))
+        self._choice("output", ("penalty", "exact"))
+        if self.output == "exact" and (self.zL_solver != "prox_step" or self.rho_output is not None):
+            raise ValueError(
+                "output='exact' has no z_L block: zL_solver and rho_output apply to output='penalty' only; "
+                "drop them or set output=penalty"
+            )
         if not (math.isfinite(self.penalty_growth) and self.penalty_growth >= 1.0):
             raise ValueError(f"penalty_growth must be a finite number >= 1, got {self.penalty_growth!r}")
         if not (math.isfinite(self.penalty_growth_max) and self.penalty_growth_max >= 1.0):
@@ -526,10 +535,13 @@ class TIAM(Method):
     def _ce_sum(z: Tensor, onehot: Tensor) -> Tensor:
         return -(onehot * tF.log_softmax(z, dim=1)).sum()
 
-    def _local_a(self, act: Activation, a: Tensor, z_l: Tensor, z_next: Tensor, v_next_of: Tensor) -> float:
-        """Terms of F that contain a_l: (ρ/2)‖z_{l+1} − a W_{l+1}ᵀ − b‖² (+ ν-penalty)."""
+    def _local_a(
+        self, act: Activation, a: Tensor, z_l: Tensor, z_next: Tensor, v_next_of: Tensor, onehot: Tensor | None
+    ) -> float:
+        """Terms of F that contain a_l: (ρ/2)‖z_{l+1} − a W_{l+1}ᵀ − b‖², or CE_sum(a W_Lᵀ + b) before an exact
+        output (``onehot`` given), (+ ν-penalty)."""
         c = self.config
-        val = 0.5 * c.rho * _sq(z_next - v_next_of)
+        val = float(self._ce_sum(v_next_of, onehot)) if onehot is not None else 0.5 * c.rho * _sq(z_next - v_next_of)
         if c.constraint == "penalty":
             val += 0.5 * c.nu * _sq(a - act.phi(z_l))
         return val
@@ -700,6 +712,8 @@ class TIAM(Method):
                 (x if l == 0 else a[l - 1]) @ layer.weight.detach().T + self._bias(layer).detach()
                 for l, layer in enumerate(self.chain)
             ]
+            if self._exact_output(len(self.chain) - 1):
+                z[-1] = v[-1]
         else:
             v = self._sweep_forward(x, onehot, z, a, z_hist, a_hist, eps, cnt, p, P_first)
         return self._sweep_info(x, onehot, z, a, v)
@@ -723,13 +737,17 @@ class TIAM(Method):
         vs: list[Tensor] = []
         for l in range(len(self.chain)):
             a_in = x if l == 0 else a[l - 1]
+            if self._exact_output(l):
+                z[l] = self._update_exact_output(a_in, onehot, p, cnt)
+                vs.append(z[l])
+                continue
             with self._layer_penalty(l):
                 P = self._update_W(l, a_in, z[l], p, cnt, P_first if l == 0 else None)
             v = P + self._update_b(l, P, z[l], p, cnt)
             vs.append(v)
             z[l] = self._inertial_z(l, onehot, z, a, z_hist, v, eps, cnt, p)
             if l < last:
-                a[l] = self._inertial_a(l, z, a, a_hist, eps, cnt, p)
+                a[l] = self._inertial_a(l, onehot, z, a, a_hist, eps, cnt, p)
         return vs
 
     def _sweep_backward(
@@ -751,6 +769,11 @@ class TIAM(Method):
         for l in reversed(range(len(self.chain))):
             layer = self.chain[l]
             a_in = x if l == 0 else a[l - 1]
+            if self._exact_output(l):
+                self._update_exact_output(a_in, onehot, p, cnt)
+                if l > 0:
+                    a[l - 1] = self._inertial_a(l - 1, onehot, z, a, a_hist, eps, cnt, p)
+                continue
             P0 = P_first if (l == 0 and P_first is not None) else a_in @ layer.weight.detach().T
             v = P0 + self._bias(layer).detach()
             z[l] = self._inertial_z(l, onehot, z, a, z_hist, v, eps, cnt, p)
@@ -758,7 +781,108 @@ class TIAM(Method):
                 P = self._update_W(l, a_in, z[l], p, cnt, P0)
             self._update_b(l, P, z[l], p, cnt)
             if l > 0:
-                a[l - 1] = self._inertial_a(l - 1, z, a, a_hist, eps, cnt, p)
+                a[l - 1] = self._inertial_a(l - 1, onehot, z, a, a_hist, eps, cnt, p)
+
+    def _exact_output(self, l: int) -> bool:
+        return self.config.output == "exact" and l == len(self.chain) - 1
+
+    def _update_exact_output(self, a_in: Tensor, onehot: Tensor, p: _P, cnt: _Counters) -> Tensor:
+        """``output='exact'``: W_L, then b_L, take triple-inertial majorised steps on
+        S = CE_sum(a W_Lᵀ + 1b_Lᵀ) (+ (μ/2)‖W_L‖²); returns v_L = z_L at the new weights.
+
+        The softmax cross-entropy's Hessian in the logits is at most ½I per sample, so ½aᵀa (+ μI) bounds S's
+        Hessian in W_L and ½N in b_L. These replace ρaᵀa and ρN of the penalty blocks in ``w_metric`` (gram:
+        that matrix; diagonal: its diagonal; identity: the paper's Euclidean step), and with p1 = p2 the first
+        trial θ = 1 is then always accepted (majorise–minimise)."""
+        c = self.config
+        l = len(self.chain) - 1
+        layer = self.chain[l]
+        st, raw = self.state, c.history == "raw"
+        is_main = self.comm.rank == 0  # the replicated weight term of S is counted once in the sums over ranks
+        b = self._bias(layer).detach()
+        with self._config_as(rho=0.5):
+            w_metric = self._w_metric(l, a_in)
+
+        def w_step(W: Tensor, pp: _P, delta: Tensor) -> _AuxStep | None:
+            W_tilde, W_hat = W + pp[0] * delta, W + pp[1] * delta
+            G = grad_ce_sum(a_in @ W_hat.T + b, onehot).T @ a_in
+            if self.comm.world_size > 1:
+                G = self.comm.all_reduce_sum_(G)
+            G = G + c.mu * W_hat
+
+            def objective(u: Tensor) -> float:
+                return float(self._ce_sum(a_in @ u.T + b, onehot)) + (0.5 * c.mu * _sq(u) if is_main else 0.0)
+
+            metric = None
+            if w_metric is not None:
+
+                def sq_norm_m(d: Tensor) -> float:
+                    (ad_sq,) = self._sum_scalars(_sq(a_in @ d.T))
+                    return w_metric.sq_norm(d, ad_sq)
+
+                metric = (w_metric.precondition(G), sq_norm_m)
+            (s_hat,) = self._sum_scalars(objective(W_hat))
+            theta0 = self._theta_start(st.theta_W[l])
+            W_plus, theta = self._backtrack(
+                W_tilde, W_hat, G, s_hat, objective, lambda w, t: w, theta0, cnt, metric, replicated=True
+            )
+            if W_plus is None:
+                return None
+            st.theta_W[l] = theta
+            W_new = W_plus + pp[2] * (W_plus - W)
+            f_new, f_old = self._sum_scalars(objective(W_new), objective(W)) if any(pp) else (0.0, 0.0)
+            return _AuxStep(W_new, W_plus, f_new, f_old)
+
+        W_old = layer.weight.detach().clone()
+        hist = _BlockHistory(st.W_prev[l], st.W_raw[l] if raw else None)
+        W_new = self._inertial_aux(W_old, hist, p, cnt, w_step)
+        st.W_prev[l] = hist.prev
+        if raw and hist.raw is not None:
+            st.W_raw[l] = hist.raw
+        with torch.no_grad():
+            layer.weight.copy_(W_new)
+        P = a_in @ W_new.T
+        half_n = 0.5 * self._m_global
+
+        def b_step(bb: Tensor, pp: _P, delta: Tensor) -> _AuxStep | None:
+            b_tilde, b_hat = bb + pp[0] * delta, bb + pp[1] * delta
+            G = grad_ce_sum(P + b_hat, onehot).sum(dim=0)
+            if self.comm.world_size > 1:
+                G = self.comm.all_reduce_sum_(G)
+
+            def objective(u: Tensor) -> float:
+                return float(self._ce_sum(P + u, onehot))
+
+            (s_hat,) = self._sum_scalars(objective(b_hat))
+            metric = (G / half_n, lambda d: half_n * _sq(d))
+            b_plus, _ = self._backtrack(
+                b_tilde, b_hat, G, s_hat, objective, lambda w, t: w, 1.0, cnt, metric, replicated=True
+            )
+            if b_plus is None:
+                return None
+            b_new = b_plus + pp[2] * (b_plus - bb)
+            f_new, f_old = self._sum_scalars(objective(b_new), objective(bb)) if any(pp) else (0.0, 0.0)
+            return _AuxStep(b_new, b_plus, f_new, f_old)
+
+        b_old = b.clone()
+        hist = _BlockHistory(st.b_prev[l], st.b_raw[l] if raw else None)
+        b_new = self._inertial_aux(b_old, hist, p, cnt, b_step)
+        st.b_prev[l] = hist.prev
+        if raw and hist.raw is not None:
+            st.b_raw[l] = hist.raw
+        with torch.no_grad():
+            self._bias(layer).copy_(b_new)
+        return P + b_new
+
+    @contextmanager
+    def _config_as(self, **changes: Any) -> Iterator[None]:
+        """Within the block: ``self.config`` with ``changes`` (the blocks read their weights from it)."""
+        c = self.config
+        self.config = replace(c, **changes)
+        try:
+            yield
+        finally:
+            self.config = c
 
     def _update_b(self, l: int, P: Tensor, z: Tensor, p: _P, cnt: _Counters) -> Tensor:
         """b_l ← its exact step θ = ρN (with the safeguard), given P = a_{l−1}W_lᵀ; returns b_l^{k+1}."""
@@ -804,14 +928,24 @@ class TIAM(Method):
             return self._inertial_aux(z[l], z_hist[l], p, cnt, step)
 
     def _inertial_a(
-        self, l: int, z: list[Tensor], a: list[Tensor], a_hist: list[_BlockHistory], eps: float, cnt: _Counters, p: _P
+        self,
+        l: int,
+        onehot: Tensor,
+        z: list[Tensor],
+        a: list[Tensor],
+        a_hist: list[_BlockHistory],
+        eps: float,
+        cnt: _Counters,
+        p: _P,
     ) -> Tensor:
-        """a_l's triple-inertial step given z_l, layer l + 1's weights and z_{l+1}."""
+        """a_l's triple-inertial step given z_l, layer l + 1's weights and z_{l+1} (or the labels, when layer
+        l + 1 is an exact output)."""
         act, nxt = self._acts()[l], self.chain[l + 1]
         z_l, W_next, b_next, z_next = z[l], nxt.weight.detach(), self._bias(nxt).detach(), z[l + 1]
+        target = onehot if self._exact_output(l + 1) else None
 
         def step(u: Tensor, pp: _P, delta: Tensor) -> _AuxStep | None:
-            return self._a_step(l, act, u, pp, delta, z_l, W_next, b_next, z_next, eps, cnt)
+            return self._a_step(l, act, u, pp, delta, z_l, W_next, b_next, z_next, eps, cnt, target)
 
         with self._layer_penalty(l + 1):  # a_l enters F through layer l + 1's penalty
             return self._inertial_aux(a[l], a_hist[l], p, cnt, step)
@@ -897,15 +1031,21 @@ class TIAM(Method):
         theta: float,
         cnt: _Counters,
         metric: tuple[Tensor, Callable[[Tensor], float]] | None = None,
+        replicated: bool = False,
     ) -> tuple[Tensor | None, float]:
         """u⁺ = prox(ũ − ∇S(û)/θ, θ), θ ← factor·θ until S(u⁺) ≤ S(û) + ⟨∇S(û), d⟩ + θ/2‖d‖² (d = u⁺ − û).
-        ``metric`` = (∇S(û)M⁻¹, ‖·‖²_M) runs the same test in a metric M (``prox`` must then be the prox in M)."""
+        ``metric`` = (∇S(û)M⁻¹, ‖·‖²_M) runs the same test in a metric M (``prox`` must then be the prox in M).
+        ``replicated``: u is a weight block, identical on every rank (its gradient already reduced), so only
+        ``objective`` (this rank's share of S) is summed over ranks."""
         c = self.config
         direction, sq_norm = (grad, _sq) if metric is None else metric
         for trial in range(c.max_doublings + 1):
             u_plus = prox(u_tilde - direction / theta, theta)
             d = u_plus - u_hat
-            s_plus, grad_d, d_sq = self._sum_scalars(objective(u_plus), _dot(grad, d), sq_norm(d))
+            if replicated:
+                (s_plus,), grad_d, d_sq = self._sum_scalars(objective(u_plus)), _dot(grad, d), sq_norm(d)
+            else:
+                s_plus, grad_d, d_sq = self._sum_scalars(objective(u_plus), _dot(grad, d), sq_norm(d))
             bound = s_hat + grad_d + 0.5 * theta * d_sq
             # the sums carry rounding of a few ulps of S itself; without slack a tie can read as a rejection
             slack = 64 * torch.finfo(u_plus.dtype).eps * (abs(s_hat) + abs(s_plus))
@@ -957,15 +1097,29 @@ class TIAM(Method):
         z_next: Tensor,
         eps: float,
         cnt: _Counters,
+        onehot: Tensor | None = None,
     ) -> _AuxStep | None:
-        """a_l: S = (ρ/2)‖z_{l+1} − aWᵀ − 1bᵀ‖², prox = box [h(z_l) ± ε] (or the ν-penalty), backtracking."""
+        """a_l: S = (ρ/2)‖z_{l+1} − aWᵀ − 1bᵀ‖², prox = box [h(z_l) ± ε] (or the ν-penalty), backtracking.
+        With ``onehot`` (layer l + 1 is an exact output): S = CE_sum(aWᵀ + 1bᵀ), whose Hessian is bounded by
+        ½ WᵀW (the softmax cross-entropy's Hessian in the logits is at most ½I), which takes the place of ρWᵀW."""
         c = self.config
         a_tilde, a_hat = a + p[0] * delta, a + p[1] * delta
-        grad = grad_a(a_hat, z_next, W_next, b_next, c.rho)
-        (s_hat,) = self._sum_scalars(0.5 * c.rho * _sq(a_hat @ W_next.T + b_next - z_next))
+        if onehot is not None:
+            target = onehot
 
-        def objective(u: Tensor) -> float:
-            return 0.5 * c.rho * _sq(u @ W_next.T + b_next - z_next)
+            def objective(u: Tensor) -> float:
+                return float(self._ce_sum(u @ W_next.T + b_next, target))
+
+            grad = grad_ce_sum(a_hat @ W_next.T + b_next, target) @ W_next
+            curvature = 0.5
+        else:
+
+            def objective(u: Tensor) -> float:
+                return 0.5 * c.rho * _sq(u @ W_next.T + b_next - z_next)
+
+            grad = grad_a(a_hat, z_next, W_next, b_next, c.rho)
+            curvature = c.rho
+        (s_hat,) = self._sum_scalars(objective(a_hat))
 
         hz = act.phi(z_l)
         metric: tuple[Tensor, Callable[[Tensor], float]] | None = None
@@ -973,7 +1127,7 @@ class TIAM(Method):
             # M = ρ WᵀW + δI, S's exact Hessian (plus a tiny δ): with p1 = p2 the first trial θ = 1 is the exact
             # minimiser of the a-subproblem. Prox in M: u = (θ w M + ν h(z))(θM + νI)⁻¹.
             W64 = W_next.to(torch.float64)
-            M = c.rho * (W64.T @ W64)
+            M = curvature * (W64.T @ W64)
             M.diagonal().add_(1e-10 * float(M.diagonal().sum()) / max(M.shape[0], 1))
             eye = torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
             factor = guarded_cholesky(M, 0.0, float(M.diagonal().sum()), who=f"{self.name} (a_metric='gram')",
@@ -1007,8 +1161,8 @@ class TIAM(Method):
             a_new = self._project_a(act, a_new, z_l, eps)
         if not (c.safeguard and any(p)):
             return _AuxStep(a_new, a_plus, 0.0, 0.0)
-        f_new = self._local_a(act, a_new, z_l, z_next, a_new @ W_next.T + b_next)
-        f_old = self._local_a(act, a, z_l, z_next, a @ W_next.T + b_next)
+        f_new = self._local_a(act, a_new, z_l, z_next, a_new @ W_next.T + b_next, onehot)
+        f_old = self._local_a(act, a, z_l, z_next, a @ W_next.T + b_next, onehot)
         f_new, f_old = self._sum_scalars(f_new, f_old)
         return _AuxStep(a_new, a_plus, f_new, f_old)
 
@@ -1067,7 +1221,7 @@ class TIAM(Method):
             if layer.activation is not None:
                 h = layer.activation.phi(u)
                 a.append(h)
-        if self.config.zL_init == "target":
+        if self.config.zL_init == "target" and self.config.output == "penalty":
             z[-1] = 2 * onehot - 1
         return z, a
 
