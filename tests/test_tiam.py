@@ -568,6 +568,7 @@ def test_minibatch_training_lowers_loss() -> None:
         {"output": "exact", "rho_output": 2.0},  # no z_L block to weight
         {"output": "exact", "zL_solver": "fista"},
         {"output": "identity"},
+        {"output_curvature": 0.0},
         {"block_order": "random"},
         {"rho_output": math.nan},
         {"nu": 0.0},

@@ -145,11 +145,14 @@ class TIAMConfig(MethodConfig):
     # 'penalty': z_L is an auxiliary block tied to v_L by (ρ/2)‖z_L − v_L‖² (spec) | 'exact': z_L = v_L is kept
     # exactly and CE acts on the network's own logits; W_L, b_L, a_{L-1} take majorised CE steps (assumption)
     output: str = "penalty"
+    # curvature c of the exact output's majorised steps (metrics c·aᵀa, c·N, c·W_LᵀW_L); 0.5 bounds the softmax
+    # cross-entropy's Hessian, so θ = 1 is always accepted; a smaller c tries longer steps first (assumption)
+    output_curvature: float = 0.5
     # 'forward': l = 1..L, blocks W_l b_l z_l a_l (paper) | 'backward': l = L..1, z_l W_l b_l a_{l-1} (assumption)
     block_order: str = "forward"
 
     def validate(self) -> None:
-        self._positive("rho", "nu", "eps0", "eps_min", "theta0", "fista_step")
+        self._positive("rho", "nu", "eps0", "eps_min", "theta0", "fista_step", "output_curvature")
         if self.rho_output is not None:
             self._positive("rho_output")
         self._nonnegative("mu", "projection_margin", "fista_tol")
@@ -791,16 +794,17 @@ class TIAM(Method):
         S = CE_sum(a W_Lᵀ + 1b_Lᵀ) (+ (μ/2)‖W_L‖²); returns v_L = z_L at the new weights.
 
         The softmax cross-entropy's Hessian in the logits is at most ½I per sample, so ½aᵀa (+ μI) bounds S's
-        Hessian in W_L and ½N in b_L. These replace ρaᵀa and ρN of the penalty blocks in ``w_metric`` (gram:
-        that matrix; diagonal: its diagonal; identity: the paper's Euclidean step), and with p1 = p2 the first
-        trial θ = 1 is then always accepted (majorise–minimise)."""
+        Hessian in W_L and ½N in b_L. These (with ``output_curvature`` c in place of ½) replace ρaᵀa and ρN of
+        the penalty blocks in ``w_metric`` (gram: that matrix; diagonal: its diagonal; identity: the paper's
+        Euclidean step). With c = ½ and p1 = p2 the first trial θ = 1 is always accepted (majorise–minimise);
+        a smaller c starts from a longer step and lets the backtracking double θ back towards the bound."""
         c = self.config
         l = len(self.chain) - 1
         layer = self.chain[l]
         st, raw = self.state, c.history == "raw"
         is_main = self.comm.rank == 0  # the replicated weight term of S is counted once in the sums over ranks
         b = self._bias(layer).detach()
-        with self._config_as(rho=0.5):
+        with self._config_as(rho=c.output_curvature):
             w_metric = self._w_metric(l, a_in)
 
         def w_step(W: Tensor, pp: _P, delta: Tensor) -> _AuxStep | None:
@@ -842,7 +846,7 @@ class TIAM(Method):
         with torch.no_grad():
             layer.weight.copy_(W_new)
         P = a_in @ W_new.T
-        half_n = 0.5 * self._m_global
+        half_n = c.output_curvature * self._m_global
 
         def b_step(bb: Tensor, pp: _P, delta: Tensor) -> _AuxStep | None:
             b_tilde, b_hat = bb + pp[0] * delta, bb + pp[1] * delta
@@ -1111,7 +1115,7 @@ class TIAM(Method):
                 return float(self._ce_sum(u @ W_next.T + b_next, target))
 
             grad = grad_ce_sum(a_hat @ W_next.T + b_next, target) @ W_next
-            curvature = 0.5
+            curvature = c.output_curvature
         else:
 
             def objective(u: Tensor) -> float:
