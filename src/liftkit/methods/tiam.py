@@ -55,6 +55,16 @@ not y − softmax(v_L), and z_L may sit up to ‖y − softmax‖/ρ_L logits cl
 small ρ_L therefore lets the auxiliary chain "classify" the training set while the network does not; a larger
 ρ_L ties the loss to the network's own logits.
 
+Exact output (assumption, switchable). ``output='exact'`` keeps the output constraint z_L = a_{L−1}W_Lᵀ + 1b_Lᵀ
+exactly: there is no z_L block, CE acts on the logits of the auxiliary chain, and W_L, b_L and a_{L−1} take
+majorised steps on it. The softmax cross-entropy's Hessian in the logits is at most ½I, so c·aᵀa + μI, c·N
+and c·W_LᵀW_L (c = ``output_curvature``, ½ by default) take the place of ρaᵀa, ρN and ρW_LᵀW_L in the metrics;
+with c = ½ the first trial θ = 1 is always accepted.
+
+Block order (assumption, switchable). ``block_order='forward'`` is the paper's (layer by layer from the input:
+W_l, b_l, z_l, a_l). ``'backward'`` runs l = L..1 with z_l, W_l, b_l, a_{l−1}: the label signal entering at
+z_L then reaches W_1 within one sweep (as in dlADMM's backward pass) instead of one block per sweep.
+
 Inertia schedule. ``p_schedule='constant'`` (default; p1 = p2 = p3 = 0.3, assumption) or ``'fista'`` (the
 FISTA-like alternative of METHODS.md §6.6): t_0 = 1, t_k = (1 + √(1 + 4t_{k−1}²))/2 and every switched-on p_i
 of iteration k is p_k = (t_{k−1} − 1)/t_k (0, 0, 0.28, 0.43, … → 1). The safeguard below keeps F monotone
