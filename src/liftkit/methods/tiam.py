@@ -97,7 +97,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -450,22 +450,27 @@ class TIAM(Method):
         return max(c.eps0 * c.eps_decay**k, c.eps_min)
 
     @contextmanager
-    def _penalties_at(self, k: int) -> Iterator[None]:
-        """Within the block: ρ and ν of iteration k, ρ_k = ρ·min(growth^k, cap) and the same factor on ν (the
-        quadratic-penalty continuation; with growth = 1, the configured values). Every block reads
-        ``self.config``, so the scaled copy stands in for it during one sweep."""
+    def _config_as(self, **changes: Any) -> Iterator[None]:
+        """Within the block: ``self.config`` with ``changes``. Every block reads its weights (ρ, ν, …) from
+        ``self.config``, so the changed copy stands in for it (nothing changes when ``changes`` is empty)."""
         c = self.config
-        growth, cap = c.penalty_growth, c.penalty_growth_max
-        factor = cap if k * math.log(growth) >= math.log(cap) else growth**k  # no float overflow for large k
-        if factor == 1.0:
-            yield
-            return
-        rho_output = None if c.rho_output is None else c.rho_output * factor
-        self.config = replace(c, rho=c.rho * factor, nu=c.nu * factor, rho_output=rho_output)
+        if changes:
+            self.config = replace(c, **changes)
         try:
             yield
         finally:
             self.config = c
+
+    def _penalties_at(self, k: int) -> AbstractContextManager[None]:
+        """ρ and ν of iteration k, ρ_k = ρ·min(growth^k, cap) and the same factor on ν and ``rho_output`` (the
+        quadratic-penalty continuation; with growth = 1, the configured values), for one sweep."""
+        c = self.config
+        growth, cap = c.penalty_growth, c.penalty_growth_max
+        factor = cap if k * math.log(growth) >= math.log(cap) else growth**k  # no float overflow for large k
+        if factor == 1.0:
+            return self._config_as()
+        rho_output = None if c.rho_output is None else c.rho_output * factor
+        return self._config_as(rho=c.rho * factor, nu=c.nu * factor, rho_output=rho_output)
 
     def _rho_of(self, l: int) -> float:
         """ρ of layer l's linear penalty (ρ_l/2)‖z_l − a_{l−1}W_lᵀ − 1b_lᵀ‖²: ``rho_output`` for the output layer
@@ -473,20 +478,11 @@ class TIAM(Method):
         c = self.config
         return c.rho_output if (c.rho_output is not None and l == len(self.chain) - 1) else c.rho
 
-    @contextmanager
-    def _layer_penalty(self, l: int) -> Iterator[None]:
-        """Within the block: ``config.rho`` is ρ_l, the weight of the linear penalty of layer l (the blocks read
-        ``config.rho``; only the output layer's can differ, by ``rho_output``)."""
-        c = self.config
+    def _layer_penalty(self, l: int) -> AbstractContextManager[None]:
+        """``config.rho`` = ρ_l, the weight of layer l's linear penalty, within the block (only the output
+        layer's can differ, by ``rho_output``)."""
         rho = self._rho_of(l)
-        if rho == c.rho:
-            yield
-            return
-        self.config = replace(c, rho=rho)
-        try:
-            yield
-        finally:
-            self.config = c
+        return self._config_as() if rho == self.config.rho else self._config_as(rho=rho)
 
     def _inertia(self, k: int) -> _P:
         """(p1, p2, p3) of iteration k. 'fista' (METHODS.md §6.6, assumption): t_0 = 1,
@@ -887,16 +883,6 @@ class TIAM(Method):
         with torch.no_grad():
             self._bias(layer).copy_(b_new)
         return P + b_new
-
-    @contextmanager
-    def _config_as(self, **changes: Any) -> Iterator[None]:
-        """Within the block: ``self.config`` with ``changes`` (the blocks read their weights from it)."""
-        c = self.config
-        self.config = replace(c, **changes)
-        try:
-            yield
-        finally:
-            self.config = c
 
     def _update_b(self, l: int, P: Tensor, z: Tensor, p: _P, cnt: _Counters) -> Tensor:
         """b_l ← its exact step θ = ρN (with the safeguard), given P = a_{l−1}W_lᵀ; returns b_l^{k+1}."""
