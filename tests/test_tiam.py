@@ -569,6 +569,7 @@ def test_minibatch_training_lowers_loss() -> None:
         {"output": "exact", "zL_solver": "fista"},
         {"output": "identity"},
         {"output_curvature": 0.0},
+        {"resync_every": -1},
         {"block_order": "random"},
         {"rho_output": math.nan},
         {"nu": 0.0},
@@ -884,3 +885,26 @@ def test_exact_output_majorised_steps_accept_the_first_trial_and_keep_z_L_on_the
         assert info["objective"] <= previous * (1 + 1e-12)
         previous = info["objective"]
     assert float(tiam.batch_loss(x, y)) < 0.9 * first
+
+
+def test_resync_resets_the_auxiliary_chain_to_a_forward_pass_and_keeps_the_weight_history() -> None:
+    """resync_every = 2: the third iteration starts from z_l, a_l of a forward pass (no auxiliary inertia), like a
+    run whose auxiliary state was never initialised, while W, b and their inertia carry on."""
+    x, y = _problem(n=30)
+    idx = torch.arange(30)
+    hp = {"constraint": "penalty", "nu": 2.0, "rho": 0.5, "output": "exact", "p_schedule": "fista", "p1": 0.0}
+    meth = TIAM(_model(), **hp, resync_every=2)
+    for _ in range(2):
+        meth.step(x, y, idx=idx)
+    twin = TIAM(_model(), **hp)
+    twin.load_state_dict(meth.state_dict())
+    assert twin.state.initialised is not None
+    twin.state.initialised.zero_()  # its next step initialises every row by a forward pass
+    meth.step(x, y, idx=idx)
+    twin.step(x, y, idx=idx)
+    for p1, p2 in zip(meth.model.parameters(), twin.model.parameters()):
+        assert torch.equal(p1, p2)
+    plain = TIAM(_model(), **hp)  # without the resync the third iteration differs
+    for _ in range(3):
+        plain.step(x, y, idx=idx)
+    assert not torch.equal(plain.chain[0].weight, meth.chain[0].weight)

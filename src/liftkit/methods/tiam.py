@@ -158,6 +158,9 @@ class TIAMConfig(MethodConfig):
     # curvature c of the exact output's majorised steps (metrics c·aᵀa, c·N, c·W_LᵀW_L); 0.5 bounds the softmax
     # cross-entropy's Hessian, so θ = 1 is always accepted; a smaller c tries longer steps first (assumption)
     output_curvature: float = 0.5
+    # full mode: every this many iterations, reset z_l, a_l (and their inertia) to a forward pass of the current
+    # network, as at the start; 0 = never, the paper's schedule (assumption)
+    resync_every: int = 0
     # 'forward': l = 1..L, blocks W_l b_l z_l a_l (paper) | 'backward': l = L..1, z_l W_l b_l a_{l-1} (assumption)
     block_order: str = "forward"
 
@@ -176,6 +179,7 @@ class TIAMConfig(MethodConfig):
             raise ValueError(f"backtrack_factor must be a finite number > 1, got {self.backtrack_factor!r}")
         self._int_at_least("max_doublings", 0)
         self._int_at_least("minibatch_sweeps", 1)
+        self._int_at_least("resync_every", 0)
         self._int_at_least("fista_max_iter", 1)
         self._choice("history", ("extrapolated", "raw"))
         self._choice("p_schedule", ("constant", "fista"))
@@ -1279,6 +1283,9 @@ class TIAM(Method):
             if raw:
                 st.z_raw, st.a_raw = grown(st.z_raw, widths_z), grown(st.a_raw, widths_a)
         fresh = ~st.initialised[idx]
+        every = self.config.resync_every
+        if every and st.iteration and st.iteration % every == 0:
+            fresh = torch.ones_like(fresh)  # re-synchronise every row with the network (and drop its inertia)
         if bool(fresh.any()):
             rows = idx[fresh]
             with torch.no_grad():
