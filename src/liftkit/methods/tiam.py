@@ -89,7 +89,9 @@ Data-parallel (METHODS.md §7, TIAM row). Every rank holds its shard of the batc
 sums of the W acceptance test; the b-step column sums Σ_rows(P + 1b̂ᵀ − z), divided by N_global; every
 backtracking value (S(û), S(u⁺), ⟨∇S(û), d⟩, ‖d‖²) and every safeguard objective (with a feasibility count),
 so θ and each accept / reject / restart decision are the same on every rank; and the sweep's objective terms
-for the diagnostics. ``zL_solver='fista'`` is single-process only (its stopping rule would need every
+for the diagnostics. With ``output='exact'``, W_L and b_L are replicated blocks: their CE gradients are
+all-reduced, and of their backtracking values only the CE share (S) is summed, since ⟨∇S, d⟩ and ‖d‖² are
+already identical on every rank. ``zL_solver='fista'`` is single-process only (its stopping rule would need every
 iteration's change reduced). Checkpoints gather the per-sample shards into full arrays.
 """
 
