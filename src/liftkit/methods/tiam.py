@@ -76,10 +76,12 @@ p1 = p2 = p3 = 0, so F does not increase across the blocks of one sweep at fixed
 
 Modes. ``full`` (the paper's): the trainer passes the whole training set as one batch each step; the auxiliary
 variables z_l, a_l, z_L and their previous iterates persist across steps, stored per dataset index (``idx``),
-so a reshuffled batch stays aligned. ``minibatch``: the auxiliary variables are fresh per batch (forward pass;
-z_L by ``zL_init``), ε restarts at ε_0 for each batch and decays per sweep, ``minibatch_sweeps`` sweeps run
-on each batch, and only the weights, biases and their inertia history persist (assumption: the paper leaves
-mini-batching to future work). ``auto``: full when ``idx`` covers 0..max(idx) exactly, otherwise minibatch.
+so a reshuffled batch stays aligned; ``resync_every`` = R > 0 (assumption; 0 by default) resets them and their
+inertia to a forward pass of the current network every R iterations. ``minibatch``: the auxiliary variables
+are fresh per batch (forward pass; z_L by ``zL_init``), ε restarts at ε_0 for each batch and decays per sweep,
+``minibatch_sweeps`` sweeps run on each batch, and only the weights, biases and their inertia history persist
+(assumption: the paper leaves mini-batching to future work). ``auto``: full when ``idx`` covers 0..max(idx)
+exactly, otherwise minibatch.
 
 ``am`` is this same code with p1 = p2 = p3 = 0 ("AM (mDLAM base, p=0)"), so the acceleration is measured.
 
@@ -136,7 +138,7 @@ class TIAMConfig(MethodConfig):
     safeguard: bool = True  # redo a block with p = 0 when its local objective rises (assumption)
     history: str = "extrapolated"  # 'extrapolated': Δ = u^k − u^{k−1}; 'raw': Δ between raw prox outputs u⁺
     zL_solver: str = "prox_step"  # 'prox_step' (assumption) | 'fista' (mDLAM)
-    zL_init: str = "target"  # 'target': z_L = 2y − 1 (mDLAM) | 'forward': the network's logits
+    zL_init: str = "target"  # 'target': z_L = 2y − 1 (mDLAM) | 'forward': the logits (always, for output='exact')
     theta0: float = 1.0  # first trial θ of every backtracking call (mDLAM)
     backtrack_factor: float = 2.0
     max_doublings: int = 10
@@ -872,7 +874,7 @@ class TIAM(Method):
             (s_hat,) = self._sum_scalars(objective(b_hat))
             metric = (G / half_n, lambda d: half_n * _sq(d))
             b_plus, _ = self._backtrack(
-                b_tilde, b_hat, G, s_hat, objective, lambda w, t: w, 1.0, cnt, metric, replicated=True
+                b_tilde, b_hat, G, s_hat, objective, lambda w, t: w, c.theta0, cnt, metric, replicated=True
             )
             if b_plus is None:
                 return None
