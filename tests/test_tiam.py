@@ -539,13 +539,18 @@ def test_auto_mode_picks_minibatch_for_partial_batches() -> None:
     assert meth.step(x[:8], y[:8]).info["full_batch"] == 0.0
 
 
-def test_minibatch_training_lowers_loss() -> None:
+@pytest.mark.parametrize(
+    "hp",
+    [{}, {"output": "exact", "constraint": "penalty", "nu": 1.0, "block_order": "backward"}],
+    ids=["penalty-output", "exact-output-backward"],
+)
+def test_minibatch_training_lowers_loss(hp: dict[str, object]) -> None:
     """Mini-batch mode (fresh auxiliaries per batch) on a learnable problem. Its progress is modest (the
     label information reaches only the top layers within a batch's sweeps), so only a decrease is asserted."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(64, 6, generator=g, dtype=torch.float64)
     y = (x[:, :3] @ torch.randn(3, 3, generator=g, dtype=torch.float64)).argmax(1)
-    meth = TIAM(_model(), mode="minibatch", minibatch_sweeps=3, rho=0.1, mu=0.0, max_doublings=30)
+    meth = TIAM(_model(), mode="minibatch", minibatch_sweeps=3, rho=0.1, mu=0.0, max_doublings=30, **hp)
     first = float(meth.batch_loss(x, y))
     for k in range(40):
         sl = slice((k % 4) * 16, (k % 4) * 16 + 16)
