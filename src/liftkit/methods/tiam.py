@@ -272,6 +272,22 @@ _STATE_KEYS = (
 
 
 @dataclass
+class _Sweep:
+    """What the blocks of one sweep share: the batch (x, one-hot labels), the auxiliary variables z_l, a_l
+    (updated in place) with their inertia anchors, ε, the counters and the inertia (p1, p2, p3)."""
+
+    x: Tensor
+    onehot: Tensor
+    z: list[Tensor]
+    a: list[Tensor]
+    z_hist: list[_BlockHistory]
+    a_hist: list[_BlockHistory]
+    eps: float
+    cnt: _Counters
+    p: _P
+
+
+@dataclass
 class _AuxStep:
     """One auxiliary block's result: u^{k+1}, the raw prox output u⁺, and the block's local objective (the
     terms of F containing it) at u^{k+1} and at u^k."""
@@ -722,9 +738,9 @@ class TIAM(Method):
     ) -> dict[str, float]:
         """One pass over all blocks in place on z, a, in ``block_order``; returns F and residuals. ``P_first`` is
         a precomputed x W_1ᵀ (W_1 as at the start of the sweep)."""
-        p = self._inertia(self.state.iteration)
+        sw = _Sweep(x, onehot, z, a, z_hist, a_hist, eps, cnt, self._inertia(self.state.iteration))
         if self.config.block_order == "backward":
-            self._sweep_backward(x, onehot, z, a, z_hist, a_hist, eps, cnt, p, P_first)
+            self._sweep_backward(sw, P_first)
             v = [
                 (x if l == 0 else a[l - 1]) @ layer.weight.detach().T + self._bias(layer).detach()
                 for l, layer in enumerate(self.chain)
@@ -732,73 +748,48 @@ class TIAM(Method):
             if self._exact_output(len(self.chain) - 1):
                 z[-1] = v[-1]
         else:
-            v = self._sweep_forward(x, onehot, z, a, z_hist, a_hist, eps, cnt, p, P_first)
+            v = self._sweep_forward(sw, P_first)
         return self._sweep_info(x, onehot, z, a, v)
 
-    def _sweep_forward(
-        self,
-        x: Tensor,
-        onehot: Tensor,
-        z: list[Tensor],
-        a: list[Tensor],
-        z_hist: list[_BlockHistory],
-        a_hist: list[_BlockHistory],
-        eps: float,
-        cnt: _Counters,
-        p: _P,
-        P_first: Tensor | None,
-    ) -> list[Tensor]:
+    def _sweep_forward(self, sw: _Sweep, P_first: Tensor | None) -> list[Tensor]:
         """The paper's order (METHODS.md §6.5): for l = 1..L, W_l, b_l, z_l, a_l. Returns the final
         v_l = a_{l−1}W_lᵀ + 1b_lᵀ (nothing upstream of v_l changes after layer l's z-step)."""
+        z, a, p, cnt = sw.z, sw.a, sw.p, sw.cnt
         last = len(self.chain) - 1
         vs: list[Tensor] = []
         for l in range(len(self.chain)):
-            a_in = x if l == 0 else a[l - 1]
+            a_in = sw.x if l == 0 else a[l - 1]
             if self._exact_output(l):
-                z[l] = self._update_exact_output(a_in, onehot, p, cnt)
+                z[l] = self._update_exact_output(a_in, sw.onehot, p, cnt)
                 vs.append(z[l])
                 continue
             with self._layer_penalty(l):
                 P = self._update_W(l, a_in, z[l], p, cnt, P_first if l == 0 else None)
             v = P + self._update_b(l, P, z[l], p, cnt)
             vs.append(v)
-            z[l] = self._inertial_z(l, onehot, z, a, z_hist, v, eps, cnt, p)
+            z[l] = self._inertial_z(l, sw, v)
             if l < last:
-                a[l] = self._inertial_a(l, onehot, z, a, a_hist, eps, cnt, p)
+                a[l] = self._inertial_a(l, sw)
         return vs
 
-    def _sweep_backward(
-        self,
-        x: Tensor,
-        onehot: Tensor,
-        z: list[Tensor],
-        a: list[Tensor],
-        z_hist: list[_BlockHistory],
-        a_hist: list[_BlockHistory],
-        eps: float,
-        cnt: _Counters,
-        p: _P,
-        P_first: Tensor | None,
-    ) -> None:
+    def _sweep_backward(self, sw: _Sweep, P_first: Tensor | None) -> None:
         """``block_order='backward'`` (assumption): for l = L..1, z_l, W_l, b_l, a_{l−1}. Every block sees the
         same neighbours' newest values as in the forward order, but the label signal entering at z_L reaches
         W_1 within one sweep instead of travelling back one block per sweep (as dlADMM's backward pass)."""
+        z, a, p, cnt = sw.z, sw.a, sw.p, sw.cnt
         for l in reversed(range(len(self.chain))):
             layer = self.chain[l]
-            a_in = x if l == 0 else a[l - 1]
+            a_in = sw.x if l == 0 else a[l - 1]
             if self._exact_output(l):
-                self._update_exact_output(a_in, onehot, p, cnt)
-                if l > 0:
-                    a[l - 1] = self._inertial_a(l - 1, onehot, z, a, a_hist, eps, cnt, p)
-                continue
-            P0 = P_first if (l == 0 and P_first is not None) else a_in @ layer.weight.detach().T
-            v = P0 + self._bias(layer).detach()
-            z[l] = self._inertial_z(l, onehot, z, a, z_hist, v, eps, cnt, p)
-            with self._layer_penalty(l):
-                P = self._update_W(l, a_in, z[l], p, cnt, P0)
-            self._update_b(l, P, z[l], p, cnt)
+                self._update_exact_output(a_in, sw.onehot, p, cnt)
+            else:
+                P0 = P_first if (l == 0 and P_first is not None) else a_in @ layer.weight.detach().T
+                z[l] = self._inertial_z(l, sw, P0 + self._bias(layer).detach())
+                with self._layer_penalty(l):
+                    P = self._update_W(l, a_in, z[l], p, cnt, P0)
+                self._update_b(l, P, z[l], p, cnt)
             if l > 0:
-                a[l - 1] = self._inertial_a(l - 1, onehot, z, a, a_hist, eps, cnt, p)
+                a[l - 1] = self._inertial_a(l - 1, sw)
 
     def _exact_output(self, l: int) -> bool:
         return self.config.output == "exact" and l == len(self.chain) - 1
@@ -907,56 +898,35 @@ class TIAM(Method):
             self._bias(layer).copy_(b_new)
         return b_new
 
-    def _inertial_z(
-        self,
-        l: int,
-        onehot: Tensor,
-        z: list[Tensor],
-        a: list[Tensor],
-        z_hist: list[_BlockHistory],
-        v: Tensor,
-        eps: float,
-        cnt: _Counters,
-        p: _P,
-    ) -> Tensor:
+    def _inertial_z(self, l: int, sw: _Sweep, v: Tensor) -> Tensor:
         """z_l's triple-inertial step given v_l = a_{l−1}W_lᵀ + 1b_lᵀ (and a_l for a hidden layer)."""
         step: Callable[[Tensor, _P, Tensor], _AuxStep | None]
         if l == len(self.chain) - 1:
 
             def step(u: Tensor, pp: _P, delta: Tensor) -> _AuxStep | None:
-                return self._zL_step(u, pp, delta, v, onehot, cnt)
+                return self._zL_step(u, pp, delta, v, sw.onehot, sw.cnt)
 
         else:
-            act, a_l = self._acts()[l], a[l]
+            act, a_l = self._acts()[l], sw.a[l]
 
             def step(u: Tensor, pp: _P, delta: Tensor) -> _AuxStep | None:
-                return self._z_step(act, u, pp, delta, v, a_l, eps)
+                return self._z_step(act, u, pp, delta, v, a_l, sw.eps)
 
         with self._layer_penalty(l):
-            return self._inertial_aux(z[l], z_hist[l], p, cnt, step)
+            return self._inertial_aux(sw.z[l], sw.z_hist[l], sw.p, sw.cnt, step)
 
-    def _inertial_a(
-        self,
-        l: int,
-        onehot: Tensor,
-        z: list[Tensor],
-        a: list[Tensor],
-        a_hist: list[_BlockHistory],
-        eps: float,
-        cnt: _Counters,
-        p: _P,
-    ) -> Tensor:
+    def _inertial_a(self, l: int, sw: _Sweep) -> Tensor:
         """a_l's triple-inertial step given z_l, layer l + 1's weights and z_{l+1} (or the labels, when layer
         l + 1 is an exact output)."""
         act, nxt = self._acts()[l], self.chain[l + 1]
-        z_l, W_next, b_next, z_next = z[l], nxt.weight.detach(), self._bias(nxt).detach(), z[l + 1]
-        target = onehot if self._exact_output(l + 1) else None
+        z_l, W_next, b_next, z_next = sw.z[l], nxt.weight.detach(), self._bias(nxt).detach(), sw.z[l + 1]
+        target = sw.onehot if self._exact_output(l + 1) else None
 
         def step(u: Tensor, pp: _P, delta: Tensor) -> _AuxStep | None:
-            return self._a_step(l, act, u, pp, delta, z_l, W_next, b_next, z_next, eps, cnt, target)
+            return self._a_step(l, act, u, pp, delta, z_l, W_next, b_next, z_next, sw.eps, sw.cnt, target)
 
         with self._layer_penalty(l + 1):  # a_l enters F through layer l + 1's penalty
-            return self._inertial_aux(a[l], a_hist[l], p, cnt, step)
+            return self._inertial_aux(sw.a[l], sw.a_hist[l], sw.p, sw.cnt, step)
 
     def _sweep_info(
         self, x: Tensor, onehot: Tensor, z: list[Tensor], a: list[Tensor], v: list[Tensor]
