@@ -806,7 +806,7 @@ class TIAM(Method):
         c = self.config
         l = len(self.chain) - 1
         layer = self.chain[l]
-        st, raw = self.state, c.history == "raw"
+        st = self.state
         is_main = self.comm.rank == 0  # the replicated weight term of S is counted once in the sums over ranks
         b = self._bias(layer).detach()
         with self._config_as(rho=c.output_curvature):
@@ -842,14 +842,7 @@ class TIAM(Method):
             f_new, f_old = self._sum_scalars(objective(W_new), objective(W)) if any(pp) else (0.0, 0.0)
             return _AuxStep(W_new, W_plus, f_new, f_old)
 
-        W_old = layer.weight.detach().clone()
-        hist = _BlockHistory(st.W_prev[l], st.W_raw[l] if raw else None)
-        W_new = self._inertial_aux(W_old, hist, p, cnt, w_step)
-        st.W_prev[l] = hist.prev
-        if raw and hist.raw is not None:
-            st.W_raw[l] = hist.raw
-        with torch.no_grad():
-            layer.weight.copy_(W_new)
+        W_new = self._inertial_weight(layer.weight, st.W_prev, st.W_raw, l, p, cnt, w_step)
         P = a_in @ W_new.T
         half_n = c.output_curvature * self._m_global
 
@@ -873,15 +866,29 @@ class TIAM(Method):
             f_new, f_old = self._sum_scalars(objective(b_new), objective(bb)) if any(pp) else (0.0, 0.0)
             return _AuxStep(b_new, b_plus, f_new, f_old)
 
-        b_old = b.clone()
-        hist = _BlockHistory(st.b_prev[l], st.b_raw[l] if raw else None)
-        b_new = self._inertial_aux(b_old, hist, p, cnt, b_step)
-        st.b_prev[l] = hist.prev
-        if raw and hist.raw is not None:
-            st.b_raw[l] = hist.raw
+        return P + self._inertial_weight(self._bias(layer), st.b_prev, st.b_raw, l, p, cnt, b_step)
+
+    def _inertial_weight(
+        self,
+        param: Tensor,
+        prev: list[Tensor],
+        raw: list[Tensor],
+        l: int,
+        p: _P,
+        cnt: _Counters,
+        step: Callable[[Tensor, _P, Tensor], _AuxStep | None],
+    ) -> Tensor:
+        """A weight block's triple-inertial ``step`` (retry and safeguard as for the auxiliary blocks) with its
+        inertia anchors ``prev[l]`` (and ``raw[l]``); writes the new value into ``param`` and returns it."""
+        history_raw = self.config.history == "raw"
+        hist = _BlockHistory(prev[l], raw[l] if history_raw else None)
+        new = self._inertial_aux(param.detach().clone(), hist, p, cnt, step)
+        prev[l] = hist.prev
+        if history_raw and hist.raw is not None:
+            raw[l] = hist.raw
         with torch.no_grad():
-            self._bias(layer).copy_(b_new)
-        return P + b_new
+            param.copy_(new)
+        return new
 
     def _update_b(self, l: int, P: Tensor, z: Tensor, p: _P, cnt: _Counters) -> Tensor:
         """b_l ← its exact step θ = ρN (with the safeguard), given P = a_{l−1}W_lᵀ; returns b_l^{k+1}."""
