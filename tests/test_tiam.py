@@ -424,11 +424,16 @@ def _objective(meth: TIAM, x: torch.Tensor, y: torch.Tensor) -> float:
     return F
 
 
-@pytest.mark.parametrize(("history", "rho_out"), [("extrapolated", None), ("raw", None), ("extrapolated", 3.0)])
-def test_objective_non_increasing_with_safeguard_at_fixed_eps(history: str, rho_out: float | None) -> None:
+@pytest.mark.parametrize(
+    ("history", "rho_out", "order"),
+    [("extrapolated", None, "forward"), ("raw", None, "forward"), ("extrapolated", 3.0, "forward"),
+     ("extrapolated", 3.0, "backward")],
+)
+def test_objective_non_increasing_with_safeguard_at_fixed_eps(history: str, rho_out: float | None, order: str) -> None:
     x, y = _problem(n=40)
     meth = TIAM(
-        _model(), p1=0.7, p2=0.5, p3=0.8, eps0=0.3, eps_decay=1.0, rho=0.5, history=history, rho_output=rho_out
+        _model(), p1=0.7, p2=0.5, p3=0.8, eps0=0.3, eps_decay=1.0, rho=0.5, history=history, rho_output=rho_out,
+        block_order=order,
     )
     idx = torch.arange(40)
     meth.step(x, y, idx=idx)

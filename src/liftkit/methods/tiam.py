@@ -740,13 +740,7 @@ class TIAM(Method):
         a precomputed x W_1ᵀ (W_1 as at the start of the sweep)."""
         sw = _Sweep(x, onehot, z, a, z_hist, a_hist, eps, cnt, self._inertia(self.state.iteration))
         if self.config.block_order == "backward":
-            self._sweep_backward(sw, P_first)
-            v = [
-                (x if l == 0 else a[l - 1]) @ layer.weight.detach().T + self._bias(layer).detach()
-                for l, layer in enumerate(self.chain)
-            ]
-            if self._exact_output(len(self.chain) - 1):
-                z[-1] = v[-1]
+            v = self._sweep_backward(sw, P_first)
         else:
             v = self._sweep_forward(sw, P_first)
         return self._sweep_info(x, onehot, z, a, v)
@@ -772,24 +766,31 @@ class TIAM(Method):
                 a[l] = self._inertial_a(l, sw)
         return vs
 
-    def _sweep_backward(self, sw: _Sweep, P_first: Tensor | None) -> None:
+    def _sweep_backward(self, sw: _Sweep, P_first: Tensor | None) -> list[Tensor]:
         """``block_order='backward'`` (assumption): for l = L..1, z_l, W_l, b_l, a_{l−1}. Every block sees the
         same neighbours' newest values as in the forward order, but the label signal entering at z_L reaches
-        W_1 within one sweep instead of travelling back one block per sweep (as dlADMM's backward pass)."""
+        W_1 within one sweep instead of travelling back one block per sweep (as dlADMM's backward pass).
+        Returns the final v_l = a_{l−1}W_lᵀ + 1b_lᵀ: layer l's inputs change last, in its own a_{l−1}-step."""
         z, a, p, cnt = sw.z, sw.a, sw.p, sw.cnt
+        vs: list[Tensor] = []
         for l in reversed(range(len(self.chain))):
             layer = self.chain[l]
             a_in = sw.x if l == 0 else a[l - 1]
             if self._exact_output(l):
-                self._update_exact_output(a_in, sw.onehot, p, cnt)
+                v = self._update_exact_output(a_in, sw.onehot, p, cnt)
             else:
                 P0 = P_first if (l == 0 and P_first is not None) else a_in @ layer.weight.detach().T
                 z[l] = self._inertial_z(l, sw, P0 + self._bias(layer).detach())
                 with self._layer_penalty(l):
                     P = self._update_W(l, a_in, z[l], p, cnt, P0)
-                self._update_b(l, P, z[l], p, cnt)
+                v = P + self._update_b(l, P, z[l], p, cnt)
             if l > 0:
                 a[l - 1] = self._inertial_a(l - 1, sw)
+                v = a[l - 1] @ layer.weight.detach().T + self._bias(layer).detach()
+            if self._exact_output(l):
+                z[l] = v
+            vs.append(v)
+        return vs[::-1]
 
     def _exact_output(self, l: int) -> bool:
         return self.config.output == "exact" and l == len(self.chain) - 1
