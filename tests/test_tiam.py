@@ -580,6 +580,7 @@ def test_minibatch_training_lowers_loss(hp: dict[str, object]) -> None:
         {"output": "identity"},
         {"output_curvature": 0.0},
         {"resync_every": -1},
+        {"resync_every": 5, "mode": "minibatch"},  # a setting that would do nothing
         {"block_order": "random"},
         {"rho_output": math.nan},
         {"nu": 0.0},

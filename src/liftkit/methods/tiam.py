@@ -201,6 +201,11 @@ class TIAMConfig(MethodConfig):
                 "output='exact' has no z_L block: zL_solver and rho_output apply to output='penalty' only; "
                 "drop them or set output=penalty"
             )
+        if self.resync_every and self.mode == "minibatch":
+            raise ValueError(
+                "resync_every applies to full-batch mode; mode='minibatch' already starts every batch from a forward "
+                "pass: drop resync_every or use mode=full/auto"
+            )
         if not (math.isfinite(self.penalty_growth) and self.penalty_growth >= 1.0):
             raise ValueError(f"penalty_growth must be a finite number >= 1, got {self.penalty_growth!r}")
         if not (math.isfinite(self.penalty_growth_max) and self.penalty_growth_max >= 1.0):
