@@ -18,12 +18,14 @@ the dataset indices of the batch as ``idx``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import types
 import typing
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
@@ -35,6 +37,7 @@ from liftkit.distributed import Communicator, LocalComm
 
 __all__ = [
     "LOSSES",
+    "BlockHook",
     "Method",
     "MethodConfig",
     "StepStats",
@@ -47,6 +50,13 @@ __all__ = [
 ]
 
 LOSSES = ("ce", "mse")
+
+#: A block hook: called with a block's name, it returns the context manager that brackets the block's work
+#: (a profiler times it and counts its products). See :meth:`Method.block`.
+BlockHook = Callable[[str], AbstractContextManager[None]]
+
+# One shared no-op context: ``nullcontext`` keeps no state, so a disabled ``Method.block`` allocates nothing.
+_NO_BLOCK: AbstractContextManager[None] = contextlib.nullcontext()
 
 
 @dataclass
@@ -222,6 +232,8 @@ class Method(ABC):
     #: ``step`` under data parallelism (see :meth:`global_batch_size`)
     _global_batch: int | None = None
     _comm: Communicator | None = None
+    #: the block hook set by :meth:`set_block_hook` (``None``: blocks cost one attribute read)
+    _block_hook: BlockHook | None = None
 
     def __init__(self, model: nn.Module, *, loss: str | None = None, **hparams: Any) -> None:
         if not isinstance(model, nn.Module):
@@ -265,6 +277,22 @@ class Method(ABC):
         self.model.load_state_dict(state["model"])
         self.steps_taken = int(state.get("steps_taken", 0))
         self.load_extra_state(state.get("extra", {}))
+
+    # -- named blocks (profiling) ------------------------------------------------------------------------------
+    def block(self, name: str) -> AbstractContextManager[None]:
+        """Bracket one named unit of a step's work, e.g. ``with self.block("w_block[1]"): ...``.
+
+        Methods name their blocks (``x_block[l]``, ``w_block[l]``, ``gram``, ``power_iteration``,
+        ``backtracking``, ``optimizer_step``, ...) so that a profiler can attribute a step's time and matrix
+        products to them. Without a hook this returns one shared no-op context: nothing is timed or counted.
+        Blocks may nest; a profiler attributes time to the innermost open block.
+        """
+        hook = self._block_hook
+        return _NO_BLOCK if hook is None else hook(name)
+
+    def set_block_hook(self, hook: BlockHook | None) -> None:
+        """Attach (or with ``None`` detach) the hook that :meth:`block` calls. One hook at a time."""
+        self._block_hook = hook
 
     # -- data parallelism (METHODS.md §7) ----------------------------------------------------------------------
     @property
