@@ -18,6 +18,7 @@ import platform
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,7 @@ class BenchSpec:
     target_accuracy: float | None = None
     threads: int | None = None
     checkpoint_every: int = 1
+    command: str | None = None  # the command line, kept in results.json's record for `liftkit report`
 
 
 def _cpu_model() -> str:
@@ -251,6 +253,9 @@ def run_bench(spec: BenchSpec, *, echo: bool = True) -> dict[str, Any]:
     out = Path(spec.out)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"machine": machine_info(spec.device), "runs": []}
+    results["record"] = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d")}
+    if spec.command:
+        results["record"]["command"] = spec.command
     if spec.threads is not None:
         results["machine"]["torch_threads"] = spec.threads
     for label in spec.methods:

@@ -1,4 +1,4 @@
-"""The ``liftkit`` command: ``train``, ``bench``, ``datasets``, ``methods``.
+"""The ``liftkit`` command: ``train``, ``bench``, ``report``, ``datasets``, ``methods``.
 
 Exit codes: 0 success; 2 usage or input error (one line on stderr, no traceback); 1 failure during training
 (e.g. divergence). Set ``LIFTKIT_DEBUG=1`` to see tracebacks.
@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import json
 import os
+import shlex
 import sys
 import traceback
 from collections.abc import Sequence
@@ -90,6 +91,10 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--config", help="JSON file with bench settings (CLI options override it)")
     bench.add_argument("--target-accuracy", type=float, help="report seconds to reach this test accuracy")
     _common(bench, bench=True)
+
+    report = sub.add_parser("report", help="write the results record (DIR.md) from the bench outputs under DIR")
+    report.add_argument("dir", help="folder holding bench outputs (results.json files), e.g. docs/results")
+    report.add_argument("--out", help="markdown file to write (default: DIR.md beside DIR)")
 
     datasets = sub.add_parser("datasets", help="list datasets and whether their files are present and verified")
     datasets.add_argument("--data-dir")
@@ -236,6 +241,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         settings=settings,
         out=pick("out", "bench-out"),
         target_accuracy=pick("target_accuracy"),
+        command=_command_line(args.argv),
         **{k: pick(k, v) for k, v in _DEFAULTS.items()},
     )
     results = run_bench(spec)
@@ -244,6 +250,30 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if results.get("plots"):
         print("plots: " + ", ".join(results["plots"]))
     return 0 if any("error" not in r for r in results["runs"]) else 1
+
+
+def _command_line(argv: Sequence[str]) -> str:
+    """The command as a user would retype it (``--out`` left out: a record names what ran, not where)."""
+    words: list[str] = []
+    skip = False
+    for word in argv:
+        if skip:
+            skip = False
+            continue
+        if word == "--out":
+            skip = True
+            continue
+        if not word.startswith("--out="):
+            words.append(word)
+    return "liftkit " + shlex.join(words)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from liftkit.report import write_report
+
+    path = write_report(args.dir, args.out)
+    print(f"results record written to {path}")
+    return 0
 
 
 def _cmd_datasets(args: argparse.Namespace) -> int:
@@ -273,7 +303,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    handlers = {"train": _cmd_train, "bench": _cmd_bench, "datasets": _cmd_datasets, "methods": _cmd_methods}
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    handlers = {
+        "train": _cmd_train,
+        "bench": _cmd_bench,
+        "report": _cmd_report,
+        "datasets": _cmd_datasets,
+        "methods": _cmd_methods,
+    }
     try:
         return handlers[args.command](args)
     except DivergenceError as exc:
