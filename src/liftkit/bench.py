@@ -30,7 +30,7 @@ from liftkit.methods import get
 
 __all__ = ["RUN_KEYS", "BenchSpec", "machine_info", "render_table", "run_bench", "time_to_target"]
 
-RUN_KEYS = ("loss", "epochs", "batch_size", "activation", "sampling")
+RUN_KEYS = ("loss", "epochs", "batch_size", "activation", "sampling", "preset")
 
 
 @dataclass
@@ -44,6 +44,7 @@ class BenchSpec:
     epochs: int = 5
     batch_size: int | None = None
     loss: str | None = None
+    preset: str | None = None
     seed: int = 0
     settings: dict[str, dict[str, Any]] = field(default_factory=dict)  # label -> {key: value}
     data_dir: str | None = None
@@ -151,6 +152,9 @@ def _train_command(spec: BenchSpec, label: str, out_dir: Path) -> list[str]:
     loss = run_opts.get("loss", spec.loss)
     if loss is not None:
         cmd += ["--loss", str(loss)]
+    preset = run_opts.get("preset", spec.preset)
+    if preset is not None:
+        cmd += ["--preset", str(preset)]
     if spec.data_dir is not None:
         cmd += ["--data-dir", spec.data_dir]
     if spec.mean_subtract:

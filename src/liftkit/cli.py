@@ -48,6 +48,7 @@ def _common(p: argparse.ArgumentParser, *, bench: bool) -> None:
     p.add_argument("--epochs", type=int, help="number of epochs (default 5)")
     p.add_argument("--batch-size", type=int, help="mini-batch size; 0 = full batch (default: the method's)")
     p.add_argument("--loss", choices=["ce", "mse"], help="loss (default: the method's)")
+    p.add_argument("--preset", help="the methods' named setting: tuned (default) or paper; see 'liftkit methods'")
     p.add_argument("--seed", type=int, help="seed for initial weights and batch order (default 0)")
     p.add_argument(
         "--set",
@@ -108,6 +109,7 @@ _DEFAULTS: dict[str, Any] = {
     "epochs": 5,
     "batch_size": None,
     "loss": None,
+    "preset": None,
     "seed": 0,
     "data_dir": None,
     "device": "cpu",
@@ -294,6 +296,7 @@ def _cmd_methods(_: argparse.Namespace) -> int:
     for name in available():
         cls = get(name)
         print(f"{name:12s} {cls.reporting_name or name} — {cls.paper}")
+        print(f"{'':12s} presets: {', '.join(cls.presets)} (default {cls.presets[0]})")
     return 0
 
 

@@ -200,6 +200,7 @@ def fit(
         seed=seed,
         sampling=sampling,
         loss=method.loss,
+        preset=method.preset,
         hparams=method.hparams,
         split=data.split,
     )
@@ -361,6 +362,7 @@ def fit(
         "epochs": epochs,
         "batch_size": effective_batch,
         "seed": seed,
+        "preset": method.preset,
         "hparams": method.hparams,
         "loss": method.loss,
         "split": data.split,
@@ -406,6 +408,7 @@ class RunSpec:
     loss: str | None = None
     seed: int = 0
     hparams: dict[str, Any] = field(default_factory=dict)
+    preset: str | None = None
     data_dir: str | None = None
     out: str | None = None
     resume: bool = False
@@ -474,7 +477,7 @@ def _run(spec: RunSpec, device: torch.device, comm: Communicator) -> dict[str, A
         if loss not in (None, "mse"):
             raise LiftkitError("autoencoders train on reconstruction error: use --loss mse (or omit --loss)")
         loss = "mse"
-    method = method_cls(model, loss=loss, **spec.hparams)
+    method = method_cls(model, loss=loss, preset=spec.preset, **spec.hparams)
     # The same seed also fixes the global RNG that methods or modules may draw from during training.
     torch.manual_seed(spec.seed)
     random.seed(spec.seed)

@@ -235,7 +235,13 @@ class Method(ABC):
     #: the block hook set by :meth:`set_block_hook` (``None``: blocks cost one attribute read)
     _block_hook: BlockHook | None = None
 
-    def __init__(self, model: nn.Module, *, loss: str | None = None, **hparams: Any) -> None:
+    #: the named settings of the method; the first is the default. ``tuned``: the best setting found on
+    #: validation data (the Config defaults, possibly resolved from the model); ``paper``: the published one.
+    presets: ClassVar[tuple[str, ...]] = ("tuned", "paper")
+
+    def __init__(
+        self, model: nn.Module, *, loss: str | None = None, preset: str | None = None, **hparams: Any
+    ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"{self.name} needs a torch.nn.Module, got {type(model).__name__}")
         loss = loss or self.default_loss
@@ -245,8 +251,23 @@ class Method(ABC):
             )
         self.model = model
         self.loss = loss
-        self.config = build_config(self.Config, self.name, hparams)
+        self.preset = self.presets[0] if preset is None else preset
+        if self.preset not in self.presets:
+            valid = ", ".join(self.presets)
+            raise ValueError(f"unknown preset {preset!r} for method {self.name}; choose one of {valid}")
+        # explicit hyperparameters override the preset, which overrides the Config defaults
+        resolved = {**self.preset_values(self.preset, model), **hparams}
+        self.config = build_config(self.Config, self.name, resolved)
         self.steps_taken = 0
+
+    @classmethod
+    def preset_values(cls, preset: str, model: nn.Module) -> dict[str, Any]:
+        """The hyperparameters of ``preset`` for ``model`` that differ from the Config defaults.
+
+        Methods override this to give their ``paper`` setting and the defaults that follow the architecture
+        (for example per activation or for convolutional layers); the base method's presets are its defaults.
+        """
+        return {}
 
     # -- the contract ---------------------------------------------------------------------------------------
     @abstractmethod
@@ -265,6 +286,7 @@ class Method(ABC):
         return {
             "method": self.name,
             "loss": self.loss,
+            "preset": self.preset,
             "hparams": dataclasses.asdict(self.config),
             "steps_taken": self.steps_taken,
             "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
