@@ -28,7 +28,7 @@ from liftkit.errors import LiftkitError
 from liftkit.io import atomic_write_json, atomic_write_text
 from liftkit.methods import get
 
-__all__ = ["RUN_KEYS", "BenchSpec", "machine_info", "render_table", "run_bench", "time_to_target"]
+__all__ = ["RUN_KEYS", "BenchSpec", "machine_info", "render_table", "run_bench", "run_settings", "time_to_target"]
 
 RUN_KEYS = ("loss", "epochs", "batch_size", "activation", "sampling", "preset")
 
@@ -177,6 +177,15 @@ def _num(x: float | None, fmt: str = ".4f") -> str:
     return "-" if x is None else format(x, fmt)
 
 
+def run_settings(summary: dict[str, Any]) -> str:
+    """What a run set beyond its method's defaults: the preset, then the explicit hyperparameters."""
+    parts = [f"preset {summary.get('preset', 'tuned')}"]
+    for key, value in (summary.get("hparams_set") or {}).items():
+        text = ",".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
+        parts.append(f"{key}={text}")
+    return ", ".join(parts)
+
+
 def render_table(results: dict[str, Any], target: float | None = None) -> str:
     """The markdown table of ``results.md``."""
     machine = results["machine"]
@@ -186,7 +195,7 @@ def render_table(results: dict[str, Any], target: float | None = None) -> str:
     ]
     split = next((r.get("split") for r in results["runs"] if r.get("split")), "test")
     acc = "validation acc" if split == "validation" else "test acc"
-    head = ["run", "method", f"final {acc} %", f"best {acc} %", "final train loss", "s/epoch"]
+    head = ["run", "method", "settings", f"final {acc} %", f"best {acc} %", "final train loss", "s/epoch"]
     if target is not None:
         head.append(f"s to {100 * target:g}%")
     head.append("peak RSS MB")
@@ -194,11 +203,12 @@ def render_table(results: dict[str, Any], target: float | None = None) -> str:
     lines.append("|" + "---|" * len(head))
     for r in results["runs"]:
         if "error" in r:
-            row = [r["label"], r.get("method", ""), "failed: " + r["error"]] + [""] * (len(head) - 3)
+            row = [r["label"], r.get("method", ""), "", "failed: " + r["error"]] + [""] * (len(head) - 4)
         else:
             row = [
                 r["label"],
                 r.get("reporting_name", r["method"]),
+                run_settings(r),
                 _pct(r["test_accuracy"]),
                 _pct(r["best_test_accuracy"]),
                 _num(r["train_loss"]),

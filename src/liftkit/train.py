@@ -511,6 +511,7 @@ def _run(spec: RunSpec, device: torch.device, comm: Communicator) -> dict[str, A
         summary["test_accuracy"] = None
         summary["best_test_accuracy"] = None
     summary["activation"] = spec.activation
+    summary["hparams_set"] = {k: list(v) if isinstance(v, tuple) else v for k, v in spec.hparams.items()}
     summary["dtype"] = spec.dtype
     summary["device"] = str(device)
     if spec.out is not None and comm.is_main:
