@@ -540,6 +540,15 @@ class SIBP(Method):
     default_batch_size = 100
     supports_data_parallel = True
 
+    @classmethod
+    def preset_values(cls, preset: str, model: nn.Module) -> dict[str, Any]:
+        """``paper``: the official code's setting (η = 0.1, Fletcher–Reeves CG with 5 iterations for every
+        prox, bit-faithful quirks); its N(0, 0.05²) initialisation and with-replacement batches are the
+        trainer's choices (``--sampling replacement``), not hyperparameters (docs/methods/sibp.md)."""
+        if preset == "paper":
+            return {"eta": 0.1, "output_solver": "fr_cg", "hidden_solver": "fr_cg", "fr_iters": 5, "quirks": "official"}
+        return {}
+
     def __init__(self, model: nn.Module, *, loss: str | None = None, **hparams: Any) -> None:
         super().__init__(model, loss=loss, **hparams)
         self.chain: list[ChainLayer] = as_chain(
