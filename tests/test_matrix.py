@@ -4,6 +4,9 @@
 * a state-dict round trip gives the identical next step;
 * unknown or invalid hyperparameters raise ``ValueError`` naming them;
 * the user's model goes in and the same module comes out trained.
+
+The first two run on every device of the ``device`` fixture (the CPU, and CUDA where present): every tensor a
+method creates must follow the model's device.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from tests.conftest import tiny_classification
 METHODS = available()
 
 
-def make(name: str, seed: int = 0):
+def make(name: str, seed: int = 0, device: torch.device | str = "cpu"):
     cls = get(name)
     model = build_model(
         "8-16-3",
@@ -32,14 +35,15 @@ def make(name: str, seed: int = 0):
         output_activation=cls.model_output_activation,
         seed=seed,
         dtype=torch.float64,
+        device=torch.device(device),
     )
     return cls(model), model
 
 
-def batches(name: str, n: int):
+def batches(name: str, n: int, device: torch.device | str = "cpu"):
     bs = get(name).default_batch_size
     bs = n if bs == 0 else min(32, bs)
-    return [torch.arange(i, min(i + bs, n)) for i in range(0, n, bs)]
+    return [torch.arange(i, min(i + bs, n), device=device) for i in range(0, n, bs)]
 
 
 def test_registry_lists_the_baselines():
@@ -52,13 +56,13 @@ def test_unknown_method_is_a_clear_error():
 
 
 @pytest.mark.parametrize("name", METHODS)
-def test_loss_decreases_on_tiny_problem(name):
-    x, y = tiny_classification()
-    method, model = make(name)
+def test_loss_decreases_on_tiny_problem(name, device):
+    x, y = (t.to(device) for t in tiny_classification())
+    method, model = make(name, device=device)
     with torch.no_grad():
         before = float(evaluate_loss(method.loss, model(x), y))
     for _ in range(8):
-        for idx in batches(name, x.shape[0]):
+        for idx in batches(name, x.shape[0], device):
             stats = method.step(x[idx], y[idx], idx=idx)
             assert math.isfinite(stats.loss)
     with torch.no_grad():
@@ -68,10 +72,10 @@ def test_loss_decreases_on_tiny_problem(name):
 
 
 @pytest.mark.parametrize("name", METHODS)
-def test_state_dict_round_trip_gives_identical_next_step(name):
-    x, y = tiny_classification()
-    idxs = batches(name, x.shape[0])
-    first, _ = make(name, seed=0)
+def test_state_dict_round_trip_gives_identical_next_step(name, device):
+    x, y = (t.to(device) for t in tiny_classification())
+    idxs = batches(name, x.shape[0], device)
+    first, _ = make(name, seed=0, device=device)
     for idx in idxs[:2]:
         first.step(x[idx], y[idx], idx=idx)
     buffer = io.BytesIO()
@@ -79,7 +83,7 @@ def test_state_dict_round_trip_gives_identical_next_step(name):
     buffer.seek(0)
     state = torch.load(buffer, weights_only=False)
 
-    second, _ = make(name, seed=123)  # different initial weights: everything must come from the state
+    second, _ = make(name, seed=123, device=device)  # different initial weights: everything must come from the state
     second.load_state_dict(state)
     nxt = idxs[-1]
     s1 = first.step(x[nxt], y[nxt], idx=nxt)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+import liftkit.methods
 import liftkit.train
 from liftkit import profiling
 from liftkit.bench import render_table
@@ -215,3 +216,36 @@ def test_bench_profile_runs_each_train_with_profile_and_tables_it(tmp_path, caps
     assert by_name(results["runs"][0]["profile"])["optimizer_step"]["calls_per_step"] == 1.0
     table = (tmp_path / "results.md").read_text()
     assert "#### Profile: sgd" in table and "| forward_backward |" in table and "float64" in table
+
+
+def test_a_profiled_adam_step_on_each_device(device):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4)).to(device)
+    method = liftkit.methods.get("adam")(model)
+    x, y = torch.randn(32, 16, device=device), torch.randint(0, 4, (32,), device=device)
+    with profile(method, BlockProfiler(flop_every=2, synchronize=device.type == "cuda")) as prof:
+        for _ in range(4):
+            method.step(x, y)
+    report = prof.report()
+    rows = by_name(report)
+    # forward and weight gradient of both layers, the input gradient of the second only
+    assert rows["forward_backward"]["flops_per_step"] == 2 * 32 * (16 * 8 * 2 + 8 * 4 * 3)
+    assert sum(b["share"] for b in report["blocks"]) == pytest.approx(1.0, rel=1e-9)
+    assert rows["optimizer_step"]["calls_per_step"] == 1.0
+
+
+def test_blocks_on_worker_threads_stay_with_the_waiting_block():
+    from concurrent.futures import ThreadPoolExecutor
+
+    method = toy()
+    prof = BlockProfiler(flop_every=0)
+    method.set_block_hook(prof)
+
+    def work(_: int) -> None:
+        with method.block("worker"):
+            time.sleep(0.002)
+
+    with prof.step(), method.block("pool"), ThreadPoolExecutor(2) as pool:
+        list(pool.map(work, range(4)))
+    rows = by_name(prof.report())
+    assert "worker" not in rows and rows["pool"]["share"] > 0.9

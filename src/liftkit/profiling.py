@@ -11,7 +11,8 @@ FLOPs inside it, so a step splits into
 * **matrix-product FLOPs** per step, from the aten operators that reach the dispatcher (``mm``, ``addmm``,
   ``bmm``, ``baddbmm``, convolutions and their backward; ``matmul``/``linear``/``einsum`` decompose into
   these), with torch's own FLOP formulas (``torch.utils.flop_counter``): an (m×k)@(k×n) product counts
-  2·m·k·n. Factorisations and triangular solves (Cholesky, ``cholesky_solve``) are not counted;
+  2·m·k·n. Factorisations and triangular solves (Cholesky, ``cholesky_solve``) are not counted, nor are
+  products a method runs on worker threads (the dispatch mode is per thread);
 * **achieved GFLOP/s** per block: its FLOPs over its exclusive time. Compare it with the machine's measured
   matmul peak (:func:`measure_matmul_peaks`): a block far below the peak is bound by small products, memory
   or Python, one near it can only get cheaper by doing less work.
@@ -35,6 +36,7 @@ Usage::
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -111,6 +113,7 @@ class BlockProfiler:
         self._stack: list[str] = []
         self._last = 0.0
         self._in_step = False
+        self._thread = threading.get_ident()
         self._current: dict[str, _Totals] = {}
         # totals over the steps timed without FLOP counting, and over the FLOP-counted ones
         self.timed: dict[str, _Totals] = {}
@@ -124,7 +127,11 @@ class BlockProfiler:
 
     # -- the hook ---------------------------------------------------------------------------------------------
     def __call__(self, name: str) -> AbstractContextManager[None]:
-        return self._block(name) if self._in_step else contextlib.nullcontext()
+        # Blocks that a method runs on worker threads (a thread pool over layers) are not split out: their time
+        # stays with the block on the stepping thread that waits for them.
+        if not self._in_step or threading.get_ident() != self._thread:
+            return contextlib.nullcontext()
+        return self._block(name)
 
     @contextlib.contextmanager
     def _block(self, name: str) -> Iterator[None]:
@@ -169,6 +176,7 @@ class BlockProfiler:
         self._current, self._stack = {}, []
         mode = _FlopMode(self) if count else contextlib.nullcontext()
         self._in_step = True
+        self._thread = threading.get_ident()
         start = self._last = self._now()
         try:
             with mode:

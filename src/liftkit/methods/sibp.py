@@ -607,7 +607,7 @@ class SIBP(Method):
 
         # Output layer: δ from the summed CE, then the linear prox (W, then b with the new W).
         delta = torch.softmax(logits, dim=1)
-        delta[torch.arange(y.shape[0]), y] -= 1.0
+        delta[torch.arange(y.shape[0], device=y.device), y] -= 1.0
         targets = logits - eta * delta
         out_idx = len(chain) - 1
         with self.block(f"output_prox[{out_idx}]"):
