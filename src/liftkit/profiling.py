@@ -89,6 +89,25 @@ class _FlopMode(TorchDispatchMode):
         return out
 
 
+_NO_BLOCK: AbstractContextManager[None] = contextlib.nullcontext()
+
+
+class _BlockContext(AbstractContextManager[None]):
+    """``with profiler(name):`` -- re-entrant: the profiler's stack, not this object, records what is open."""
+
+    __slots__ = ("name", "profiler")
+
+    def __init__(self, profiler: BlockProfiler, name: str) -> None:
+        self.profiler = profiler
+        self.name = name
+
+    def __enter__(self) -> None:
+        self.profiler._enter(self.name)
+
+    def __exit__(self, *exc: object) -> None:
+        self.profiler._exit()
+
+
 def _warm_up_dispatch(profiler: BlockProfiler) -> None:
     """The first operator under a dispatch mode imports parts of torch (seconds, once per process); pay it
     here, not inside the first profiled step of a training run."""
@@ -115,6 +134,8 @@ class BlockProfiler:
         self._in_step = False
         self._thread = threading.get_ident()
         self._current: dict[str, _Totals] = {}
+        # one stateless context per block name (the open blocks live on the stack), so entering costs no allocation
+        self._contexts: dict[str, _BlockContext] = {}
         # totals over the steps timed without FLOP counting, and over the FLOP-counted ones
         self.timed: dict[str, _Totals] = {}
         self.counted: dict[str, _Totals] = {}
@@ -130,19 +151,20 @@ class BlockProfiler:
         # Blocks that a method runs on worker threads (a thread pool over layers) are not split out: their time
         # stays with the block on the stepping thread that waits for them.
         if not self._in_step or threading.get_ident() != self._thread:
-            return contextlib.nullcontext()
-        return self._block(name)
+            return _NO_BLOCK
+        ctx = self._contexts.get(name)
+        if ctx is None:
+            ctx = self._contexts[name] = _BlockContext(self, name)
+        return ctx
 
-    @contextlib.contextmanager
-    def _block(self, name: str) -> Iterator[None]:
+    def _enter(self, name: str) -> None:
         self._charge()
         self._entry(name).calls += 1
         self._stack.append(name)
-        try:
-            yield
-        finally:
-            self._charge()
-            self._stack.pop()
+
+    def _exit(self) -> None:
+        self._charge()
+        self._stack.pop()
 
     def _now(self) -> float:
         if self.synchronize:
