@@ -173,6 +173,7 @@ def test_train_profile_writes_a_valid_profile_json(tmp_path, capsys, monkeypatch
     expected = 2 * batch * (64 * 32 * 2 + 32 * 10 * 3)
     assert rows["forward_backward"]["flops_per_step"] == expected
     assert report["peaks"]["float32"] > 0
+    assert report["method"] == "adam" and report["label"] == "adam"
     assert "| forward_backward |" in out and "GFLOP/s" in out
 
 

@@ -403,7 +403,8 @@ def fit(
             "2(R-1)/R times the payload on the wire per process",
         }
     if profiler is not None:
-        summary["profile"] = profiler.report(peaks=measure_matmul_peaks(device))
+        report = profiler.report(peaks=measure_matmul_peaks(device))
+        summary["profile"] = {"method": method.name, "label": info.get("label", method.name), **report}
         if out is not None and main:
             atomic_write_json(out / PROFILE, summary["profile"])
     if out is not None and main:
