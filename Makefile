@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 SHARED_DATA := $(abspath ../shared/data)
 TEST_DATA_DIR := $(if $(LIFTKIT_DATA_DIR),$(LIFTKIT_DATA_DIR),$(if $(wildcard $(SHARED_DATA)),$(SHARED_DATA),))
 
-.PHONY: demo test lint unit setup clean
+.PHONY: demo test lint unit gpu-check setup clean
 
 setup: $(VENV)/.installed
 
@@ -30,5 +30,15 @@ unit: setup
 
 test: lint unit
 
+# The tests that take a `device` argument, on CUDA (they skip without a GPU), then a short bench of every method
+# on the GPU with profile tables; on a machine without CUDA the bench is skipped with a note.
+gpu-check: setup
+	LIFTKIT_DATA_DIR="$(TEST_DATA_DIR)" $(BIN)/python -m pytest -q -m cuda
+	@if $(BIN)/python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
+		$(BIN)/liftkit bench --config configs/demo.json --device cuda --epochs 3 --profile --out gpu-check-out; \
+	else \
+		echo "gpu-check: no CUDA device here; the CUDA tests were skipped and the GPU bench is not run"; \
+	fi
+
 clean:
-	rm -rf $(VENV) demo-out bench-out runs
+	rm -rf $(VENV) demo-out bench-out runs gpu-check-out

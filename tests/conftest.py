@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny classification problem and the shared data directory."""
+"""Shared fixtures: a tiny classification problem, the shared data directory and the devices to test on."""
 
 from __future__ import annotations
 
@@ -18,6 +18,22 @@ def shared_data_dir() -> Path | None:
     if env:
         return Path(env)
     return SHARED_DATA if SHARED_DATA.exists() else None
+
+
+#: where a test with a ``device`` argument runs: always the CPU, and CUDA when a device is present (skipped
+#: otherwise). The CUDA cases carry the ``cuda`` mark, so ``pytest -m cuda`` (``make gpu-check``) selects them.
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")],
+    ),
+]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request: pytest.FixtureRequest) -> torch.device:
+    return torch.device(request.param)
 
 
 @pytest.fixture

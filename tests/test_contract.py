@@ -7,6 +7,9 @@ For every registered method and every configuration the database lists:
 * the user's model goes in and the same module comes out trained;
 * every invalid configuration raises ``ValueError`` matching its message;
 * unknown keys, non-finite values and unsupported losses are rejected for every field, generically.
+
+The first two run on every device of the ``device`` fixture (the CPU, and CUDA where present): every tensor a
+method creates must follow the model's device.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ INVALID = [
 ]
 
 
-def make(name: str, hparams: dict | None = None, seed: int = 0):
+def make(name: str, hparams: dict | None = None, seed: int = 0, device: torch.device | str = "cpu"):
     cls = get(name)
     model = build_model(
         "8-16-3",
@@ -46,14 +49,15 @@ def make(name: str, hparams: dict | None = None, seed: int = 0):
         output_activation=cls.model_output_activation,
         seed=seed,
         dtype=torch.float64,
+        device=torch.device(device),
     )
     return cls(model, **(hparams or {})), model
 
 
-def batches(name: str, n: int):
+def batches(name: str, n: int, device: torch.device | str = "cpu"):
     bs = get(name).default_batch_size
     bs = n if bs == 0 else min(32, bs)
-    return [torch.arange(i, min(i + bs, n)) for i in range(0, n, bs)]
+    return [torch.arange(i, min(i + bs, n), device=device) for i in range(0, n, bs)]
 
 
 def test_every_registered_method_has_a_database_entry():
@@ -70,9 +74,9 @@ def test_unknown_method_is_a_clear_error():
 
 
 @pytest.mark.parametrize("name, variant", VARIANTS)
-def test_loss_decreases_on_tiny_problem(name, variant):
-    x, y = tiny_classification()
-    method, model = make(name, variant.hparams)
+def test_loss_decreases_on_tiny_problem(name, variant, device):
+    x, y = (t.to(device) for t in tiny_classification())
+    method, model = make(name, variant.hparams, device=device)
     with torch.no_grad():
         before = float(evaluate_loss(method.loss, model(x), y))
     for _ in range(8):
@@ -86,10 +90,10 @@ def test_loss_decreases_on_tiny_problem(name, variant):
 
 
 @pytest.mark.parametrize("name, variant", VARIANTS)
-def test_state_dict_round_trip_gives_identical_next_step(name, variant):
-    x, y = tiny_classification()
-    idxs = batches(name, x.shape[0])
-    first, _ = make(name, variant.hparams, seed=0)
+def test_state_dict_round_trip_gives_identical_next_step(name, variant, device):
+    x, y = (t.to(device) for t in tiny_classification())
+    idxs = batches(name, x.shape[0], device)
+    first, _ = make(name, variant.hparams, seed=0, device=device)
     for idx in idxs[:2]:
         first.step(x[idx], y[idx], idx=idx)
     buffer = io.BytesIO()
@@ -97,7 +101,8 @@ def test_state_dict_round_trip_gives_identical_next_step(name, variant):
     buffer.seek(0)
     state = torch.load(buffer, weights_only=False)
 
-    second, _ = make(name, variant.hparams, seed=123)  # different initial weights: all must come from the state
+    # different initial weights: all must come from the state
+    second, _ = make(name, variant.hparams, seed=123, device=device)
     second.load_state_dict(state)
     for nxt in (idxs[-1], idxs[0]):
         s1 = first.step(x[nxt], y[nxt], idx=nxt)

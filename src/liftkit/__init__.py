@@ -11,7 +11,7 @@ Quick start::
 The methods train the given ``nn.Sequential`` in place; inference is its ordinary forward pass.
 """
 
-from liftkit import data, methods, models
+from liftkit import data, methods, models, profiling
 from liftkit.errors import DataError, DivergenceError, LiftkitError
 from liftkit.train import RunSpec, evaluate, fit, run
 
@@ -28,5 +28,6 @@ __all__ = [
     "fit",
     "methods",
     "models",
+    "profiling",
     "run",
 ]

@@ -27,8 +27,18 @@ import torch
 from liftkit.errors import LiftkitError
 from liftkit.io import atomic_write_json, atomic_write_text
 from liftkit.methods import get
+from liftkit.profiling import PROFILE_NOTE, render_profile
 
-__all__ = ["RUN_KEYS", "BenchSpec", "machine_info", "render_table", "run_bench", "run_settings", "time_to_target"]
+__all__ = [
+    "RUN_KEYS",
+    "BenchSpec",
+    "machine_info",
+    "render_profiles",
+    "render_table",
+    "run_bench",
+    "run_settings",
+    "time_to_target",
+]
 
 RUN_KEYS = ("loss", "epochs", "batch_size", "activation", "sampling", "preset")
 
@@ -58,6 +68,7 @@ class BenchSpec:
     threads: int | None = None
     checkpoint_every: int = 1
     command: str | None = None  # the command line, kept in results.json's record for `liftkit report`
+    profile: bool = False
 
 
 def _cpu_model() -> str:
@@ -163,6 +174,8 @@ def _train_command(spec: BenchSpec, label: str, out_dir: Path) -> list[str]:
         cmd += ["--threads", str(spec.threads)]
     if spec.checkpoint_every != 1:
         cmd += ["--checkpoint-every", str(spec.checkpoint_every)]
+    if spec.profile:
+        cmd.append("--profile")
     for key, value in settings.items():
         text = ",".join(str(v) for v in value) if isinstance(value, list | tuple) else str(value)
         cmd += ["--set", f"{key}={text}"]
@@ -218,7 +231,17 @@ def render_table(results: dict[str, Any], target: float | None = None) -> str:
                 row.append(_num(time_to_target(r, target), ".1f"))
             row.append(_num(r["peak_rss_mb"], ".0f"))
         lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + render_profiles(results)
+
+
+def render_profiles(results: dict[str, Any]) -> str:
+    """One profile table per profiled run (``bench --profile``), after the results table."""
+    profiled = [r for r in results["runs"] if r.get("profile")]
+    if not profiled:
+        return ""
+    parts = ["", "### Profiles", "", PROFILE_NOTE, ""]
+    parts += [render_profile(r["profile"], r["label"]) for r in profiled]
+    return "\n".join(parts)
 
 
 def _plot(results: dict[str, Any], out: Path) -> list[Path]:

@@ -66,6 +66,9 @@ def _common(p: argparse.ArgumentParser, *, bench: bool) -> None:
     p.add_argument("--mean-subtract", action="store_true", default=None, help="subtract per-channel pixel means")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--checkpoint-every", type=int, help="write the checkpoint every N epochs (default 1)")
+    p.add_argument("--profile", action="store_true", default=None, help="time the method's named blocks and "
+                   "count their matrix-product FLOPs; writes profile.json" + (" per run and a table per run in "
+                   "results.md" if bench else " in --out"))
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -119,6 +122,7 @@ _DEFAULTS: dict[str, Any] = {
     "mean_subtract": False,
     "threads": None,
     "checkpoint_every": 1,
+    "profile": False,
 }
 
 
@@ -169,6 +173,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         f"{args.method} on {args.dataset}: train loss {summary['train_loss']:.4f}{acc_text}, "
         f"{summary['seconds_per_epoch']:.2f} s/epoch; results in {out}"
     )
+    if "profile" in summary:
+        from liftkit.profiling import render_profile
+
+        print("\n" + render_profile(summary["profile"], args.label or args.method), end="")
     return 0
 
 

@@ -22,6 +22,7 @@ import resource
 import sys
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,12 +36,14 @@ from liftkit.errors import DivergenceError, LiftkitError
 from liftkit.io import atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint
 from liftkit.methods import Method, evaluate_loss, get
 from liftkit.models import build_model, parse_model_spec
+from liftkit.profiling import BlockProfiler, measure_matmul_peaks
 
 __all__ = ["RunSpec", "evaluate", "fit", "run"]
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
+PROFILE = "profile.json"
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -139,6 +142,7 @@ def fit(
     checkpoint_every: int = 1,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     comm: Communicator | None = None,
+    profile: bool = False,
 ) -> dict[str, Any]:
     """Train ``method`` (and so its model, in place) on ``data`` for ``epochs`` epochs; return the summary.
 
@@ -154,6 +158,10 @@ def fit(
     ``method.step`` (a full batch is sorted first, so each rank keeps the same samples every epoch); the method
     reduces what its update needs over ``comm``. The step losses and the evaluation are reduced over the
     ranks; only rank 0 writes files; ``resume`` loads rank 0's checkpoint on every rank.
+
+    ``profile=True`` attaches a :class:`~liftkit.profiling.BlockProfiler` to the method for the steps of this
+    call (a resumed run profiles the steps after the checkpoint), measures the matmul peaks after training and
+    adds the report to the summary under ``"profile"`` (and to ``profile.json`` in ``out_dir``).
     """
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
@@ -242,6 +250,9 @@ def fit(
             atomic_write_text(out / METRICS, "".join(json.dumps(h) + "\n" for h in history))
 
     show_progress = (sys.stderr.isatty() if progress is None else progress) and main
+    profiler = BlockProfiler(synchronize=device.type == "cuda") if profile else None
+    if profiler is not None:
+        method.set_block_hook(profiler)
     bytes_before, calls_before = dict(comm.bytes_sent), dict(comm.calls)
     steps_run = 0
     for epoch in range(start_epoch, epochs):
@@ -267,7 +278,8 @@ def fit(
             idx_dev = idx_local.to(device)
             xb = x_train[idx_dev]
             yb = xb if autoencoder else y_train[idx_dev]
-            stats = method.step(xb, yb, idx=idx_dev)
+            with profiler.step() if profiler is not None else nullcontext():
+                stats = method.step(xb, yb, idx=idx_dev)
             steps_run += 1
             if world > 1:
                 # Σ_r loss_r · m_r / m: the global mean whether a rank reports its shard's mean or the replicated
@@ -353,6 +365,8 @@ def fit(
                 file=sys.stderr,
             )
 
+    if profiler is not None:
+        method.set_block_hook(None)
     accs = [h["test_accuracy"] for h in history if h["test_accuracy"] is not None]
     epochs_run = len(history)
     summary: dict[str, Any] = {
@@ -390,6 +404,11 @@ def fit(
             "reductions, 'checkpoint': state gathered for the checkpoint); a ring all-reduce puts "
             "2(R-1)/R times the payload on the wire per process",
         }
+    if profiler is not None:
+        report = profiler.report(peaks=measure_matmul_peaks(device))
+        summary["profile"] = {"method": method.name, "label": info.get("label", method.name), **report}
+        if out is not None and main:
+            atomic_write_json(out / PROFILE, summary["profile"])
     if out is not None and main:
         atomic_write_json(out / SUMMARY, summary)
     return summary
@@ -422,6 +441,7 @@ class RunSpec:
     threads: int | None = None
     checkpoint_every: int = 1
     dist_timeout: float = DEFAULT_TIMEOUT_S
+    profile: bool = False
 
 
 def resolve_device(name: str) -> torch.device:
@@ -506,6 +526,7 @@ def _run(spec: RunSpec, device: torch.device, comm: Communicator) -> dict[str, A
         run_info=run_info,
         checkpoint_every=spec.checkpoint_every,
         comm=comm,
+        profile=spec.profile,
     )
     if model_spec.is_autoencoder:
         summary["test_accuracy"] = None

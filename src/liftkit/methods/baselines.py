@@ -37,13 +37,15 @@ class _TorchOptimizerMethod(Method):
     def step(self, x: torch.Tensor, y: torch.Tensor, *, idx: torch.Tensor | None = None) -> StepStats:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.comm.world_size == 1:
-            loss = evaluate_loss(self.loss, self.model(x), y)
-            loss.backward()
-            value = float(loss.detach())
-        else:
-            value = self._global_loss_and_grad(x, y)
-        self.optimizer.step()
+        with self.block("forward_backward"):
+            if self.comm.world_size == 1:
+                loss = evaluate_loss(self.loss, self.model(x), y)
+                loss.backward()
+                value = float(loss.detach())
+            else:
+                value = self._global_loss_and_grad(x, y)
+        with self.block("optimizer_step"):
+            self.optimizer.step()
         self.steps_taken += 1
         return StepStats(loss=value)
 
@@ -192,20 +194,24 @@ class LBFGS(_TorchOptimizerMethod):
 
         def closure() -> float:
             self.optimizer.zero_grad(set_to_none=True)
-            if self.comm.world_size > 1:
-                # the global loss and gradient, identical on every rank, so the line search decides alike
-                return self._global_loss_and_grad(x, y)
-            loss = evaluate_loss(self.loss, self.model(x), y)
-            loss.backward()
-            return float(loss.detach())
+            # nested in optimizer_step: the line search's evaluations are charged here, the rest of L-BFGS there
+            with self.block("forward_backward"):
+                if self.comm.world_size > 1:
+                    # the global loss and gradient, identical on every rank, so the line search decides alike
+                    return self._global_loss_and_grad(x, y)
+                loss = evaluate_loss(self.loss, self.model(x), y)
+                loss.backward()
+                return float(loss.detach())
 
         # LBFGS returns the closure's value at the start of the step, the loss this method reports.
         before = [p.detach().clone() for p in self.model.parameters()] if self.config.restart_on_stall else []
-        loss = self.optimizer.step(closure)
+        with self.block("optimizer_step"):
+            loss = self.optimizer.step(closure)
         restarted = 0
         if before and all(torch.equal(p, b) for p, b in zip(self.model.parameters(), before)):
             self.optimizer.state.clear()
-            self.optimizer.step(closure)
+            with self.block("optimizer_step"):
+                self.optimizer.step(closure)
             restarted = 1
         self.steps_taken += 1
         return StepStats(loss=float(loss), info={"restarts": float(restarted)})

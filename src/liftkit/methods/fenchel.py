@@ -256,7 +256,7 @@ class LayerOperator:
             if isinstance(module, nn.Flatten):
                 continue  # the reshape below restores every flattened shape at once
             G = G.reshape(batch, *out_shape)
-            if _is_pool2(module, torch.empty((0, *in_shape))):
+            if _is_pool2(module, torch.empty((0, *in_shape), device=G.device)):
                 # adjoint of the 2×2 mean: each pooled value spread as ¼ over its window
                 G = (0.25 * G)[:, :, :, None, :, None].expand(*G.shape[:3], 2, G.shape[3], 2).reshape(batch, *in_shape)
             else:
@@ -740,7 +740,7 @@ class Fenchel(Method):
         def closure() -> Tensor:
             value, gW, gb = value_grad(W.detach(), b.detach(), True)
             W.grad, b.grad = gW, gb
-            return torch.tensor(value, dtype=torch.float64)
+            return torch.tensor(value, dtype=torch.float64, device=W.device)
 
         opt.step(closure)
         iters = int(opt.state[opt._params[0]].get("n_iter", 0))

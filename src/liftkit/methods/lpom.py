@@ -718,12 +718,12 @@ class LPOM(Method):
         have = 0 if st.x_seen is None else st.x_seen.shape[0]
         if size <= have:
             return
-        new_seen = torch.zeros(size, dtype=torch.bool)
+        new_seen = torch.zeros(size, dtype=torch.bool, device="cpu")  # a host-resident cache
         if st.x_seen is not None:
             new_seen[:have] = st.x_seen
         caches = []
         for k in range(1, self.lifted.L + 1):
-            c = torch.zeros(size, xs[k].shape[1], dtype=xs[k].dtype)
+            c = torch.zeros(size, xs[k].shape[1], dtype=xs[k].dtype, device="cpu")
             if st.x_cache:
                 c[:have] = st.x_cache[k - 1]
             caches.append(c)

@@ -182,7 +182,8 @@ class LayerParallel:
                         pre[k] = lifted.preact(xs[k], ws[k], bs[k])
             rounds += 1
             if self.comm.world_size > 1:
-                moved = float(self.comm.all_reduce_max_(torch.tensor([moved], dtype=torch.float64))[0])
+                flag = torch.tensor([moved], dtype=torch.float64, device=self.comm.device)
+                moved = float(self.comm.all_reduce_max_(flag)[0])
             if moved <= c.x_tol:
                 break
         method._report_x_phase(info, last_res, total, rounds)
@@ -224,7 +225,7 @@ class LayerParallel:
             if lin.bias is not None:
                 self.comm.broadcast_(lin.bias.data, src)
             vsrc = self.block_rank(max(j, 1))
-            have = torch.tensor([0.0 if vectors[j] is None else 1.0])
+            have = torch.tensor([0.0 if vectors[j] is None else 1.0], device=self.comm.device)
             self.comm.broadcast_(have, vsrc)
             if float(have[0]) == 1.0:
                 v = vectors[j] if vectors[j] is not None else lin.weight.new_empty(lin.weight.shape[1])

@@ -115,7 +115,8 @@ class Shards:
 
     def _gather(self, x: Tensor) -> Tensor:
         """The row-concatenation of every process's ``x`` in rank order (shards may differ in length)."""
-        sizes = [int(s) for s in self.comm.all_gather(torch.tensor([x.shape[0]], dtype=torch.int64))]
+        size = torch.tensor([x.shape[0]], dtype=torch.int64, device=self.comm.device)
+        sizes = [int(s) for s in self.comm.all_gather(size)]
         top = max(sizes)
         padded = x if x.shape[0] == top else torch.cat([x, x.new_zeros(top - x.shape[0], x.shape[1])])
         parts = self.comm.all_gather(padded.contiguous())

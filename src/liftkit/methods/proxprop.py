@@ -558,7 +558,8 @@ class ProxProp(Method):
     # -- the step -----------------------------------------------------------------------------------------
     def step(self, x: Tensor, y: Tensor, *, idx: Tensor | None = None) -> StepStats:
         self.model.train()
-        loss, signals, explicit = self.backward_signals(x, y)
+        with self.block("forward_backward"):
+            loss, signals, explicit = self.backward_signals(x, y)
         loss_value = float(loss)
         if not math.isfinite(loss_value):
             if not bool(torch.isfinite(x).all()):
@@ -568,7 +569,8 @@ class ProxProp(Method):
         min_cos = 1.0
         for layer, (a, G) in zip(self.layers, signals):
             module = layer.module
-            d = self.direction(module, a, G)
+            with self.block(f"prox[{layer.index}]"):
+                d = self.direction(module, a, G)
             module.weight.grad = d.weight
             if module.bias is not None:
                 module.bias.grad = d.bias
@@ -584,7 +586,8 @@ class ProxProp(Method):
         if self.config.diagnostics:
             info["min_cos"] = min_cos
             info["descent_violation"] = float(min_cos <= 0.0)
-        self.optimizer.step()
+        with self.block("optimizer_step"):
+            self.optimizer.step()
         self.steps_taken += 1
         return StepStats(loss=loss_value, info=info)
 

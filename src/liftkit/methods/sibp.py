@@ -593,11 +593,12 @@ class SIBP(Method):
         dtype = chain[0].weight.dtype
         inputs = [chain[0].apply_pre(x).to(dtype)]
         pre: list[Tensor] = []
-        for layer in chain:
-            a = layer.apply_pre(inputs[-1]) if layer is not chain[0] else inputs[-1]
-            z = F.linear(a, layer.weight, layer.bias)
-            pre.append(z)
-            inputs.append(torch.relu(z) if self._is_relu(layer) else z)
+        with self.block("forward"):
+            for layer in chain:
+                a = layer.apply_pre(inputs[-1]) if layer is not chain[0] else inputs[-1]
+                z = F.linear(a, layer.weight, layer.bias)
+                pre.append(z)
+                inputs.append(torch.relu(z) if self._is_relu(layer) else z)
         logits = pre[-1]
         if int(y.min()) < 0 or int(y.max()) >= logits.shape[1]:
             raise ValueError(f"labels must lie in [0, {logits.shape[1] - 1}] for this model's output width")
@@ -615,17 +616,19 @@ class SIBP(Method):
 
         # Output layer: δ from the summed CE, then the linear prox (W, then b with the new W).
         delta = torch.softmax(logits, dim=1)
-        delta[torch.arange(y.shape[0]), y] -= 1.0
+        delta[torch.arange(y.shape[0], device=y.device), y] -= 1.0
         targets = logits - eta * delta
         out_idx = len(chain) - 1
-        self._output_prox(chain[-1], inputs[-2], logits, targets, out_idx, info)
+        with self.block(f"output_prox[{out_idx}]"):
+            self._output_prox(chain[-1], inputs[-2], logits, targets, out_idx, info)
         delta = delta @ chain[-1].weight
 
         for l in range(len(chain) - 2, -1, -1):
             layer = chain[l]
             targets = inputs[l + 1] - eta * delta
             mask = (pre[l] > 0).to(dtype) if self._is_relu(layer) else None
-            self._hidden_prox(layer, inputs[l], pre[l], targets, mask, l, info)
+            with self.block(f"hidden_prox[{l}]"):
+                self._hidden_prox(layer, inputs[l], pre[l], targets, mask, l, info)
             if l > 0:
                 masked = delta if mask is None else delta * mask
                 delta = masked @ layer.weight
@@ -740,18 +743,19 @@ class SIBP(Method):
             layer.bias.copy_(b)  # type: ignore[union-attr]
             return
 
-        gn = masked_gn_step(
-            a,
-            targets - z0,
-            mask,
-            lam_w,
-            solver=c.hidden_solver,
-            maxit=c.cg_iters,
-            tol=c.cg_tol,
-            stop=c.cg_stop,
-            solve_dtype=torch.float64 if c.solve_dtype == "float64" else z0.dtype,
-            reduce=self._reduce,
-        )
+        with self.block(f"gn_solve[{l}]"):
+            gn = masked_gn_step(
+                a,
+                targets - z0,
+                mask,
+                lam_w,
+                solver=c.hidden_solver,
+                maxit=c.cg_iters,
+                tol=c.cg_tol,
+                stop=c.cg_stop,
+                solve_dtype=torch.float64 if c.solve_dtype == "float64" else z0.dtype,
+                reduce=self._reduce,
+            )
         reduce = self._reduce
         delta_w, delta_z = gn.delta_w, gn.delta_z
         # ‖Δw_j‖² = Λ_jᵀKΛ_j = Σ_i Λ_ij Δz_ij in the dual: an m×q product instead of a q×n one.
@@ -761,9 +765,10 @@ class SIBP(Method):
             step_sq = (delta_w * delta_w).sum(dim=1)
         halvings = reverted = 0
         if c.safeguard:
-            guard = gn_step_safeguard(
-                z0, delta_z, step_sq, targets, lam_w, relu=relu, max_halvings=c.max_halvings, reduce=reduce
-            )
+            with self.block(f"safeguard[{l}]"):
+                guard = gn_step_safeguard(
+                    z0, delta_z, step_sq, targets, lam_w, relu=relu, max_halvings=c.max_halvings, reduce=reduce
+                )
             if guard.halvings:
                 scale = guard.scale
                 delta_w = delta_w * scale.unsqueeze(1)
