@@ -1,4 +1,5 @@
 # Two commands: `make demo` (set up, then run the main job on the embedded digits data) and `make test`.
+# Also: `make docs` (the documentation site into site/) and `make dist` (build, check and install-test the wheel).
 # TORCH_SPEC picks the torch wheel: any torch >= 2.2 by default; CI on our build machines pins the local CPU
 # wheel with TORCH_SPEC=torch==2.13.0.
 PYTHON ?= python3
@@ -8,7 +9,7 @@ BIN := $(VENV)/bin
 SHARED_DATA := $(abspath ../shared/data)
 TEST_DATA_DIR := $(if $(LIFTKIT_DATA_DIR),$(LIFTKIT_DATA_DIR),$(if $(wildcard $(SHARED_DATA)),$(SHARED_DATA),))
 
-.PHONY: demo test lint unit gpu-check setup clean
+.PHONY: demo test lint unit gpu-check setup clean docs dist
 
 setup: $(VENV)/.installed
 
@@ -40,5 +41,21 @@ gpu-check: setup
 		echo "gpu-check: no CUDA device here; the CUDA tests were skipped and the GPU bench is not run"; \
 	fi
 
+# The documentation site (MkDocs + Material + mkdocstrings) into site/; --strict turns a broken link, a missing
+# page or an unresolved API reference into a failure.
+$(VENV)/.docs-installed: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet -e ".[docs]"
+	touch $@
+
+docs: $(VENV)/.docs-installed
+	$(BIN)/mkdocs build --strict --site-dir site
+
+# Release check: sdist + wheel, twine's metadata check, then the wheel installed into a fresh venv and run.
+dist: setup
+	rm -rf dist
+	$(BIN)/python -m build --outdir dist .
+	$(BIN)/twine check --strict dist/*.whl dist/*.tar.gz
+	$(BIN)/python scripts/check_wheel.py dist
+
 clean:
-	rm -rf $(VENV) demo-out bench-out runs gpu-check-out
+	rm -rf $(VENV) demo-out bench-out runs gpu-check-out site dist build

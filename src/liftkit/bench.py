@@ -69,6 +69,10 @@ class BenchSpec:
     checkpoint_every: int = 1
     command: str | None = None  # the command line, kept in results.json's record for `liftkit report`
     profile: bool = False
+    log: list[str] = field(default_factory=list)  # logger names passed to every run
+    log_dir: str | None = None  # each run logs into LOG_DIR/LABEL (default: its own run directory)
+    log_every: int | None = None
+    deterministic: bool = False
 
 
 def _cpu_model() -> str:
@@ -179,7 +183,20 @@ def _train_command(spec: BenchSpec, label: str, out_dir: Path) -> list[str]:
     for key, value in settings.items():
         text = ",".join(str(v) for v in value) if isinstance(value, list | tuple) else str(value)
         cmd += ["--set", f"{key}={text}"]
-    return cmd
+    return cmd + _log_args(spec, label)
+
+
+def _log_args(spec: BenchSpec, label: str) -> list[str]:
+    args: list[str] = []
+    if spec.log:
+        args += ["--log", ",".join(spec.log)]
+        if spec.log_dir is not None:
+            args += ["--log-dir", str(Path(spec.log_dir) / label.replace("/", "_"))]
+        if spec.log_every is not None:
+            args += ["--log-every", str(spec.log_every)]
+    if spec.deterministic:
+        args.append("--deterministic")
+    return args
 
 
 def _pct(x: float | None) -> str:

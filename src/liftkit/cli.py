@@ -69,10 +69,27 @@ def _common(p: argparse.ArgumentParser, *, bench: bool) -> None:
     p.add_argument("--profile", action="store_true", default=None, help="time the method's named blocks and "
                    "count their matrix-product FLOPs; writes profile.json" + (" per run and a table per run in "
                    "results.md" if bench else " in --out"))
+    _log_options(p)
+
+
+def _log_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--log", metavar="LOGGERS", help="comma-separated loggers: csv, tensorboard (needs "
+                   "pip install 'liftkit[tensorboard]')")
+    p.add_argument("--log-dir", help="where the loggers write (default: the run's --out directory)")
+    p.add_argument("--log-every", type=int, metavar="N", help="also log every N-th step (default: epochs only)")
+    p.add_argument("--deterministic", action="store_true", default=None,
+                   help="deterministic algorithms and seeded generators: repeat runs bit for bit (see the docs)")
+
+
+def _version() -> str:
+    from liftkit import __version__
+
+    return __version__
 
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="liftkit", description="Train neural networks with lifted and proximal methods.")
+    parser.add_argument("--version", action="version", version=f"liftkit {_version()}")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
 
     train = sub.add_parser("train", help="train one method")
@@ -92,7 +109,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="run several methods on the same data, model and seed")
     bench.add_argument("--methods", help="comma-separated method names (name@label to repeat a method)")
-    bench.add_argument("--config", help="JSON file with bench settings (CLI options override it)")
+    bench.add_argument("--config", help="JSON file with bench settings, or the name of a shipped config such as "
+                       "demo (CLI options override it)")
     bench.add_argument("--target-accuracy", type=float, help="report seconds to reach this test accuracy")
     _common(bench, bench=True)
 
@@ -123,7 +141,28 @@ _DEFAULTS: dict[str, Any] = {
     "threads": None,
     "checkpoint_every": 1,
     "profile": False,
+    "log_dir": None,
+    "log_every": None,
+    "deterministic": False,
 }
+
+
+def _log_names(args: argparse.Namespace, config: dict[str, Any] | None = None) -> list[str]:
+    """The validated --log names; --log-every and --log-dir without --log, or --log-every < 1, are errors."""
+    from liftkit.loggers import check_log_every, parse_log_names
+
+    config = config or {}
+    raw = args.log if args.log is not None else config.get("log")
+    names = parse_log_names(raw) if raw is not None else []
+    for option in ("log_every", "log_dir"):
+        if not names and (getattr(args, option) is not None or config.get(option) is not None):
+            raise LiftkitError(f"--{option.replace('_', '-')} needs --log (csv, tensorboard)")
+    check_log_every(args.log_every if args.log_every is not None else config.get("log_every"))
+    if "tensorboard" in names:
+        from liftkit.loggers import TensorBoardLogger
+
+        TensorBoardLogger.check_available()
+    return names
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -134,6 +173,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if getattr(args, name) is None:
             raise LiftkitError(f"train needs --{name}")
     opts = {k: (getattr(args, k) if getattr(args, k) is not None else v) for k, v in _DEFAULTS.items()}
+    opts["log"] = _log_names(args)
     method_cls = get(args.method)
     hparams: dict[str, Any] = {}
     from liftkit.methods import parse_hparam
@@ -187,7 +227,29 @@ def _record_failure(out: str, exc: BaseException) -> None:
         atomic_write_json(Path(out) / "failed.json", {"error": str(exc), "type": type(exc).__name__})
 
 
+def shipped_configs() -> dict[str, Path]:
+    """The configs shipped inside the package (``liftkit/configs/*.json``), by name without ``.json``."""
+    from importlib.resources import files
+
+    folder = Path(str(files("liftkit") / "configs"))
+    return {p.stem: p for p in sorted(folder.glob("*.json"))} if folder.is_dir() else {}
+
+
+def _resolve_config(name: str) -> str:
+    """An existing file is itself; otherwise a bare name (``demo`` or ``demo.json``) is a shipped config."""
+    if Path(name).is_file() or "/" in name or os.sep in name:
+        return name
+    shipped = shipped_configs()
+    stem = name[: -len(".json")] if name.endswith(".json") else name
+    if stem in shipped:
+        return str(shipped[stem])
+    raise LiftkitError(
+        f"config {name!r} is neither a file nor a shipped config; shipped: {', '.join(shipped) or '(none)'}"
+    )
+
+
 def _load_config(path: str) -> dict[str, Any]:
+    path = _resolve_config(path)
     try:
         with open(path, encoding="utf-8") as fh:
             config = json.load(fh)
@@ -204,7 +266,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from liftkit.bench import BenchSpec, render_table, run_bench
 
     config = _load_config(args.config) if args.config else {}
-    known = {"methods", "set", "target_accuracy", "out", "dataset", "model", "description", *_DEFAULTS}
+    known = {"methods", "set", "target_accuracy", "out", "dataset", "model", "description", "log", *_DEFAULTS}
     unknown = sorted(set(config) - known)
     if unknown:
         raise LiftkitError(f"unknown key {unknown[0]!r} in {args.config}; valid keys: {', '.join(sorted(known))}")
@@ -252,6 +314,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         out=pick("out", "bench-out"),
         target_accuracy=pick("target_accuracy"),
         command=_command_line(args.argv),
+        log=_log_names(args, config),
         **{k: pick(k, v) for k, v in _DEFAULTS.items()},
     )
     results = run_bench(spec)

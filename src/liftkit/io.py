@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from liftkit.errors import LiftkitError
+
 __all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_write_text", "load_checkpoint", "save_checkpoint"]
 
 
@@ -61,7 +63,17 @@ def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> None
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     # Our checkpoints hold RNG states and optimizer dicts, which weights_only loading cannot restore; they are
     # files this library wrote into the user's own output directory.
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # torch raises RuntimeError, EOFError, UnpicklingError, OSError... for a damaged file
+        # torch's own message (a zip-reader or unpickling detail) does not tell the user what to do; the
+        # traceback with it is one LIFTKIT_DEBUG=1 away
+        raise LiftkitError(
+            f"cannot resume: the checkpoint {path} is truncated or corrupt; remove it to start over or choose "
+            "a new --out directory"
+        ) from exc
     if not isinstance(state, dict) or state.get("format") != 1:
         raise ValueError(f"{path} is not a liftkit checkpoint; use a new --out directory or remove the file")
     return state

@@ -21,7 +21,7 @@ import random
 import resource
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,9 +31,11 @@ import numpy as np
 import torch
 
 from liftkit import data as data_mod
+from liftkit.determinism import check_deterministic_method, enable_determinism
 from liftkit.distributed import DEFAULT_TIMEOUT_S, Communicator, LocalComm, comm_from_env, shard_bounds
 from liftkit.errors import DivergenceError, LiftkitError
 from liftkit.io import atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint
+from liftkit.loggers import Logger, LoggerSet
 from liftkit.methods import Method, evaluate_loss, get
 from liftkit.models import build_model, parse_model_spec
 from liftkit.profiling import BlockProfiler, measure_matmul_peaks
@@ -143,6 +145,10 @@ def fit(
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     comm: Communicator | None = None,
     profile: bool = False,
+    loggers: Sequence[Logger | str] | None = None,
+    log_dir: str | Path | None = None,
+    log_every: int | None = None,
+    deterministic: bool = False,
 ) -> dict[str, Any]:
     """Train ``method`` (and so its model, in place) on ``data`` for ``epochs`` epochs; return the summary.
 
@@ -162,7 +168,16 @@ def fit(
     ``profile=True`` attaches a :class:`~liftkit.profiling.BlockProfiler` to the method for the steps of this
     call (a resumed run profiles the steps after the checkpoint), measures the matmul peaks after training and
     adds the report to the summary under ``"profile"`` (and to ``profile.json`` in ``out_dir``).
+
+    ``loggers``: :class:`~liftkit.loggers.Logger` objects or the names ``"csv"`` / ``"tensorboard"`` (written
+    into ``log_dir``, default ``out_dir``); they get every epoch's losses, accuracies, seconds and averaged
+    ``StepStats`` diagnostics, and with ``log_every=N`` every N-th step's (see :mod:`liftkit.loggers`).
+    ``deterministic=True`` switches the process to deterministic algorithms and seeds the global generators
+    with ``seed`` (see :mod:`liftkit.determinism`).
     """
+    if deterministic:
+        check_deterministic_method(method)
+        enable_determinism(seed)
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
     if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
@@ -190,6 +205,8 @@ def fit(
                 f"of at least {world} whose remainder in the {n_train} training samples is 0 or at least {world}"
             )
     main = comm.is_main
+    log_set = LoggerSet(loggers if main else None, log_dir=log_dir if log_dir is not None else out_dir,
+                        log_every=log_every)
     device, dtype = method.device, method.dtype
     classes = None if autoencoder else data.num_classes
     data_mod.check_inputs(data.x_train, None if autoencoder else data.y_train, classes)
@@ -249,6 +266,9 @@ def fit(
         if main:
             atomic_write_text(out / METRICS, "".join(json.dumps(h) + "\n" for h in history))
 
+    # every epoch has ceil(n / m) steps under both samplings: the global step of a resumed run continues
+    log_set.start(start_epoch=start_epoch, steps_per_epoch=math.ceil(n_train / effective_batch),
+                  seconds=train_seconds, run_info=info)
     show_progress = (sys.stderr.isatty() if progress is None else progress) and main
     profiler = BlockProfiler(synchronize=device.type == "cuda") if profile else None
     if profiler is not None:
@@ -295,6 +315,7 @@ def fit(
                     f"training diverged: non-finite loss at {where} of {method.name}{kept}; "
                     "lower the step size or change the penalty weights"
                 )
+            log_set.step(epoch * len(batches) + b + 1, epoch + 1, b + 1, stats.loss, stats.info)
             step_loss_sum += stats.loss
             for k, v in stats.info.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
@@ -336,6 +357,7 @@ def fit(
             "info": {k: v / max(len(batches), 1) for k, v in sums.items()},
         }
         history.append(record)
+        log_set.epoch(record)
         if out is not None and main:
             with open(out / METRICS, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(record) + "\n")
@@ -367,6 +389,7 @@ def fit(
 
     if profiler is not None:
         method.set_block_hook(None)
+    log_set.close()
     accs = [h["test_accuracy"] for h in history if h["test_accuracy"] is not None]
     epochs_run = len(history)
     summary: dict[str, Any] = {
@@ -442,6 +465,10 @@ class RunSpec:
     checkpoint_every: int = 1
     dist_timeout: float = DEFAULT_TIMEOUT_S
     profile: bool = False
+    log: list[str] = field(default_factory=list)  # logger names: csv, tensorboard
+    log_dir: str | None = None  # default: out
+    log_every: int | None = None
+    deterministic: bool = False
 
 
 def resolve_device(name: str) -> torch.device:
@@ -466,6 +493,8 @@ def run(spec: RunSpec) -> dict[str, Any]:
         raise LiftkitError(f"unknown dtype {spec.dtype!r}; use float32 or float64")
     if spec.split not in ("test", "validation"):
         raise LiftkitError(f"unknown split {spec.split!r}; use test or validation")
+    if spec.deterministic:
+        enable_determinism(spec.seed)  # before any CUDA work: cuBLAS reads its workspace setting once
     device = resolve_device(spec.device)
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
@@ -527,6 +556,10 @@ def _run(spec: RunSpec, device: torch.device, comm: Communicator) -> dict[str, A
         checkpoint_every=spec.checkpoint_every,
         comm=comm,
         profile=spec.profile,
+        loggers=spec.log,
+        log_dir=spec.log_dir,
+        log_every=spec.log_every,
+        deterministic=spec.deterministic,
     )
     if model_spec.is_autoencoder:
         summary["test_accuracy"] = None
