@@ -53,7 +53,7 @@ docs: $(VENV)/.docs-installed
 # Release check: sdist + wheel, twine's metadata check, then the wheel installed into a fresh venv and run.
 dist: setup
 	rm -rf dist
-	$(BIN)/python -m build --outdir dist .
+	$(BIN)/python -m build --quiet --outdir dist .
 	$(BIN)/twine check --strict dist/*.whl dist/*.tar.gz
 	$(BIN)/python scripts/check_wheel.py dist
 

@@ -57,7 +57,7 @@ def main() -> int:
 
     # nothing of the source tree may leak into the new venv (pip would take src/ on PYTHONPATH as installed)
     clean_env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
-    env_dir = args.dist / "venv-check"
+    env_dir = args.dist.resolve() / "venv-check"
     shutil.rmtree(env_dir, ignore_errors=True)
     venv.create(env_dir, with_pip=True, symlinks=True)
     bin_dir = env_dir / ("Scripts" if os.name == "nt" else "bin")
