@@ -3,6 +3,9 @@
 * ``changelog.md`` is generated from the repository's ``CHANGELOG.md`` (one copy in git).
 * The API reference page of ``liftkit.optim`` is generated, and listed under "API reference", only when that
   module exists, so the strict build works before and after it lands.
+* Sphinx roles in docstrings (``:class:`~liftkit.errors.LiftkitError` ``) render as plain code
+  (``LiftkitError``), as Sphinx would show them, instead of a stray ``:class:`` before the code; ``:math:``
+  goes to MathJax like the pages' ``$...$``.
 * A link from a page to a repository file outside ``docs/`` (``../src/liftkit/methods/lpom_shards.py``) is
   valid on the repository's own file view but has no page on the site; it becomes the file's repository path
   in code type. Links to missing files still fail the strict build.
@@ -21,6 +24,8 @@ OPTIONAL_REFERENCES = {
     # module -> (page, nav title); the page is generated when the module's source exists
     "liftkit.optim": ("reference/optim.md", "Optimizers (liftkit.optim)"),
 }
+_ROLE = re.compile(r":(?:class|func|meth|mod|attr|data|exc|obj):<code>(?P<tilde>~?)(?P<name>[^<]*)</code>")
+_MATH_ROLE = re.compile(r":math:<code>(?P<tex>[^<]*)</code>")
 _LINK = re.compile(r"(?<!!)\[(?P<text>[^\]]+)\]\((?P<target>[^)\s#]+)(?P<anchor>#[^)\s]*)?\)")
 
 
@@ -66,3 +71,12 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Files) -> str
         return f"`{path}`" if text in (path, resolved.name) else f"{match.group('text')} (`{path}`)"
 
     return _LINK.sub(rewrite, markdown)
+
+
+def on_page_content(html: str, page: Any, config: Any, files: Files) -> str:
+    def plain(match: re.Match[str]) -> str:
+        name = match.group("name")
+        return f"<code>{name.rsplit('.', 1)[-1] if match.group('tilde') else name}</code>"
+
+    html = _MATH_ROLE.sub(lambda m: f'<span class="arithmatex">\\({m.group("tex")}\\)</span>', html)
+    return _ROLE.sub(plain, html)
