@@ -20,6 +20,7 @@ from liftkit.loggers import CSVLogger, Logger
 from liftkit.methods import get
 from liftkit.models import build_model
 from liftkit.train import RunSpec, run
+from tests.test_distributed import _launch, _wait, needs_gloo
 
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
 
@@ -204,3 +205,20 @@ def test_bench_refuses_an_unknown_logger_before_any_run(tmp_path, capsys):
                  str(tmp_path / "bench"), "--log", "csvv"])
     _one_line_error(capsys, code, "unknown logger 'csvv'")
     assert not (tmp_path / "bench").exists()
+
+
+@needs_gloo
+def test_under_two_processes_only_rank_0_logs(tmp_path):
+    out = tmp_path / "dp"
+    argv = ["-m", "liftkit", "train", "--method", "sgd", "--dataset", "digits", "--model", "64-16-10",
+            "--batch-size", "128", "--epochs", "2", "--threads", "1", "--out", str(out), "--quiet",
+            "--log", "csv,tensorboard", "--log-every", "4"]
+    for rc, _, err in _wait(_launch(argv, 2, tmp_path), timeout=180):
+        assert rc == 0, err[-2000:]
+    records = _jsonl(out / "metrics.jsonl")
+    rows = _csv_rows(out / "metrics.csv")
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert [float(r["test_loss"]) for r in rows] == [r["test_loss"] for r in records]
+    assert len(list((out / "tensorboard" / "epochs").iterdir())) == 1  # one writer: rank 0's
+    steps_per_epoch = 11  # ceil(1347 / 128)
+    assert [int(r["step"]) for r in _csv_rows(out / "steps.csv")] == list(range(4, 2 * steps_per_epoch + 1, 4))
