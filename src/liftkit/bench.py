@@ -28,6 +28,7 @@ from liftkit.errors import LiftkitError
 from liftkit.io import atomic_write_json, atomic_write_text
 from liftkit.methods import get
 from liftkit.profiling import PROFILE_NOTE, render_profile
+from liftkit.train import RunSettings
 
 __all__ = [
     "RUN_KEYS",
@@ -43,36 +44,17 @@ __all__ = [
 RUN_KEYS = ("loss", "epochs", "batch_size", "activation", "sampling", "preset")
 
 
-@dataclass
-class BenchSpec:
-    """Settings of one benchmark (the options of ``liftkit bench``)."""
+@dataclass(kw_only=True)
+class BenchSpec(RunSettings):
+    """Settings of one benchmark (the options of ``liftkit bench``): the run settings every run shares, the
+    runs, and their per-run settings. With ``log_dir`` each run logs into ``LOG_DIR/LABEL`` (default: its own
+    run directory)."""
 
     methods: list[str]
-    dataset: str
-    model: str
-    activation: str = "relu"
-    epochs: int = 5
-    batch_size: int | None = None
-    loss: str | None = None
-    preset: str | None = None
-    seed: int = 0
     settings: dict[str, dict[str, Any]] = field(default_factory=dict)  # label -> {key: value}
-    data_dir: str | None = None
     out: str = "bench-out"
-    device: str = "cpu"
-    dtype: str = "float32"
-    split: str = "test"
-    sampling: str = "shuffle"
-    mean_subtract: bool = False
     target_accuracy: float | None = None
-    threads: int | None = None
-    checkpoint_every: int = 1
     command: str | None = None  # the command line, kept in results.json's record for `liftkit report`
-    profile: bool = False
-    log: list[str] = field(default_factory=list)  # logger names passed to every run
-    log_dir: str | None = None  # each run logs into LOG_DIR/LABEL (default: its own run directory)
-    log_every: int | None = None
-    deterministic: bool = False
 
 
 def _cpu_model() -> str:

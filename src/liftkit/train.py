@@ -36,11 +36,11 @@ from liftkit.distributed import DEFAULT_TIMEOUT_S, Communicator, LocalComm, comm
 from liftkit.errors import DivergenceError, LiftkitError
 from liftkit.io import atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint
 from liftkit.loggers import Logger, LoggerSet
-from liftkit.methods import Method, evaluate_loss, get
+from liftkit.methods import Method, StepStats, evaluate_loss, get
 from liftkit.models import build_model, parse_model_spec
 from liftkit.profiling import BlockProfiler, measure_matmul_peaks
 
-__all__ = ["RunSpec", "evaluate", "fit", "run"]
+__all__ = ["RunSettings", "RunSpec", "evaluate", "fit", "run"]
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -127,6 +127,313 @@ def _is_finite_model(model: torch.nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
+def _positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+# -- phase 1: argument checks and the batch plan --------------------------------------------------------------------
+@dataclass
+class _Plan:
+    """What the loop needs to know before it starts: the batch size, the process layout and the device data."""
+
+    batch: int
+    n_train: int
+    comm: Communicator
+    split: bool  # whether each global batch is sharded over the ranks
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+
+
+def _check_arguments(epochs: int, checkpoint_every: int, sampling: str, batch_size: Any) -> None:
+    _positive_int("epochs", epochs)
+    _positive_int("checkpoint_every", checkpoint_every)
+    if sampling not in ("shuffle", "replacement"):
+        raise ValueError(f"sampling must be shuffle or replacement, got {sampling!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 0:
+        raise ValueError(f"batch size must be a non-negative integer (0 = full batch), got {batch_size!r}")
+
+
+def _plan(
+    method: Method, data: data_mod.Dataset, batch_size: int, sampling: str, autoencoder: bool, comm: Communicator
+) -> _Plan:
+    n_train = int(data.x_train.shape[0])
+    batch = n_train if batch_size == 0 else min(batch_size, n_train)
+    world = comm.world_size
+    if world > 1:
+        method.set_comm(comm)
+    split = world > 1 and method.shards_batch
+    if split:
+        smallest = batch if sampling == "replacement" or n_train % batch == 0 else n_train % batch
+        if smallest < world:
+            raise ValueError(
+                f"a batch of {smallest} samples cannot be split over {world} processes; choose a batch size "
+                f"of at least {world} whose remainder in the {n_train} training samples is 0 or at least {world}"
+            )
+    classes = None if autoencoder else data.num_classes
+    data_mod.check_inputs(data.x_train, None if autoencoder else data.y_train, classes)
+    data_mod.check_inputs(data.x_test, None if autoencoder else data.y_test, classes)
+    device, dtype = method.device, method.dtype
+    return _Plan(
+        batch=batch, n_train=n_train, comm=comm, split=split,
+        x_train=data.x_train.to(device=device, dtype=dtype), y_train=data.y_train.to(device),
+        x_test=data.x_test.to(device=device, dtype=dtype), y_test=data.y_test.to(device),
+    )
+
+
+# -- phase 2: resume ---------------------------------------------------------------------------------------------------
+@dataclass
+class _Progress:
+    """The run's history so far: restored from a checkpoint on resume, extended by every epoch."""
+
+    history: list[dict[str, Any]] = field(default_factory=list)
+    train_seconds: float = 0.0
+    start_epoch: int = 0
+
+
+_RESUME_KEYS = ("method", "dataset", "model", "batch_size", "seed", "sampling", "loss", "hparams", "split")
+
+
+def _resume(method: Method, out: Path, info: dict[str, Any], epochs: int, comm: Communicator) -> _Progress:
+    """Load rank 0's checkpoint on every rank (on several machines only its disk has it)."""
+    path = out / CHECKPOINT
+    state = load_checkpoint(path) if comm.is_main and path.exists() else None
+    state = comm.broadcast_object(state) if comm.world_size > 1 else state
+    if state is None:
+        if comm.is_main:
+            print(f"liftkit: no checkpoint in {out}; starting from scratch", file=sys.stderr)
+        return _Progress()
+    saved = state["run_info"]
+    for key in _RESUME_KEYS:
+        if key in saved and key in info and saved[key] != info[key]:
+            raise LiftkitError(
+                f"cannot resume: the checkpoint in {out} was written with {key}={saved[key]!r}, this run has "
+                f"{key}={info[key]!r}; use the same settings or a new --out directory"
+            )
+    if int(state["epoch"]) > epochs:
+        raise LiftkitError(
+            f"cannot resume: the checkpoint in {out} is at epoch {state['epoch']}, past --epochs {epochs}"
+        )
+    method.load_state_dict(state["method_state"])
+    _set_rng_state(state["rng"])
+    return _Progress(list(state["history"]), float(state["train_seconds"]), int(state["epoch"]))
+
+
+# -- phase 3: one epoch ------------------------------------------------------------------------------------------------
+def _divergence(method: Method, what: str, out: Path | None, hint: str = "") -> DivergenceError:
+    """The one message every divergence check raises (the last good checkpoint is never overwritten)."""
+    kept = f"; the last good checkpoint ({out / CHECKPOINT}) is kept" if out is not None else ""
+    return DivergenceError(f"training diverged: {what} of {method.name}{kept}{hint}")
+
+
+@dataclass
+class _Epoch:
+    """The per-epoch services the step loop reports to."""
+
+    method: Method
+    plan: _Plan
+    out: Path | None
+    logs: LoggerSet
+    profiler: BlockProfiler | None
+    bar: Any  # a tqdm bar or None
+
+
+def _local_batch(run: _Epoch, idx: torch.Tensor, full_batch: bool, sampling: str) -> torch.Tensor:
+    """This rank's part of a global batch (the whole batch in one process)."""
+    plan = run.plan
+    if not plan.split:
+        return idx
+    if full_batch and sampling == "shuffle":
+        # the full batch in index order: a sample's shard (and its per-sample state) never moves
+        idx = idx.sort().values
+    start, stop = shard_bounds(int(idx.shape[0]), plan.comm.rank, plan.comm.world_size)
+    run.method.set_global_batch_size(int(idx.shape[0]))
+    return idx[start:stop]
+
+
+def _step(run: _Epoch, idx: torch.Tensor, local: torch.Tensor, autoencoder: bool) -> StepStats:
+    plan, method = run.plan, run.method
+    idx_dev = local.to(method.device)
+    xb = plan.x_train[idx_dev]
+    yb = xb if autoencoder else plan.y_train[idx_dev]
+    with run.profiler.step() if run.profiler is not None else nullcontext():
+        stats = method.step(xb, yb, idx=idx_dev)
+    if plan.comm.world_size > 1:
+        # Σ_r loss_r · m_r / m: the global mean whether a rank reports its shard's mean or the replicated
+        # global loss, and the same number on every rank, so a divergence stops all of them together.
+        share = local.shape[0] / idx.shape[0] if plan.split else 1.0 / plan.comm.world_size
+        stats.loss = plan.comm.sum_scalars(stats.loss * share, op="trainer")[0]
+    return stats
+
+
+def _train_epoch(
+    run: _Epoch, epoch: int, batches: list[torch.Tensor], sampling: str, autoencoder: bool
+) -> tuple[float, dict[str, float]]:
+    """Every step of one epoch; returns the mean step loss and the mean of each ``StepStats`` diagnostic."""
+    loss_sum, sums = 0.0, dict[str, float]()
+    for b, idx in enumerate(batches):
+        local = _local_batch(run, idx, len(batches) == 1, sampling)
+        stats = _step(run, idx, local, autoencoder)
+        if not math.isfinite(stats.loss):
+            where = f"non-finite loss at epoch {epoch + 1}, batch {b + 1}/{len(batches)}"
+            raise _divergence(run.method, where, run.out, "; lower the step size or change the penalty weights")
+        run.logs.step(epoch * len(batches) + b + 1, epoch + 1, b + 1, stats.loss, stats.info)
+        loss_sum += stats.loss
+        for k, v in stats.info.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+        if run.bar is not None:
+            run.bar.update(1)
+            run.bar.set_postfix(loss=f"{stats.loss:.4g}", refresh=False)
+    count = max(len(batches), 1)
+    return loss_sum / count, {k: v / count for k, v in sums.items()}
+
+
+# -- phase 4: evaluation -----------------------------------------------------------------------------------------------
+def _evaluate_epoch(
+    method: Method, plan: _Plan, epoch: int, out: Path | None, autoencoder: bool, eval_batch_size: int
+) -> dict[str, Any]:
+    if not _is_finite_model(method.model):
+        raise _divergence(method, f"non-finite weights after epoch {epoch + 1}", out)
+    def on(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float | None]:
+        return evaluate(method.model, x, y, method.loss, autoencoder=autoencoder, batch_size=eval_batch_size,
+                        comm=plan.comm)
+
+    train_loss, train_acc = on(plan.x_train, plan.y_train)
+    test_loss, test_acc = on(plan.x_test, plan.y_test)
+    if not math.isfinite(train_loss):
+        raise _divergence(method, f"non-finite training loss after epoch {epoch + 1}", out)
+    return {"train_loss": train_loss, "test_loss": test_loss, "test_accuracy": test_acc, "train_accuracy": train_acc}
+
+
+# -- phase 5: checkpoint -----------------------------------------------------------------------------------------------
+def _checkpoint(method: Method, out: Path, progress: _Progress, info: dict[str, Any], main: bool) -> None:
+    # every rank builds the state (a method may gather per-sample shards in it); rank 0 writes it
+    method_state = method.state_dict()
+    if main:
+        save_checkpoint(out / CHECKPOINT, {
+            "format": 1,
+            "epoch": len(progress.history),
+            "method_state": method_state,
+            "rng": _rng_state(),
+            "history": progress.history,
+            "train_seconds": progress.train_seconds,
+            "run_info": info,
+        })
+
+
+# -- phase 6: summary --------------------------------------------------------------------------------------------------
+def _summary(method: Method, data: data_mod.Dataset, info: dict[str, Any], progress: _Progress) -> dict[str, Any]:
+    history = progress.history
+    accs = [h["test_accuracy"] for h in history if h["test_accuracy"] is not None]
+    last = history[-1] if history else {}
+    return {
+        **{k: info[k] for k in ("method", "dataset", "model") if k in info},
+        "label": info.get("label", method.name),
+        "reporting_name": method.reporting_name or method.name,
+        **{k: info[k] for k in ("epochs", "batch_size", "seed", "preset", "hparams", "loss", "split", "sampling")},
+        "test_accuracy": last.get("test_accuracy"),
+        "best_test_accuracy": max(accs) if accs else None,
+        "train_loss": last.get("train_loss"),
+        "test_loss": last.get("test_loss"),
+        "train_seconds": progress.train_seconds,
+        "seconds_per_epoch": progress.train_seconds / len(history) if history else None,
+        "peak_rss_mb": _peak_rss_mb(),
+        "history": [
+            {k: h[k] for k in ("epoch", "train_loss", "test_loss", "test_accuracy", "seconds")} for h in history
+        ],
+        **{k: info[k] for k in ("activation", "hparams_set", "dtype", "device") if k in info},
+    }
+
+
+def _communication(comm: Communicator, before: tuple[dict[str, int], dict[str, int]], steps: int) -> dict[str, Any]:
+    bytes_before, calls_before = before
+    sent = {op: n - bytes_before.get(op, 0) for op, n in comm.bytes_sent.items()}
+    return {
+        "steps": steps,
+        "bytes_sent": sent,
+        "calls": {op: n - calls_before.get(op, 0) for op, n in comm.calls.items()},
+        "bytes_per_step": {op: n / steps for op, n in sent.items()} if steps else {},
+        "note": "payload bytes this rank passed to each kind of call ('trainer': step-loss and evaluation "
+        "reductions, 'checkpoint': state gathered for the checkpoint); a ring all-reduce puts "
+        "2(R-1)/R times the payload on the wire per process",
+    }
+
+
+# -- the loop ----------------------------------------------------------------------------------------------------------
+def _run_info(
+    method: Method, data: data_mod.Dataset, run_info: dict[str, Any] | None, **settings: Any
+) -> dict[str, Any]:
+    info = dict(run_info or {})
+    info.setdefault("method", method.name)
+    info.setdefault("dataset", data.name)
+    info.update(settings, loss=method.loss, preset=method.preset, hparams=method.hparams, split=data.split)
+    return info
+
+
+def _open_bar(method: Method, epoch: int, epochs: int, steps: int, show: bool) -> Any:
+    if not show:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=steps, desc=f"{method.name} epoch {epoch + 1}/{epochs}", leave=False)
+
+
+def _print_epoch(method: Method, record: dict[str, Any], epochs: int) -> None:
+    acc = "" if record["test_accuracy"] is None else f" test_acc {record['test_accuracy']:.4f}"
+    print(
+        f"{method.name} epoch {record['epoch']}/{epochs}: train_loss {record['train_loss']:.4f} "
+        f"test_loss {record['test_loss']:.4f}{acc} ({record['seconds']:.1f}s)",
+        file=sys.stderr,
+    )
+
+
+@dataclass
+class _Loop:
+    """Everything an epoch of :func:`fit` reads or extends."""
+
+    method: Method
+    plan: _Plan
+    out: Path | None
+    logs: LoggerSet
+    profiler: BlockProfiler | None
+    state: _Progress
+    info: dict[str, Any]
+    show: bool
+    seed: int
+    sampling: str
+    autoencoder: bool
+    eval_batch_size: int
+
+
+def _one_epoch(loop: _Loop, epoch: int, epochs: int) -> dict[str, Any]:
+    """The steps of one epoch, then its evaluation; returns the epoch's record (logged and appended)."""
+    method, plan = loop.method, loop.plan
+    batches = data_mod.batch_indices(plan.n_train, plan.batch, seed=loop.seed, epoch=epoch, sampling=loop.sampling)
+    run = _Epoch(method, plan, loop.out, loop.logs, loop.profiler,
+                 _open_bar(method, epoch, epochs, len(batches), loop.show))
+    t0 = time.perf_counter()
+    try:
+        step_loss, diagnostics = _train_epoch(run, epoch, batches, loop.sampling, loop.autoencoder)
+    finally:
+        if run.bar is not None:
+            run.bar.close()
+    if method.device.type == "cuda":
+        torch.cuda.synchronize()
+    method.synchronize_model()
+    loop.state.train_seconds += time.perf_counter() - t0
+    metrics = _evaluate_epoch(method, plan, epoch, loop.out, loop.autoencoder, loop.eval_batch_size)
+    record = {"epoch": epoch + 1, **metrics, "seconds": loop.state.train_seconds, "step_loss": step_loss,
+              "info": diagnostics}
+    loop.state.history.append(record)
+    loop.logs.epoch(record)
+    if loop.out is not None and plan.comm.is_main:
+        with open(loop.out / METRICS, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+    return record
+
+
 def fit(
     method: Method,
     data: data_mod.Dataset,
@@ -159,11 +466,11 @@ def fit(
     from the checkpoint there. ``checkpoint_every=k`` writes the checkpoint every k epochs (and after the last);
     methods with large per-sample state (full-batch TIAM) use it to keep the disk traffic down.
 
-    Data parallelism (METHODS.md §7): with a ``comm`` of R > 1 processes (``comm_from_env`` under ``torchrun``)
-    every rank draws the same global batches from the shared seed and passes its contiguous slice of each to
-    ``method.step`` (a full batch is sorted first, so each rank keeps the same samples every epoch); the method
-    reduces what its update needs over ``comm``. The step losses and the evaluation are reduced over the
-    ranks; only rank 0 writes files; ``resume`` loads rank 0's checkpoint on every rank.
+    Data parallelism (docs/methods/distributed.md): with a ``comm`` of R > 1 processes (``comm_from_env`` under
+    ``torchrun``) every rank draws the same global batches from the shared seed and passes its contiguous slice
+    of each to ``method.step`` (a full batch is sorted first, so each rank keeps the same samples every epoch);
+    the method reduces what its update needs over ``comm``. The step losses and the evaluation are reduced over
+    the ranks; only rank 0 writes files; ``resume`` loads rank 0's checkpoint on every rank.
 
     ``profile=True`` attaches a :class:`~liftkit.profiling.BlockProfiler` to the method for the steps of this
     call (a resumed run profiles the steps after the checkpoint), measures the matmul peaks after training and
@@ -174,261 +481,59 @@ def fit(
     ``StepStats`` diagnostics, and with ``log_every=N`` every N-th step's (see :mod:`liftkit.loggers`).
     ``deterministic=True`` switches the process to deterministic algorithms and seeds the global generators
     with ``seed`` (see :mod:`liftkit.determinism`).
+
+    The phases: argument checks and the batch plan, resume, then per epoch the steps, the evaluation and the
+    checkpoint, and at the end the summary (written once, as ``summary.json``).
     """
     if deterministic:
         check_deterministic_method(method)
         enable_determinism(seed)
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
-    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
-        raise ValueError(f"checkpoint_every must be a positive integer, got {checkpoint_every!r}")
-    if sampling not in ("shuffle", "replacement"):
-        raise ValueError(f"sampling must be shuffle or replacement, got {sampling!r}")
-    n_train = int(data.x_train.shape[0])
-    if batch_size is None:
-        batch_size = method.default_batch_size
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 0:
-        raise ValueError(f"batch size must be a non-negative integer (0 = full batch), got {batch_size!r}")
-    effective_batch = n_train if batch_size == 0 else min(batch_size, n_train)
-    comm = comm if comm is not None else LocalComm()
-    world = comm.world_size
-    if world > 1:
-        method.set_comm(comm)
-    split = world > 1 and method.shards_batch
-    if split:
-        smallest = effective_batch if sampling == "replacement" or n_train % effective_batch == 0 else (
-            n_train % effective_batch
-        )
-        if smallest < world:
-            raise ValueError(
-                f"a batch of {smallest} samples cannot be split over {world} processes; choose a batch size "
-                f"of at least {world} whose remainder in the {n_train} training samples is 0 or at least {world}"
-            )
-    main = comm.is_main
-    log_set = LoggerSet(loggers if main else None, log_dir=log_dir if log_dir is not None else out_dir,
-                        log_every=log_every)
-    device, dtype = method.device, method.dtype
-    classes = None if autoencoder else data.num_classes
-    data_mod.check_inputs(data.x_train, None if autoencoder else data.y_train, classes)
-    data_mod.check_inputs(data.x_test, None if autoencoder else data.y_test, classes)
-    x_train = data.x_train.to(device=device, dtype=dtype)
-    y_train = data.y_train.to(device)
-    x_test = data.x_test.to(device=device, dtype=dtype)
-    y_test = data.y_test.to(device)
-
-    info = dict(run_info or {})
-    info.setdefault("method", method.name)
-    info.setdefault("dataset", data.name)
-    info.update(
-        epochs=epochs,
-        batch_size=effective_batch,
-        seed=seed,
-        sampling=sampling,
-        loss=method.loss,
-        preset=method.preset,
-        hparams=method.hparams,
-        split=data.split,
-    )
+    batch_size = method.default_batch_size if batch_size is None else batch_size
+    _check_arguments(epochs, checkpoint_every, sampling, batch_size)
+    plan = _plan(method, data, batch_size, sampling, autoencoder, comm if comm is not None else LocalComm())
+    main = plan.comm.is_main
+    logs = LoggerSet(loggers if main else None, log_dir=log_dir if log_dir is not None else out_dir,
+                     log_every=log_every)
+    info = _run_info(method, data, run_info, epochs=epochs, batch_size=plan.batch, seed=seed, sampling=sampling)
     out = Path(out_dir) if out_dir is not None else None
-    history: list[dict[str, Any]] = []
-    train_seconds = 0.0
-    start_epoch = 0
+    state = _Progress()
     if out is not None:
         if main:
             out.mkdir(parents=True, exist_ok=True)
-        ckpt_path = out / CHECKPOINT
-        state: dict[str, Any] | None = None
         if resume:
-            # Rank 0 reads the checkpoint and sends it to the others: on several machines only its disk has it.
-            state = load_checkpoint(ckpt_path) if main and ckpt_path.exists() else None
-            state = comm.broadcast_object(state) if world > 1 else state
-        if state is not None:
-            saved = state["run_info"]
-            for key in ("method", "dataset", "model", "batch_size", "seed", "sampling", "loss", "hparams", "split"):
-                if key in saved and key in info and saved[key] != info[key]:
-                    raise LiftkitError(
-                        f"cannot resume: the checkpoint in {out} was written with {key}={saved[key]!r}, this run has "
-                        f"{key}={info[key]!r}; use the same settings or a new --out directory"
-                    )
-            method.load_state_dict(state["method_state"])
-            _set_rng_state(state["rng"])
-            history = list(state["history"])
-            train_seconds = float(state["train_seconds"])
-            start_epoch = int(state["epoch"])
-            if start_epoch > epochs:
-                raise LiftkitError(
-                    f"cannot resume: the checkpoint in {out} is at epoch {start_epoch}, past --epochs {epochs}"
-                )
-        elif resume and main:
-            print(f"liftkit: no checkpoint in {out}; starting from scratch", file=sys.stderr)
-        # The metrics file is rewritten from the checkpoint's history, so epochs after the checkpoint that a
-        # killed run had already logged do not appear twice.
+            state = _resume(method, out, info, epochs, plan.comm)
         if main:
-            atomic_write_text(out / METRICS, "".join(json.dumps(h) + "\n" for h in history))
-
+            # rewritten from the checkpoint's history: epochs a killed run logged after it do not appear twice
+            atomic_write_text(out / METRICS, "".join(json.dumps(h) + "\n" for h in state.history))
     # every epoch has ceil(n / m) steps under both samplings: the global step of a resumed run continues
-    log_set.start(start_epoch=start_epoch, steps_per_epoch=math.ceil(n_train / effective_batch),
-                  seconds=train_seconds, run_info=info)
-    show_progress = (sys.stderr.isatty() if progress is None else progress) and main
-    profiler = BlockProfiler(synchronize=device.type == "cuda") if profile else None
+    logs.start(start_epoch=state.start_epoch, steps_per_epoch=math.ceil(plan.n_train / plan.batch),
+               seconds=state.train_seconds, run_info=info)
+    show = (sys.stderr.isatty() if progress is None else progress) and main
+    profiler = BlockProfiler(synchronize=method.device.type == "cuda") if profile else None
     if profiler is not None:
         method.set_block_hook(profiler)
-    bytes_before, calls_before = dict(comm.bytes_sent), dict(comm.calls)
-    steps_run = 0
-    for epoch in range(start_epoch, epochs):
-        batches = data_mod.batch_indices(n_train, effective_batch, seed=seed, epoch=epoch, sampling=sampling)
-        sums: dict[str, float] = {}
-        step_loss_sum = 0.0
-        bar = None
-        if show_progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(batches), desc=f"{method.name} epoch {epoch + 1}/{epochs}", leave=False)
-        t0 = time.perf_counter()
-        for b, idx in enumerate(batches):
-            if split:
-                if len(batches) == 1 and sampling == "shuffle":
-                    # the full batch in index order: a sample's shard (and its per-sample state) never moves
-                    idx = idx.sort().values
-                start, stop = shard_bounds(int(idx.shape[0]), comm.rank, world)
-                method.set_global_batch_size(int(idx.shape[0]))
-                idx_local = idx[start:stop]
-            else:
-                idx_local = idx
-            idx_dev = idx_local.to(device)
-            xb = x_train[idx_dev]
-            yb = xb if autoencoder else y_train[idx_dev]
-            with profiler.step() if profiler is not None else nullcontext():
-                stats = method.step(xb, yb, idx=idx_dev)
-            steps_run += 1
-            if world > 1:
-                # Σ_r loss_r · m_r / m: the global mean whether a rank reports its shard's mean or the replicated
-                # global loss, and the same number on every rank, so a divergence stops all of them together.
-                share = idx_local.shape[0] / idx.shape[0] if split else 1.0 / world
-                stats.loss = comm.sum_scalars(stats.loss * share, op="trainer")[0]
-            if not math.isfinite(stats.loss):
-                if bar is not None:
-                    bar.close()
-                where = f"epoch {epoch + 1}, batch {b + 1}/{len(batches)}"
-                kept = f"; the last good checkpoint ({out / CHECKPOINT}) is kept" if out is not None else ""
-                raise DivergenceError(
-                    f"training diverged: non-finite loss at {where} of {method.name}{kept}; "
-                    "lower the step size or change the penalty weights"
-                )
-            log_set.step(epoch * len(batches) + b + 1, epoch + 1, b + 1, stats.loss, stats.info)
-            step_loss_sum += stats.loss
-            for k, v in stats.info.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{stats.loss:.4g}", refresh=False)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        method.synchronize_model()
-        train_seconds += time.perf_counter() - t0
-        if bar is not None:
-            bar.close()
-        if not _is_finite_model(method.model):
-            raise DivergenceError(
-                f"training diverged: non-finite weights after epoch {epoch + 1} of {method.name}"
-                + (f"; the last good checkpoint ({out / CHECKPOINT}) is kept" if out is not None else "")
-            )
-        train_loss, train_acc = evaluate(
-            method.model, x_train, y_train, method.loss, autoencoder=autoencoder, batch_size=eval_batch_size,
-            comm=comm,
-        )
-        test_loss, test_acc = evaluate(
-            method.model, x_test, y_test, method.loss, autoencoder=autoencoder, batch_size=eval_batch_size,
-            comm=comm,
-        )
-        if not math.isfinite(train_loss):
-            raise DivergenceError(
-                f"training diverged: non-finite training loss after epoch {epoch + 1} of {method.name}"
-                + (f"; the last good checkpoint ({out / CHECKPOINT}) is kept" if out is not None else "")
-            )
-        record = {
-            "epoch": epoch + 1,
-            "train_loss": train_loss,
-            "test_loss": test_loss,
-            "test_accuracy": test_acc,
-            "train_accuracy": train_acc,
-            "seconds": train_seconds,
-            "step_loss": step_loss_sum / max(len(batches), 1),
-            "info": {k: v / max(len(batches), 1) for k, v in sums.items()},
-        }
-        history.append(record)
-        log_set.epoch(record)
-        if out is not None and main:
-            with open(out / METRICS, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(record) + "\n")
-        if out is not None and ((epoch + 1) % checkpoint_every == 0 or epoch + 1 == epochs):
-            # every rank builds the state (a method may gather per-sample shards in it); rank 0 writes it
-            method_state = method.state_dict()
-            if main:
-                save_checkpoint(
-                    out / CHECKPOINT,
-                    {
-                        "format": 1,
-                        "epoch": epoch + 1,
-                        "method_state": method_state,
-                        "rng": _rng_state(),
-                        "history": history,
-                        "train_seconds": train_seconds,
-                        "run_info": info,
-                    },
-                )
-        if on_epoch is not None:
-            on_epoch(record)
-        if show_progress:
-            acc = "" if test_acc is None else f" test_acc {test_acc:.4f}"
-            print(
-                f"{method.name} epoch {epoch + 1}/{epochs}: train_loss {train_loss:.4f} test_loss {test_loss:.4f}"
-                f"{acc} ({train_seconds:.1f}s)",
-                file=sys.stderr,
-            )
-
+    before = (dict(plan.comm.bytes_sent), dict(plan.comm.calls))
+    loop = _Loop(method, plan, out, logs, profiler, state, info, show, seed, sampling, autoencoder, eval_batch_size)
+    try:
+        for epoch in range(state.start_epoch, epochs):
+            record = _one_epoch(loop, epoch, epochs)
+            if out is not None and ((epoch + 1) % checkpoint_every == 0 or epoch + 1 == epochs):
+                _checkpoint(method, out, state, info, main)
+            if on_epoch is not None:
+                on_epoch(record)
+            if show:
+                _print_epoch(method, record, epochs)
+    finally:
+        if profiler is not None:
+            method.set_block_hook(None)
+        logs.close()
+    summary = _summary(method, data, info, state)
+    if plan.comm.world_size > 1:
+        summary["processes"] = plan.comm.world_size
+        steps = (epochs - state.start_epoch) * math.ceil(plan.n_train / plan.batch)
+        summary["communication"] = _communication(plan.comm, before, steps)
     if profiler is not None:
-        method.set_block_hook(None)
-    log_set.close()
-    accs = [h["test_accuracy"] for h in history if h["test_accuracy"] is not None]
-    epochs_run = len(history)
-    summary: dict[str, Any] = {
-        **{k: info[k] for k in ("method", "dataset", "model") if k in info},
-        "label": info.get("label", method.name),
-        "reporting_name": method.reporting_name or method.name,
-        "epochs": epochs,
-        "batch_size": effective_batch,
-        "seed": seed,
-        "preset": method.preset,
-        "hparams": method.hparams,
-        "loss": method.loss,
-        "split": data.split,
-        "sampling": sampling,
-        "test_accuracy": history[-1]["test_accuracy"] if history else None,
-        "best_test_accuracy": max(accs) if accs else None,
-        "train_loss": history[-1]["train_loss"] if history else None,
-        "test_loss": history[-1]["test_loss"] if history else None,
-        "train_seconds": train_seconds,
-        "seconds_per_epoch": train_seconds / epochs_run if epochs_run else None,
-        "peak_rss_mb": _peak_rss_mb(),
-        "history": [
-            {k: h[k] for k in ("epoch", "train_loss", "test_loss", "test_accuracy", "seconds")} for h in history
-        ],
-    }
-    if world > 1:
-        summary["processes"] = world
-        sent = {op: n - bytes_before.get(op, 0) for op, n in comm.bytes_sent.items()}
-        summary["communication"] = {
-            "steps": steps_run,
-            "bytes_sent": sent,
-            "calls": {op: n - calls_before.get(op, 0) for op, n in comm.calls.items()},
-            "bytes_per_step": {op: n / steps_run for op, n in sent.items()} if steps_run else {},
-            "note": "payload bytes this rank passed to each kind of call ('trainer': step-loss and evaluation "
-            "reductions, 'checkpoint': state gathered for the checkpoint); a ring all-reduce puts "
-            "2(R-1)/R times the payload on the wire per process",
-        }
-    if profiler is not None:
-        report = profiler.report(peaks=measure_matmul_peaks(device))
+        report = profiler.report(peaks=measure_matmul_peaks(method.device))
         summary["profile"] = {"method": method.name, "label": info.get("label", method.name), **report}
         if out is not None and main:
             atomic_write_json(out / PROFILE, summary["profile"])
@@ -437,38 +542,45 @@ def fit(
     return summary
 
 
-@dataclass
-class RunSpec:
-    """Plain settings of one training run (the options of ``liftkit train``)."""
+@dataclass(kw_only=True)
+class RunSettings:
+    """The settings a training run and a benchmark share: the common options of ``liftkit train`` and
+    ``liftkit bench`` (a bench passes them to each of its runs)."""
 
-    method: str
     dataset: str
     model: str
     activation: str = "relu"
     epochs: int = 5
     batch_size: int | None = None
     loss: str | None = None
-    seed: int = 0
-    hparams: dict[str, Any] = field(default_factory=dict)
     preset: str | None = None
+    seed: int = 0
     data_dir: str | None = None
-    out: str | None = None
-    resume: bool = False
     device: str = "cpu"
     dtype: str = "float32"
     split: str = "test"
     sampling: str = "shuffle"
     mean_subtract: bool = False
-    progress: bool | None = None
-    label: str | None = None
     threads: int | None = None
     checkpoint_every: int = 1
-    dist_timeout: float = DEFAULT_TIMEOUT_S
     profile: bool = False
     log: list[str] = field(default_factory=list)  # logger names: csv, tensorboard
-    log_dir: str | None = None  # default: out
+    log_dir: str | None = None  # default: the run's out directory
     log_every: int | None = None
     deterministic: bool = False
+
+
+@dataclass(kw_only=True)
+class RunSpec(RunSettings):
+    """Plain settings of one training run (the options of ``liftkit train``)."""
+
+    method: str
+    hparams: dict[str, Any] = field(default_factory=dict)
+    out: str | None = None
+    resume: bool = False
+    progress: bool | None = None
+    label: str | None = None
+    dist_timeout: float = DEFAULT_TIMEOUT_S
 
 
 def resolve_device(name: str) -> torch.device:
@@ -537,11 +649,12 @@ def _run(spec: RunSpec, device: torch.device, comm: Communicator) -> dict[str, A
         "dataset": spec.dataset,
         "model": str(model_spec),
         "activation": spec.activation,
+        "hparams_set": {k: list(v) if isinstance(v, tuple) else v for k, v in spec.hparams.items()},
         "device": str(device),
         "dtype": spec.dtype,
         "model_spec": dataclasses.asdict(model_spec),
     }
-    summary = fit(
+    return fit(
         method,
         data,
         epochs=spec.epochs,
@@ -561,13 +674,3 @@ def _run(spec: RunSpec, device: torch.device, comm: Communicator) -> dict[str, A
         log_every=spec.log_every,
         deterministic=spec.deterministic,
     )
-    if model_spec.is_autoencoder:
-        summary["test_accuracy"] = None
-        summary["best_test_accuracy"] = None
-    summary["activation"] = spec.activation
-    summary["hparams_set"] = {k: list(v) if isinstance(v, tuple) else v for k, v in spec.hparams.items()}
-    summary["dtype"] = spec.dtype
-    summary["device"] = str(device)
-    if spec.out is not None and comm.is_main:
-        atomic_write_json(Path(spec.out) / SUMMARY, summary)
-    return summary
