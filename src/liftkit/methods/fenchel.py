@@ -69,8 +69,8 @@ Training", AISTATS 2020, PMLR 108:3362–3371, arXiv 1811.08039; code ``beeperma
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -79,7 +79,9 @@ from torch import Tensor, nn
 
 from liftkit.activations import Activation
 from liftkit.methods.base import Method, MethodConfig, StepStats, register
-from liftkit.methods.fenchel_ops import LayerOperator, _gram64, _patch_matrix
+from liftkit.methods.fenchel_mm import SOLVE_DTYPES, KernelMM, gram, resolve_solve_dtype, spd_inverse
+from liftkit.methods.fenchel_ops import LayerOperator, _patch_matrix, box_fista
+from liftkit.methods.fenchel_ops import _gram64 as _gram64  # re-exported (its tests import it from here)
 from liftkit.models import as_chain
 from liftkit.solvers import projected_fista
 
@@ -139,7 +141,12 @@ class FenchelConfig(MethodConfig):
       or ``fista`` (plain accelerated gradient, step 1/L).
     * ``w_iters`` / ``w_tol``: per-block iteration cap; stop at ‖Δθ‖ <= w_tol‖θ‖ (``mm``, ``fista``) or at the
       gradient test above (``lbfgs``).
-    * ``power_iters``: power iterations for the operator norms in the FISTA steps (×1.05 safety).
+    * ``power_iters``: power iterations for the operator norms in the FISTA steps (×1.05 safety), from a fixed
+      start vector; ``power_iters_warm``: the iterations once the previous step's vector of the same layer is
+      known (it is kept with the method's state, so a resumed run takes the same steps).
+    * ``solve_dtype``: ``auto`` (float64 on the CPU, float32 on CUDA), ``float64`` or ``float32``: the dtype in
+      which the ``mm`` W-blocks factorise their data metric (:mod:`liftkit.methods.fenchel_mm`); products run in
+      the model's dtype either way.
     * ``monitor``: ``basic`` reports the relaxed objective after the step; ``full`` also reports it after each
       X-sweep (``relaxed_objective_after_x``, one more pass over the lifted layers per alternation).
     * ``init``: ``keep`` (default: train the model's own initial weights, so benchmarks are like for like) or
@@ -169,6 +176,8 @@ class FenchelConfig(MethodConfig):
     w_iters: int = 5
     w_tol: float = 1e-5
     power_iters: int = 20
+    power_iters_warm: int = 5
+    solve_dtype: str = "auto"
     init: str = "keep"
     monitor: str = "basic"
 
@@ -190,6 +199,8 @@ class FenchelConfig(MethodConfig):
         self._int_at_least("x_iters", 1)
         self._int_at_least("w_iters", 1)
         self._int_at_least("power_iters", 1)
+        self._int_at_least("power_iters_warm", 1)
+        self._choice("solve_dtype", SOLVE_DTYPES)
         self._choice("x_solver", X_SOLVERS)
         self._choice("w_solver", W_SOLVERS)
         self._choice("init", INITS)
@@ -206,6 +217,23 @@ def _per_layer(value: PerLayer, count: int, name: str, meaning: str) -> list[flo
             )
         return [float(v) for v in value]
     return [float(value)] * count
+
+
+@dataclass
+class _StepCache:
+    """What stays valid within one step (cleared at its start and end), keyed by the identity of X_l.
+
+    * ``preact``: l -> (X_l, weight version of layer l, 𝒜_l(X_l) + b_l): the forward pass fills it, the X-blocks
+      read their U_{l-1} from it, and the sample-space W-blocks refresh it at their new weights.
+    * ``metrics``: l -> (X_l, P̄, H⁻¹) of the primal ``mm`` W-blocks.
+    * ``kernels``: l -> (X_l, sample-space MM state) of the W-blocks that use it.
+    * ``w_solved``: the layers whose W-block has run in this step (their weights left the anchor).
+    """
+
+    preact: dict[int, tuple[Tensor, int, Tensor]] = field(default_factory=dict)
+    metrics: dict[int, tuple[Tensor, Tensor, Tensor]] = field(default_factory=dict)
+    kernels: dict[int, tuple[Tensor, KernelMM]] = field(default_factory=dict)
+    w_solved: set[int] = field(default_factory=set)
 
 
 @register
@@ -257,6 +285,10 @@ class Fenchel(Method):
         self.lbd_coef = _per_layer(c.lbd_coef, self.L, "lbd_coef", "one per layer after the first, output last")
         self._ops: list[LayerOperator] | None = None
         self._ops_key: tuple[int, ...] | None = None
+        self._cache: _StepCache | None = None
+        self._weight_version = [0] * (self.L + 1)
+        # the last power-iteration vector of each X-block's operator, the warm start of the next step's estimate
+        self._power_vectors: dict[int, Tensor] = {}
         if c.init == "official":
             self._official_init()
 
@@ -268,6 +300,21 @@ class Fenchel(Method):
                 "of a block through its inner products); use x_solver=fista or pgd under torchrun"
             )
         return None
+
+    # -- state ------------------------------------------------------------------------------------------------------
+    def extra_state(self) -> dict[str, Any]:
+        """The warm starts of the power iterations (so that a resumed run takes bit-identical steps)."""
+        return {"power_vectors": {str(l): v.detach().clone() for l, v in self._power_vectors.items()}}
+
+    def load_extra_state(self, state: Mapping[str, Any]) -> None:
+        vectors = state.get("power_vectors", {})
+        unknown = sorted(set(state) - {"power_vectors"})
+        if unknown:
+            raise ValueError(f"fenchel has no extra state {unknown}; expected only 'power_vectors'")
+        weight = self.chain[0].linear.weight
+        self._power_vectors = {
+            int(l): torch.as_tensor(v).to(device=weight.device, dtype=weight.dtype) for l, v in vectors.items()
+        }
 
     # -- setup ------------------------------------------------------------------------------------------------------
     def _official_init(self) -> None:
@@ -302,27 +349,40 @@ class Fenchel(Method):
     # -- the relaxed problem ---------------------------------------------------------------------------------------
     def lift(self, x: Tensor) -> list[Tensor]:
         """Forward initialisation ``[X_0, X_1, .., X_L]`` (X_l the stored input of layer l)."""
-        ops = self.operators(x)
+        self.operators(x)
         xs = [x]
         with torch.no_grad():
             for l in range(self.L):
-                xs.append(self._act(l).phi(ops[l].apply(xs[l])))
+                xs.append(self._act(l).phi(self._preact(l, xs)))
         return xs
+
+    def _preact(self, l: int, xs: Sequence[Tensor]) -> Tensor:
+        """U_l = 𝒜_l(X_l) + b_l at the current weights, from the step's cache where it is still valid."""
+        cache = self._cache
+        hit = None if cache is None else cache.preact.get(l)
+        if hit is not None and hit[0] is xs[l] and hit[1] == self._weight_version[l]:
+            return hit[2]
+        U = self.operators(xs[0])[l].apply(xs[l])
+        if cache is not None:
+            cache.preact[l] = (xs[l], self._weight_version[l], U)
+        return U
+
+    def _weights_changed(self, l: int) -> None:
+        """Invalidate the cached pre-activations of layer l (its weights were written)."""
+        self._weight_version[l] += 1
 
     def layer_penalties(self, xs: Sequence[Tensor]) -> list[float]:
         """Σ B_φ(U_l, X_{l+1}) for l < L (float64 sums; zero at the forward pass)."""
-        ops = self.operators(xs[0])
         with torch.no_grad():
-            return [self._act(l).penalty_sum(ops[l].apply(xs[l]), xs[l + 1]) for l in range(self.L)]
+            return [self._act(l).penalty_sum(self._preact(l, xs), xs[l + 1]) for l in range(self.L)]
 
     def relaxed_objective(self, xs: Sequence[Tensor], y: Tensor, penalties: Sequence[float] | None = None) -> float:
         """J(W, X) = Σ_l 2λ_l ΣB(U_l, X_{l+1}) + CE_sum (no anchor/ridge terms, no c_l): the lower bound.
 
         ``penalties`` may pass in :meth:`layer_penalties` already computed at the same point.
         """
-        ops = self.operators(xs[0])
         with torch.no_grad():
-            z = ops[self.L].apply(xs[self.L])
+            z = self._preact(self.L, xs)
             ce = float(tF.cross_entropy(z, y, reduction="sum").double())
         pens = self.layer_penalties(xs) if penalties is None else penalties
         return ce + sum(2.0 * lam * p for lam, p in zip(self.lambdas, pens))
@@ -350,8 +410,11 @@ class Fenchel(Method):
         lam_prev = self.lambdas[l - 1]
         coef = self.lbd_coef[l - 1]
         op = ops[l]
-        U_prev = ops[l - 1].apply(xs[l - 1])
-        norm = op.norm(self.config.power_iters)
+        U_prev = self._preact(l - 1, xs)
+        with self.block("power_iteration"):
+            start = self._power_vectors.get(l)
+            iters = self.config.power_iters if start is None else self.config.power_iters_warm
+            norm, self._power_vectors[l] = op.norm_and_vector(iters, start)
         if l == self.L:
 
             def grad(X: Tensor) -> Tensor:
@@ -382,6 +445,8 @@ class Fenchel(Method):
         y_onehot = tF.one_hot(y, self.chain[-1].linear.weight.shape[0]).to(xs[l].dtype)
         if c.x_solver == "scipy_lbfgsb":
             return self._x_block_lbfgsb(l, xs, y, act)
+        if c.x_solver == "fista" and act.name in ("relu", "hardtanh"):
+            return self._x_block_box_fista(l, xs, y_onehot)
         grad, lipschitz = self._x_block_parts(l, xs, y_onehot)
 
         def prox(v: Tensor, t: float) -> Tensor:
@@ -406,6 +471,37 @@ class Fenchel(Method):
             if done:
                 break
         return X, iters
+
+    def _x_block_box_fista(self, l: int, xs: list[Tensor], y_onehot: Tensor) -> tuple[Tensor, int]:
+        """Projected FISTA on the X_l block with the fused iteration of :func:`box_fista` (ReLU / hardtanh: F' is
+        the identity on the extension); the same iterates as the generic path up to rounding."""
+        c = self.config
+        act = self._act(l - 1)
+        op = self.operators(xs[0])[l]
+        _, lipschitz = self._x_block_parts(l, xs, y_onehot)
+        step = 1.0 / lipschitz
+        alpha = 2.0 * self.lambdas[l - 1] * step
+        coef = self.lbd_coef[l - 1]
+        if l == self.L:
+            scale = -step * coef
+
+            def descend_(out: Tensor, V: Tensor) -> None:
+                op.adjoint_add_(out, torch.softmax(op.apply(V), dim=1).sub_(y_onehot), scale)
+
+        else:
+            act_next, target = self._act(l), xs[l + 1]
+            scale = -step * 2.0 * coef * self.lambdas[l]
+
+            def descend_(out: Tensor, V: Tensor) -> None:
+                op.adjoint_add_(out, act_next.grad_u(op.apply(V), target), scale)
+
+        lo, hi = act.domain
+
+        def project_(X: Tensor) -> Tensor:
+            return X.clamp_(min=lo) if math.isinf(hi) else X.clamp_(lo, hi)
+
+        anchor = alpha * self._preact(l - 1, xs)
+        return box_fista(descend_, anchor, 1.0 - alpha, project_, xs[l], c.x_iters, c.x_tol, self._reduce)
 
     def _x_block_lbfgsb(self, l: int, xs: list[Tensor], y: Tensor, act: Activation) -> tuple[Tensor, int]:
         """The official X-solver: SciPy L-BFGS-B with the domain as bounds (float64 on the CPU)."""
@@ -486,16 +582,32 @@ class Fenchel(Method):
         """Minimise the (W_l, b_l) block in place (the layer's parameters); returns the iteration count."""
         c = self.config
         op = self.operators(xs[0])[l]
-        lin = op.linear
-        assert lin.bias is not None
         P = op.glue(xs[l])
         y_onehot = tF.one_hot(y, self.chain[-1].linear.weight.shape[0]).to(P.dtype)
-        value_grad = self._w_block_value_grad(l, P, xs, y_onehot, y, W0, b0)
-        if c.w_solver == "fista":
-            return self._w_block_fista(l, op, P, value_grad)
-        if c.w_solver == "mm":
-            target = None if l == self.L else xs[l + 1]
-            return self._w_block_mm(l, op, P, value_grad, W0, b0, target)
+        kernel = self._kernel_mm_state(l, op, P, xs, W0, b0) if c.w_solver == "mm" else None
+        if kernel is not None:
+            iters = self._w_block_kernel(l, kernel, xs, y_onehot)
+        else:
+            value_grad = self._w_block_value_grad(l, P, xs, y_onehot, y, W0, b0)
+            if c.w_solver == "fista":
+                iters = self._w_block_fista(l, op, P, value_grad)
+            elif c.w_solver == "mm":
+                target = None if l == self.L else xs[l + 1]
+                iters = self._w_block_mm(l, op, P, value_grad, W0, b0, target, xs[l])
+            else:
+                iters = self._w_block_lbfgs(op, value_grad)
+            self._weights_changed(l)
+        if self._cache is not None:
+            self._cache.w_solved.add(l)
+        return iters
+
+    def _w_block_lbfgs(
+        self, op: LayerOperator, value_grad: Callable[[Tensor, Tensor, bool], tuple[float, Tensor, Tensor]]
+    ) -> int:
+        """torch.optim.LBFGS on (W, b) (strong Wolfe, history 10), the §3.5 default W-solver."""
+        c = self.config
+        lin = op.linear
+        assert lin.bias is not None
         W = lin.weight.detach().clone().requires_grad_(True)
         b = lin.bias.detach().clone().requires_grad_(True)
         _, gW0, gb0 = value_grad(W.detach(), b.detach(), False)
@@ -517,6 +629,66 @@ class Fenchel(Method):
         with torch.no_grad():
             lin.weight.copy_(W.detach())
             lin.bias.copy_(b.detach())
+        return iters
+
+    def _kernel_mm_state(
+        self, l: int, op: LayerOperator, P: Tensor, xs: Sequence[Tensor], W0: Tensor, b0: Tensor
+    ) -> KernelMM | None:
+        """The sample-space MM state of the W-block of layer l, or ``None`` where the primal form applies.
+
+        The sample-space form (:mod:`liftkit.methods.fenchel_mm`) is used for a fully connected block with fewer
+        rows than inputs (m < fan-in + 1), a positive anchor and no ridge, in one process (its m × m kernel spans
+        the global batch), and while θ − θ⁰ lies in the row space of the current P̄: at the block's first solve
+        in a step (θ = θ⁰), and afterwards while X_l is unchanged (the first layer's input batch).
+        """
+        cache = self._cache
+        shift = 2.0 * self.rho_d[l]
+        if cache is None or op.is_conv or self._reduce is not None or self.config.rho != 0.0 or not shift > 0:
+            return None
+        rows, fan_in = P.reshape(-1, P.shape[-1]).shape
+        if rows >= fan_in + 1:
+            return None
+        hit = cache.kernels.get(l)
+        if hit is not None and hit[0] is xs[l]:
+            return hit[1]
+        if l in cache.w_solved:
+            return None  # θ moved on another P̄: θ − θ⁰ is not in this P̄'s row space
+        P2 = P.reshape(rows, fan_in)
+        P_bar = torch.cat([P2, torch.ones_like(P2[:, :1])], dim=1)
+        theta0 = torch.cat([W0.reshape(W0.shape[0], -1), b0[:, None]], dim=1)
+        curvature = 0.5 if l == self.L else 2.0 * self.lambdas[l] * self._act(l).kappa
+        U0 = self._preact(l, xs).reshape(rows, -1)  # P̄θ⁰ᵀ: the weights are still the anchor here
+        dtype = resolve_solve_dtype(self.config.solve_dtype, P.device)
+        with self.block("cholesky"):
+            state = KernelMM.build(P_bar, theta0, curvature, shift, dtype, U0=U0)
+        cache.kernels[l] = (xs[l], state)
+        return state
+
+    def _w_block_kernel(self, l: int, state: KernelMM, xs: Sequence[Tensor], y_onehot: Tensor) -> int:
+        """Run the sample-space MM of layer l's W-block and write the weights (see :meth:`_kernel_mm_state`)."""
+        c = self.config
+        lin = self.chain[l].linear
+        assert lin.bias is not None
+        if l == self.L:
+
+            def grad_u(U: Tensor) -> Tensor:
+                return torch.softmax(U, dim=1) - y_onehot
+
+        else:
+            act, weight = self._act(l), 2.0 * self.lambdas[l]
+            target = xs[l + 1].reshape(state.U0.shape)
+
+            def grad_u(U: Tensor) -> Tensor:
+                return weight * act.grad_u(U, target)
+
+        iters = state.solve(grad_u, c.w_iters, c.w_tol)
+        theta = state.theta()
+        with torch.no_grad():
+            lin.weight.copy_(theta[:, :-1].reshape(lin.weight.shape))
+            lin.bias.copy_(theta[:, -1])
+        self._weights_changed(l)
+        if self._cache is not None:  # the block's pre-activation at the new weights comes for free
+            self._cache.preact[l] = (xs[l], self._weight_version[l], state.U.reshape(xs[l].shape[0], -1))
         return iters
 
     def _w_block_fista(
@@ -544,10 +716,43 @@ class Fenchel(Method):
             lin.bias.copy_(theta[nW:])
         return iters
 
+    def _mm_metric(self, l: int, op: LayerOperator, P: Tensor, key: Tensor) -> tuple[Tensor, Tensor]:
+        """(P̄, H⁻¹) of the ``mm`` W-block of layer l, H = a·P̄ᵀP̄ + 2(ρ_d + ρ)I factorised in ``solve_dtype``.
+
+        Within a step both are kept while the block's input X_l (``key``, compared by identity) is unchanged:
+        the first layer's input batch never changes, so its Gram and factorisation are built once per step
+        whatever the number of alternations. The Gram of a tall (im2col) P̄ is accumulated in row chunks.
+        """
+        cache = self._cache
+        hit = None if cache is None else cache.metrics.get(l)
+        if hit is not None and hit[0] is key:
+            return hit[1], hit[2]
+        lin = op.linear
+        if isinstance(lin, nn.Conv2d):
+            P_bar = _patch_matrix(lin, P, with_ones=True)
+        else:
+            P2 = P.reshape(-1, P.shape[-1])
+            P_bar = torch.cat([P2, torch.ones_like(P2[:, :1])], dim=1)
+        curvature = 0.5 if l == self.L else 2.0 * self.lambdas[l] * self._act(l).kappa
+        dtype = resolve_solve_dtype(self.config.solve_dtype, P.device)
+        with self.block("gram"):
+            H = gram(P_bar, dtype).mul_(curvature)
+            if self._reduce is not None:
+                self._reduce(H)  # the Gram of the global batch (METHODS.md §7)
+        shift = 2.0 * (self.rho_d[l] + self.config.rho)
+        # without an anchor or ridge H can be singular; a relative jitter keeps the majorizer (it only grows H)
+        rel = 1e-10 if dtype == torch.float64 else 1e-6
+        H.diagonal().add_(shift if shift > 0 else rel * float(H.diagonal().mean()) + torch.finfo(dtype).tiny)
+        with self.block("cholesky"):
+            H_inv = spd_inverse(H, dtype).to(P.dtype)
+        if cache is not None:
+            cache.metrics[l] = (key, P_bar, H_inv)
+        return P_bar, H_inv
+
     def _w_block_mm(
         self, l: int, op: LayerOperator, P: Tensor,
         value_grad: Callable[[Tensor, Tensor, bool], tuple[float, Tensor, Tensor]],
-        W0: Tensor, b0: Tensor, target: Tensor | None,
+        W0: Tensor, b0: Tensor, target: Tensor | None, key: Tensor,
     ) -> int:
         """Accelerated majorize–minimize on θ = [W, b] in the data metric H = a·P̄ᵀP̄ + 2(ρ_d + ρ)I.
 
@@ -555,7 +760,8 @@ class Fenchel(Method):
         block, ½ for the CE block, whose logit Hessian is ⪯ ½I), so ``f(θ) <= f(v) + ⟨∇f(v), θ − v⟩ + ½‖θ − v‖²_H``
         and θ = v − ∇f(v)H⁻¹ minimises that bound: FISTA in the H-metric with unit step (gradient-based
         restart). P̄ = [P, 1] for Linear layers and the unfolded patches with a ones column for Conv2d. H⁻¹ is
-        formed once per block in float64 (O(p³), p = fan-in + 1) and applied in the working dtype.
+        formed in ``solve_dtype`` (O(p³), p = fan-in + 1) and applied in the working dtype; within a step it is
+        reused while X_l is unchanged (:meth:`_mm_metric`).
         """
         c = self.config
         lin = op.linear
@@ -564,26 +770,9 @@ class Fenchel(Method):
         last = l == self.L
         # Conv blocks run in the unfolded (im2col) form: U = P̄θᵀ row by row, ∇ = GᵀP̄ + 2ρ_d(θ − θ⁰) + 2ρ[W, 0];
         # two plain matmuls replace a conv2d / conv2d_weight pair per iteration (about 2x cheaper for conv1 on the
-        # CPU), and the Gram of the tall patch matrix is accumulated in chunks (10x cheaper than a float64 copy).
+        # CPU).
         matrix_form = isinstance(lin, nn.Conv2d) and not last
-        if isinstance(lin, nn.Conv2d):
-            P_bar = _patch_matrix(lin, P, with_ones=True)
-        else:
-            P2 = P.reshape(-1, P.shape[-1])
-            P_bar = torch.cat([P2, torch.ones_like(P2[:, :1])], dim=1)
-        curvature = 0.5 if last else 2.0 * self.lambdas[l] * self._act(l).kappa
-        if matrix_form:
-            H = curvature * _gram64(P_bar)
-        else:
-            P64 = P_bar.to(torch.float64)
-            H = curvature * (P64.T @ P64)
-            del P64
-        if self._reduce is not None:
-            self._reduce(H)  # the float64 Gram of the global batch (METHODS.md §7)
-        shift = 2.0 * (self.rho_d[l] + c.rho)
-        # without an anchor or ridge H can be singular; a relative jitter keeps the majorizer (it only grows H)
-        H.diagonal().add_(shift if shift > 0 else 1e-10 * float(H.diagonal().mean()) + 1e-300)
-        H_inv = torch.cholesky_inverse(torch.linalg.cholesky(H)).to(P.dtype)
+        P_bar, H_inv = self._mm_metric(l, op, P, key)
         shape_W = lin.weight.shape
 
         if matrix_form:
@@ -649,54 +838,32 @@ class Fenchel(Method):
         self._check_batch(x, y)
         x = x.to(device=self.device, dtype=self.dtype)
         y = y.to(self.device).long()
-        m = x.shape[0]
         self.model.train()
-        info: dict[str, float] = {}
-        with torch.no_grad():
-            xs = self.lift(x)
-            ops = self.operators(x)
-            loss = float(tF.cross_entropy(ops[self.L].apply(xs[self.L]), y))
-            anchors = [(layer.linear.weight.detach().clone(), layer.linear.bias.detach().clone())  # type: ignore[union-attr]
-                       for layer in self.chain]
-            x_iters = [0] * (self.L + 1)
-            w_iters = [0] * (self.L + 1)
-            relaxed_after_x = math.nan
-            for _ in range(self.config.alternations):
-                for l in range(self.L, 0, -1):
-                    xs[l], its = self.solve_x_block(l, xs, y)
-                    x_iters[l] += its
-                if self.config.monitor == "full":
-                    relaxed_after_x = self.relaxed_objective(xs, y)
-                    if self.comm.world_size > 1:
-                        relaxed_after_x = self.comm.sum_scalars(relaxed_after_x)[0]
-                for l in range(self.L + 1):
-                    W0, b0 = anchors[l]
-                    w_iters[l] += self.solve_w_block(l, xs, y, W0, b0)
-            pens = self.layer_penalties(xs)
-            if self.comm.world_size > 1:
-                # the objective terms of the global batch (one float64 all-reduce): they decide the divergence
-                # branch below, so every process must see the same numbers
-                m_global = self.global_batch_size(m)
-                ce = float(tF.cross_entropy(ops[self.L].apply(xs[self.L]), y, reduction="sum").double())
-                after_sum = float(tF.cross_entropy(self.model(x).reshape(m, -1), y, reduction="sum"))
-                ce, after_sum, *pens = self.comm.sum_scalars(ce, after_sum, *pens)
-                relaxed = ce + sum(2.0 * lam * p for lam, p in zip(self.lambdas, pens))
-                loss_after = after_sum / m_global
-                m = m_global
-            else:
-                relaxed = self.relaxed_objective(xs, y, pens)
-                loss_after = float(tF.cross_entropy(self.model(x).reshape(m, -1), y))
+        anchors = [(layer.linear.weight.detach().clone(), layer.linear.bias.detach().clone())  # type: ignore[union-attr]
+                   for layer in self.chain]
+        self._cache = _StepCache()
+        try:
+            with torch.no_grad():
+                with self.block("lift"):
+                    xs = self.lift(x)
+                    loss = float(tF.cross_entropy(self._preact(self.L, xs), y))
+                x_iters, w_iters, relaxed_after_x = self._sweeps(xs, y, anchors)
+                with self.block("monitor"):
+                    relaxed, loss_after, pens, m = self._objective_terms(xs, y)
+        finally:
+            self._cache = None
         if not (math.isfinite(relaxed) and math.isfinite(loss_after)):
             with torch.no_grad():
-                for layer, (W0, b0) in zip(self.chain, anchors):
+                for l, (layer, (W0, b0)) in enumerate(zip(self.chain, anchors)):
                     layer.linear.weight.copy_(W0)
                     layer.linear.bias.copy_(b0)  # type: ignore[union-attr]
+                    self._weights_changed(l)
             raise FloatingPointError(
                 "fenchel: the relaxed problem produced non-finite values (weights restored to the batch start); "
                 "increase rho_d or lower lbd_coef/lambdas"
             )
         self.steps_taken += 1
-        info["relaxed_objective"] = relaxed / m
+        info: dict[str, float] = {"relaxed_objective": relaxed / m}
         if self.config.monitor == "full":
             info["relaxed_objective_after_x"] = relaxed_after_x / m
         info["loss_after"] = loss_after
@@ -708,3 +875,50 @@ class Fenchel(Method):
             info[f"w_iters_l{l}"] = float(w_iters[l])
             info[f"w_norm_l{l}"] = float(self.chain[l].linear.weight.detach().norm())
         return StepStats(loss=loss, info=info)
+
+    def _sweeps(
+        self, xs: list[Tensor], y: Tensor, anchors: Sequence[tuple[Tensor, Tensor]]
+    ) -> tuple[list[int], list[int], float]:
+        """``alternations`` rounds of the backward X-sweep and the W-sweep; returns the iteration counts per
+        block and the relaxed objective after the last X-sweep (``monitor=full``, else NaN)."""
+        x_iters = [0] * (self.L + 1)
+        w_iters = [0] * (self.L + 1)
+        relaxed_after_x = math.nan
+        for _ in range(self.config.alternations):
+            for l in range(self.L, 0, -1):
+                with self.block(f"x_block[{l}]"):
+                    xs[l], its = self.solve_x_block(l, xs, y)
+                x_iters[l] += its
+            if self.config.monitor == "full":
+                relaxed_after_x = self.relaxed_objective(xs, y)
+                if self.comm.world_size > 1:
+                    relaxed_after_x = self.comm.sum_scalars(relaxed_after_x)[0]
+            for l in range(self.L + 1):
+                W0, b0 = anchors[l]
+                with self.block(f"w_block[{l}]"):
+                    w_iters[l] += self.solve_w_block(l, xs, y, W0, b0)
+        return x_iters, w_iters, relaxed_after_x
+
+    def _forward_logits(self, xs: Sequence[Tensor]) -> Tensor:
+        """The network's logits on the batch X_0 (a plain forward pass, reusing the cached U_0)."""
+        ops = self.operators(xs[0])
+        U = self._preact(0, xs)
+        for l in range(1, self.L + 1):
+            U = ops[l].apply(self._act(l - 1).phi(U))
+        return U.reshape(xs[0].shape[0], -1)
+
+    def _objective_terms(self, xs: Sequence[Tensor], y: Tensor) -> tuple[float, float, list[float], int]:
+        """(relaxed objective J, mean CE of the updated network, Σ B per layer, batch size) after the step, all
+        of the global batch in data-parallel mode (one float64 all-reduce): they decide the divergence branch of
+        :meth:`step`, so every process must see the same numbers."""
+        m = xs[0].shape[0]
+        pens = self.layer_penalties(xs)
+        if self.comm.world_size == 1:
+            relaxed = self.relaxed_objective(xs, y, pens)
+            return relaxed, float(tF.cross_entropy(self._forward_logits(xs), y)), pens, m
+        m_global = self.global_batch_size(m)
+        ce = float(tF.cross_entropy(self._preact(self.L, xs), y, reduction="sum").double())
+        after_sum = float(tF.cross_entropy(self._forward_logits(xs), y, reduction="sum"))
+        ce, after_sum, *pens = self.comm.sum_scalars(ce, after_sum, *pens)
+        relaxed = ce + sum(2.0 * lam * p for lam, p in zip(self.lambdas, pens))
+        return relaxed, after_sum / m_global, list(pens), m_global

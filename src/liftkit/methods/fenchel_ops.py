@@ -7,6 +7,8 @@ bias-free Linear or Conv2d; the lifted variable X_l is stored before the glue (L
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -15,10 +17,11 @@ import torch.nn.functional as tF
 from torch import Tensor, nn
 from torch.nn.grad import conv2d_input, conv2d_weight
 
+from liftkit.methods.fenchel_mm import gram
 from liftkit.models import ChainLayer
-from liftkit.solvers import spectral_norm, spectral_norm_op
+from liftkit.solvers import _start_vector, spectral_norm, spectral_norm_op, step_change_norms
 
-__all__ = ["LayerOperator"]
+__all__ = ["LayerOperator", "box_fista"]
 
 class LayerOperator:
     """The linear operator 𝒜 of one chain layer: its parameter-free glue, then the bias-free Linear/Conv2d.
@@ -89,16 +92,37 @@ class LayerOperator:
 
     def adjoint(self, G: Tensor) -> Tensor:
         """𝒜ᵀ(G) for G of the pre-activation's shape, returned in the stored layer input's shape."""
+        return self.glue_adjoint(self._linear_adjoint(G))
+
+    def _linear_adjoint(self, G: Tensor) -> Tensor:
         lin = self.linear
         W = lin.weight.detach()
-        batch = G.shape[0]
         if isinstance(lin, nn.Conv2d):
-            P = conv2d_input(
-                (batch, *self.glued_shape), W, G, lin.stride, lin.padding, lin.dilation, lin.groups
+            return conv2d_input(
+                (G.shape[0], *self.glued_shape), W, G, lin.stride, lin.padding, lin.dilation, lin.groups
             )
-        else:
-            P = G @ W
-        return self.glue_adjoint(P)
+        return G @ W
+
+    def adjoint_add_(self, out: Tensor, G: Tensor, alpha: float) -> Tensor:
+        """out += alpha·𝒜ᵀ(G), in place. Behind a plain 2×2 average pooling (LeNet-5) the pooled gradient is
+        added to every window by a broadcast view, without materialising the un-pooled adjoint."""
+        P = self._linear_adjoint(G)
+        if self._pool_then_flatten:
+            m, C, H, W = out.shape
+            pooled = P.reshape(m, C, H // 2, 1, W // 2, 1)
+            out.view(m, C, H // 2, 2, W // 2, 2).add_(pooled, alpha=0.25 * alpha)
+            return out
+        return out.add_(self.glue_adjoint(P), alpha=alpha)
+
+    @functools.cached_property
+    def _pool_then_flatten(self) -> bool:
+        """Whether the glue is one plain 2×2 average pooling of an even-sized image, optionally then flattened."""
+        pre = list(self.layer.pre)
+        if not pre or len(self.sample_shape) != 3:
+            return False
+        if len(pre) == 2 and not isinstance(pre[1], nn.Flatten):
+            return False
+        return len(pre) <= 2 and _is_pool2(pre[0], torch.empty((0, *self.sample_shape)))
 
     def weight_grad(self, P: Tensor, G: Tensor) -> tuple[Tensor, Tensor | None]:
         """Gradient of ⟨G, linear(P; W) + b⟩ in (W, b), for the glued input P."""
@@ -153,15 +177,27 @@ class LayerOperator:
 
     def norm(self, iters: int) -> float:
         """‖𝒜‖₂ per sample (the operator acts on each sample alike), by power iteration ×1.05."""
+        return self.norm_and_vector(iters)[0]
+
+    def norm_and_vector(self, iters: int, start: Tensor | None = None, safety: float = 1.05) -> tuple[float, Tensor]:
+        """‖𝒜‖₂ per sample by ``iters`` power iterations on 𝒜ᵀ𝒜 (×``safety``), and the last unit vector.
+
+        Without ``start`` the iteration begins at the fixed pseudo-random vector of
+        :func:`liftkit.solvers.spectral_norm_op` (and gives its estimate); with ``start`` (e.g. the previous
+        batch's vector, for weights that moved little) far fewer iterations reach the same accuracy. Power
+        iteration approaches ‖𝒜‖₂ from below, hence the safety factor.
+        """
         W = self.linear.weight
-        return spectral_norm_op(
-            lambda v: self.apply(v, with_bias=False),
-            self.adjoint,
-            (1, *self.sample_shape),
-            iters,
-            dtype=W.dtype,
-            device=W.device,
-        )
+        shape = (1, *self.sample_shape)
+        if start is None or tuple(start.shape) != shape:
+            start = _start_vector(shape, W.dtype, W.device)
+        v = start.to(device=W.device, dtype=W.dtype)
+        v = v / v.norm()
+        tiny = torch.finfo(v.dtype).tiny
+        for _ in range(iters):  # no host sync inside the loop; a zero operator drives v (and the norm) to 0
+            w = self.adjoint(self.apply(v, with_bias=False))
+            v = w / w.norm().clamp_min(tiny)
+        return float(self.apply(v, with_bias=False).norm()) * float(safety), v
 
 
 def _is_pool2(module: nn.Module, X: Tensor) -> bool:
@@ -234,17 +270,44 @@ def _patch_matrix(conv: nn.Conv2d, P: Tensor, with_ones: bool = False) -> Tensor
 
 
 def _gram64(A: Tensor, chunk: int = 16384) -> Tensor:
-    """AᵀA in float64 for a tall A: row chunks multiplied in A's dtype, accumulated in float64.
-
-    A float64 copy of LeNet-5's conv1 patch matrix (392 000 × 26) costs 10x more than this; each chunk's float32
-    Gram carries a relative error ~1e-7, far below the ρ_d shift that the Cholesky factor relies on.
-    """
-    G = torch.zeros((A.shape[1], A.shape[1]), dtype=torch.float64, device=A.device)
-    for start in range(0, A.shape[0], chunk):
-        block = A[start:start + chunk]
-        G += (block.T @ block).to(torch.float64)
-    return G
+    """AᵀA in float64 for a tall A: row chunks multiplied in A's dtype, accumulated in float64 (no float64 copy)."""
+    return gram(A, torch.float64, chunk=chunk)
 
 
 def _pair(v: Any) -> list[int]:
     return [int(v), int(v)] if isinstance(v, int) else [int(t) for t in v]
+
+
+def box_fista(
+    descend_: Callable[[Tensor, Tensor], None],
+    anchor: Tensor,
+    keep: float,
+    project_: Callable[[Tensor], Tensor],
+    x0: Tensor,
+    maxit: int,
+    tol: float,
+    sq_sum: Callable[[Tensor], Tensor] | None = None,
+) -> tuple[Tensor, int]:
+    r"""Projected FISTA for ``f(X) = (α/2t)‖X − U‖² + S(X)`` over a box, with the constant parts fused.
+
+    The X-blocks of ReLU / hardtanh layers have gradient ``2λ(X − U_prev) + ∇S(X)`` (F' is the identity on the
+    C¹ extension), so with step t = 1/L and α = 2λt the gradient step is
+    ``V − t∇f(V) = (1 − α)V + αU_prev − t∇S(V)``: ``anchor`` is αU_prev, ``keep`` is 1 − α and
+    ``descend_(out, V)`` adds −t∇S(V) into ``out`` in place. The iterates, momentum and stopping test
+    (‖ΔX‖ <= tol·‖X‖, norms summed by ``sq_sum`` over data-parallel processes) are those of
+    :func:`liftkit.solvers.projected_fista`, with fewer passes over X per iteration. Returns (X, iterations).
+    """
+    x, v, s, it = x0, x0, 1.0, 0
+    while it < maxit:
+        x_new = torch.add(anchor, v, alpha=keep)
+        descend_(x_new, v)
+        project_(x_new)
+        s_new = 0.5 * (1.0 + math.sqrt(1.0 + 4.0 * s * s))
+        dx = x_new - x
+        v = torch.add(x_new, dx, alpha=(s - 1.0) / s_new)
+        dnorm, xnorm = step_change_norms(dx, x, sq_sum)
+        x, s = x_new, s_new
+        it += 1
+        if dnorm <= tol * xnorm:
+            break
+    return x, it
