@@ -476,11 +476,13 @@ def test_kernel_w_block_matches_reference(l: int) -> None:
     assert torch.allclose(meth._preact(l, xs), U, atol=1e-10)
 
 
-def test_step_with_cached_blocks_equals_the_uncached_step(monkeypatch: pytest.MonkeyPatch) -> None:
-    # two alternations: the first layer reuses its sample-space state, the X-blocks read cached pre-activations
+@pytest.mark.parametrize("x_solver", ["fista", "scipy_lbfgsb"])
+def test_step_with_cached_blocks_equals_the_uncached_step(monkeypatch: pytest.MonkeyPatch, x_solver: str) -> None:
+    # two alternations: the first layer reuses its sample-space state and writes its weights only at the end of
+    # the sweeps, the X-blocks read cached pre-activations
     runs = []
     for cached in (True, False):
-        meth, x, y = _kernel_case(m=8, alternations=2, w_iters=7, x_iters=9)
+        meth, x, y = _kernel_case(m=8, alternations=2, w_iters=7, x_iters=9, x_solver=x_solver)
         if not cached:
             def preact(l: int, xs: list[torch.Tensor], m: Fenchel = meth) -> torch.Tensor:
                 return m.operators(xs[0])[l].apply(xs[l])

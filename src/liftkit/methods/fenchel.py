@@ -228,12 +228,14 @@ class _StepCache:
     * ``metrics``: l -> (X_l, P̄, H⁻¹) of the primal ``mm`` W-blocks.
     * ``kernels``: l -> (X_l, sample-space MM state) of the W-blocks that use it.
     * ``w_solved``: the layers whose W-block has run in this step (their weights left the anchor).
+    * ``pending``: l -> sample-space state whose weights are not yet written (``defer_write``).
     """
 
     preact: dict[int, tuple[Tensor, int, Tensor]] = field(default_factory=dict)
     metrics: dict[int, tuple[Tensor, Tensor, Tensor]] = field(default_factory=dict)
     kernels: dict[int, tuple[Tensor, KernelMM]] = field(default_factory=dict)
     w_solved: set[int] = field(default_factory=set)
+    pending: dict[int, KernelMM] = field(default_factory=dict)
 
 
 @register
@@ -289,6 +291,7 @@ class Fenchel(Method):
         self._weight_version = [0] * (self.L + 1)
         # the last power-iteration vector of each X-block's operator, the warm start of the next step's estimate
         self._power_vectors: dict[int, Tensor] = {}
+        self._patch_buffers: dict[int, Tensor] = {}
         if c.init == "official":
             self._official_init()
 
@@ -392,7 +395,7 @@ class Fenchel(Method):
         """Objective of the X_l block (1 <= l <= L) at X, others fixed at ``xs`` (float64 scalar tensor)."""
         ops = self.operators(xs[0])
         act = self._act(l - 1)
-        U_prev = ops[l - 1].apply(xs[l - 1])
+        U_prev = self._preact(l - 1, xs)
         value = 2.0 * self.lambdas[l - 1] * act.penalty(U_prev, X).sum(dtype=torch.float64)
         U = ops[l].apply(X)
         if l == self.L:
@@ -578,15 +581,21 @@ class Fenchel(Method):
 
         return value_grad
 
-    def solve_w_block(self, l: int, xs: Sequence[Tensor], y: Tensor, W0: Tensor, b0: Tensor) -> int:
-        """Minimise the (W_l, b_l) block in place (the layer's parameters); returns the iteration count."""
+    def solve_w_block(
+        self, l: int, xs: Sequence[Tensor], y: Tensor, W0: Tensor, b0: Tensor, *, defer_write: bool = False
+    ) -> int:
+        """Minimise the (W_l, b_l) block in place (the layer's parameters); returns the iteration count.
+
+        ``defer_write`` (the step's first layer, whose weights no X-block reads): a sample-space block keeps its
+        result as θ⁰ + CP̄ and writes it at :meth:`_flush_weights`, saving one product with P̄ per alternation.
+        """
         c = self.config
         op = self.operators(xs[0])[l]
         P = op.glue(xs[l])
         y_onehot = tF.one_hot(y, self.chain[-1].linear.weight.shape[0]).to(P.dtype)
         kernel = self._kernel_mm_state(l, op, P, xs, W0, b0) if c.w_solver == "mm" else None
         if kernel is not None:
-            iters = self._w_block_kernel(l, kernel, xs, y_onehot)
+            iters = self._w_block_kernel(l, kernel, xs, y_onehot, defer_write)
         else:
             value_grad = self._w_block_value_grad(l, P, xs, y_onehot, y, W0, b0)
             if c.w_solver == "fista":
@@ -664,7 +673,9 @@ class Fenchel(Method):
         cache.kernels[l] = (xs[l], state)
         return state
 
-    def _w_block_kernel(self, l: int, state: KernelMM, xs: Sequence[Tensor], y_onehot: Tensor) -> int:
+    def _w_block_kernel(
+        self, l: int, state: KernelMM, xs: Sequence[Tensor], y_onehot: Tensor, defer_write: bool = False
+    ) -> int:
         """Run the sample-space MM of layer l's W-block and write the weights (see :meth:`_kernel_mm_state`)."""
         c = self.config
         lin = self.chain[l].linear
@@ -682,14 +693,30 @@ class Fenchel(Method):
                 return weight * act.grad_u(U, target)
 
         iters = state.solve(grad_u, c.w_iters, c.w_tol)
+        self._weights_changed(l)
+        cache = self._cache
+        if cache is not None:  # the block's pre-activation at the new weights comes for free
+            cache.preact[l] = (xs[l], self._weight_version[l], state.U.reshape(xs[l].shape[0], -1))
+        if defer_write and cache is not None:
+            cache.pending[l] = state
+        else:
+            self._write_theta(l, state)
+        return iters
+
+    def _write_theta(self, l: int, state: KernelMM) -> None:
+        lin = self.chain[l].linear
+        assert lin.bias is not None
         theta = state.theta()
         with torch.no_grad():
             lin.weight.copy_(theta[:, :-1].reshape(lin.weight.shape))
             lin.bias.copy_(theta[:, -1])
-        self._weights_changed(l)
-        if self._cache is not None:  # the block's pre-activation at the new weights comes for free
-            self._cache.preact[l] = (xs[l], self._weight_version[l], state.U.reshape(xs[l].shape[0], -1))
-        return iters
+
+    def _flush_weights(self) -> None:
+        """Write the weights that sample-space W-blocks left pending (``defer_write``)."""
+        if self._cache is not None:
+            for l, state in self._cache.pending.items():
+                self._write_theta(l, state)
+            self._cache.pending.clear()
 
     def _w_block_fista(
         self, l: int, op: LayerOperator, P: Tensor,
@@ -729,7 +756,8 @@ class Fenchel(Method):
             return hit[1], hit[2]
         lin = op.linear
         if isinstance(lin, nn.Conv2d):
-            P_bar = _patch_matrix(lin, P, with_ones=True)
+            P_bar = _patch_matrix(lin, P, with_ones=True, out=self._patch_buffers.get(l))
+            self._patch_buffers[l] = P_bar  # scratch reused by the next step (not state)
         else:
             P2 = P.reshape(-1, P.shape[-1])
             P_bar = torch.cat([P2, torch.ones_like(P2[:, :1])], dim=1)
@@ -896,7 +924,9 @@ class Fenchel(Method):
             for l in range(self.L + 1):
                 W0, b0 = anchors[l]
                 with self.block(f"w_block[{l}]"):
-                    w_iters[l] += self.solve_w_block(l, xs, y, W0, b0)
+                    # no X-block reads the first layer's weights (only its pre-activation, which stays cached)
+                    w_iters[l] += self.solve_w_block(l, xs, y, W0, b0, defer_write=l == 0)
+        self._flush_weights()
         return x_iters, w_iters, relaxed_after_x
 
     def _forward_logits(self, xs: Sequence[Tensor]) -> Tensor:
