@@ -508,13 +508,15 @@ def test_cached_metric_equals_a_fresh_one_and_follows_x() -> None:
     xs = meth.lift(x)
     op = meth.operators(x)[1]
     meth._cache = _StepCache()
-    P_bar, H_inv = meth._mm_metric(1, op, op.glue(xs[1]), xs[1])
+    P_bar, precondition = meth._mm_metric(1, op, op.glue(xs[1]), xs[1])
     again = meth._mm_metric(1, op, op.glue(xs[1]), xs[1])
-    assert again[1] is H_inv  # reused while X_1 is the same tensor
+    assert again[1] is precondition  # reused while X_1 is the same tensor
+    H_inv = precondition(torch.eye(P_bar.shape[1], dtype=DT))
     dense = torch.linalg.inv(2.0 * P_bar.T @ P_bar + 2 * (0.5 + 0.1) * torch.eye(P_bar.shape[1], dtype=DT))
     assert torch.allclose(H_inv, dense, rtol=1e-10, atol=1e-12)
     X_new = xs[1] + 0.1
-    _, H_new = meth._mm_metric(1, op, op.glue(X_new), X_new)
+    _, precondition_new = meth._mm_metric(1, op, op.glue(X_new), X_new)
+    H_new = precondition_new(torch.eye(P_bar.shape[1], dtype=DT))
     P_new = torch.cat([X_new, torch.ones_like(X_new[:, :1])], 1)
     dense_new = torch.linalg.inv(2.0 * P_new.T @ P_new + 1.2 * torch.eye(P_new.shape[1], dtype=DT))
     assert torch.allclose(H_new, dense_new, rtol=1e-10, atol=1e-12)
@@ -603,3 +605,18 @@ def test_float32_solve_matches_float64() -> None:
         assert results["float32", case] == pytest.approx(results["float64", case], rel=1e-6)
     with pytest.raises(ValueError, match="solve_dtype"):
         Fenchel(mlp("6-7-3").to(DT), solve_dtype="float16")
+
+
+def test_metric_inverse_by_solves_equals_the_formed_inverse() -> None:
+    from liftkit.methods.fenchel_wblocks import _h_inverse_map
+
+    A = torch.randn(40, 30, dtype=DT)
+    H = A.T @ A + 0.5 * torch.eye(30, dtype=DT)
+    g = torch.randn(2, 30, dtype=DT)
+    by_solves = _h_inverse_map(H, DT, DT, rhs=2)  # few right-hand sides: triangular solves
+    formed = _h_inverse_map(H, DT, DT, rhs=100)
+    dense = g @ torch.linalg.inv(H)
+    assert torch.allclose(by_solves(g), dense, rtol=0, atol=1e-12)
+    assert torch.allclose(formed(g), dense, rtol=0, atol=1e-12)
+    as_float32 = _h_inverse_map(H, torch.float32, DT, rhs=2)(g)  # solve_dtype float32, products in float64
+    assert as_float32.dtype == DT and torch.allclose(as_float32, dense, rtol=1e-4, atol=1e-5)

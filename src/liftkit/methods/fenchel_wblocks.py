@@ -19,7 +19,7 @@ import torch.nn.functional as tF
 from torch import Tensor, nn
 
 from liftkit.activations import Activation
-from liftkit.methods.fenchel_mm import KernelMM, gram, resolve_solve_dtype, spd_inverse
+from liftkit.methods.fenchel_mm import KernelMM, gram, resolve_solve_dtype
 from liftkit.methods.fenchel_ops import LayerOperator, _patch_matrix
 from liftkit.models import ChainLayer
 from liftkit.solvers import projected_fista
@@ -37,17 +37,31 @@ class _StepCache:
 
     * ``preact``: l -> (X_l, weight version of layer l, 𝒜_l(X_l) + b_l): the forward pass fills it, the X-blocks
       read their U_{l-1} from it, and the sample-space W-blocks refresh it at their new weights.
-    * ``metrics``: l -> (X_l, P̄, H⁻¹) of the primal ``mm`` W-blocks.
+    * ``metrics``: l -> (X_l, P̄, g ↦ gH⁻¹) of the primal ``mm`` W-blocks.
     * ``kernels``: l -> (X_l, sample-space MM state) of the W-blocks that use it.
     * ``w_solved``: the layers whose W-block has run in this step (their weights left the anchor).
     * ``pending``: l -> sample-space state whose weights are not yet written (``defer_write``).
     """
 
     preact: dict[int, tuple[Tensor, int, Tensor]] = field(default_factory=dict)
-    metrics: dict[int, tuple[Tensor, Tensor, Tensor]] = field(default_factory=dict)
+    metrics: dict[int, tuple[Tensor, Tensor, Callable[[Tensor], Tensor]]] = field(default_factory=dict)
     kernels: dict[int, tuple[Tensor, KernelMM]] = field(default_factory=dict)
     w_solved: set[int] = field(default_factory=set)
     pending: dict[int, KernelMM] = field(default_factory=dict)
+
+
+def _h_inverse_map(H: Tensor, dtype: torch.dtype, work_dtype: torch.dtype, rhs: int) -> Callable[[Tensor], Tensor]:
+    """g ↦ gH⁻¹ for the SPD metric H, factorised by Cholesky in ``dtype``.
+
+    ``rhs`` is the number of rows g will have over the block's iterations (outputs × iterations): when it is far
+    below H's size (e.g. 10 classes against 301 inputs), two triangular solves per application cost less than
+    forming H⁻¹ (about p³ more work); otherwise H⁻¹ is formed once and applied by a product in ``work_dtype``.
+    """
+    factor = torch.linalg.cholesky(H.to(dtype))
+    if 3 * rhs < H.shape[0]:
+        return lambda g: torch.cholesky_solve(g.T.to(dtype), factor).T.to(work_dtype)
+    H_inv = torch.cholesky_inverse(factor).to(work_dtype)
+    return lambda g: g @ H_inv
 
 
 class FenchelWBlocks:
@@ -294,8 +308,10 @@ class FenchelWBlocks:
             lin.bias.copy_(theta[nW:])
         return iters
 
-    def _mm_metric(self, l: int, op: LayerOperator, P: Tensor, key: Tensor) -> tuple[Tensor, Tensor]:
-        """(P̄, H⁻¹) of the ``mm`` W-block of layer l, H = a·P̄ᵀP̄ + 2(ρ_d + ρ)I factorised in ``solve_dtype``.
+    def _mm_metric(
+        self, l: int, op: LayerOperator, P: Tensor, key: Tensor
+    ) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+        """(P̄, g ↦ gH⁻¹) of the ``mm`` W-block of layer l, H = a·P̄ᵀP̄ + 2(ρ_d + ρ)I factorised in ``solve_dtype``.
 
         Within a step both are kept while the block's input X_l (``key``, compared by identity) is unchanged:
         the first layer's input batch never changes, so its Gram and factorisation are built once per step
@@ -323,10 +339,10 @@ class FenchelWBlocks:
         rel = 1e-10 if dtype == torch.float64 else 1e-6
         H.diagonal().add_(shift if shift > 0 else rel * float(H.diagonal().mean()) + torch.finfo(dtype).tiny)
         with self.block("cholesky"):
-            H_inv = spd_inverse(H, dtype).to(P.dtype)
+            precondition = _h_inverse_map(H, dtype, P.dtype, op.linear.weight.shape[0] * self.config.w_iters)
         if cache is not None:
-            cache.metrics[l] = (key, P_bar, H_inv)
-        return P_bar, H_inv
+            cache.metrics[l] = (key, P_bar, precondition)
+        return P_bar, precondition
 
     def _w_block_mm(
         self, l: int, op: LayerOperator, P: Tensor,
@@ -351,7 +367,7 @@ class FenchelWBlocks:
         # two plain matmuls replace a conv2d / conv2d_weight pair per iteration (about 2x cheaper for conv1 on the
         # CPU).
         matrix_form = isinstance(lin, nn.Conv2d) and not last
-        P_bar, H_inv = self._mm_metric(l, op, P, key)
+        P_bar, precondition = self._mm_metric(l, op, P, key)
         shape_W = lin.weight.shape
 
         if matrix_form:
@@ -385,7 +401,7 @@ class FenchelWBlocks:
         iters = 0
         while iters < c.w_iters:
             g = grad(v)
-            theta_new = v - g @ H_inv
+            theta_new = v - precondition(g)
             iters += 1
             step = theta_new - theta
             if float((g * (theta_new - theta)).sum()) > 0:  # momentum points uphill: restart
