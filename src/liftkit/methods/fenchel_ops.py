@@ -71,7 +71,7 @@ class LayerOperator:
             if isinstance(module, nn.Flatten):
                 continue  # the reshape below restores every flattened shape at once
             G = G.reshape(batch, *out_shape)
-            if _is_pool2(module, torch.empty((0, *in_shape))):
+            if _is_pool2(module, torch.empty((0, *in_shape), device="meta")):
                 # adjoint of the 2×2 mean: each pooled value spread as ¼ over its window (strided writes)
                 quarter, G = 0.25 * G, G.new_empty((batch, *in_shape))
                 for i in (0, 1):
@@ -127,7 +127,7 @@ class LayerOperator:
             return False
         if len(pre) == 2 and not isinstance(pre[1], nn.Flatten):
             return False
-        return len(pre) <= 2 and _is_pool2(pre[0], torch.empty((0, *self.sample_shape)))
+        return len(pre) <= 2 and _is_pool2(pre[0], torch.empty((0, *self.sample_shape), device="meta"))
 
     def weight_grad(self, P: Tensor, G: Tensor) -> tuple[Tensor, Tensor | None]:
         """Gradient of ⟨G, linear(P; W) + b⟩ in (W, b), for the glued input P."""

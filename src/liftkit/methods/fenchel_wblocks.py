@@ -196,7 +196,7 @@ class FenchelWBlocks:
         def closure() -> Tensor:
             value, gW, gb = value_grad(W.detach(), b.detach(), True)
             W.grad, b.grad = gW, gb
-            return torch.tensor(value, dtype=torch.float64)
+            return torch.tensor(value, dtype=torch.float64, device=W.device)
 
         opt.step(closure)
         iters = int(opt.state[opt._params[0]].get("n_iter", 0))
