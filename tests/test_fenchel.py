@@ -581,7 +581,7 @@ def test_fused_x_fista_equals_generic_projected_fista(spec: str, activation: nn.
 
 
 def test_float32_solve_matches_float64() -> None:
-    from liftkit.methods.fenchel_mm import resolve_solve_dtype
+    from liftkit.solvers import resolve_solve_dtype
 
     assert resolve_solve_dtype("auto", "cpu") == torch.float64
     assert resolve_solve_dtype("auto", torch.device("cuda")) == torch.float32

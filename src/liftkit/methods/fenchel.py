@@ -90,13 +90,12 @@ from torch import Tensor, nn
 
 from liftkit.activations import Activation
 from liftkit.methods.base import Method, MethodConfig, StepStats, register
-from liftkit.methods.fenchel_mm import SOLVE_DTYPES
 from liftkit.methods.fenchel_ops import LayerOperator, box_fista
 from liftkit.methods.fenchel_ops import _gram64 as _gram64  # re-exported: tests import them from here
 from liftkit.methods.fenchel_ops import _patch_matrix as _patch_matrix
 from liftkit.methods.fenchel_wblocks import FenchelWBlocks, _StepCache
 from liftkit.models import as_chain
-from liftkit.solvers import projected_fista
+from liftkit.solvers import SOLVE_DTYPES, projected_fista
 
 __all__ = ["Fenchel", "FenchelConfig", "LayerOperator"]
 
@@ -310,7 +309,7 @@ class Fenchel(FenchelWBlocks, Method):
             raise ValueError(f"fenchel has no extra state {unknown}; expected only 'power_vectors'")
         weight = self.chain[0].linear.weight
         self._power_vectors = {
-            int(l): torch.as_tensor(v).to(device=weight.device, dtype=weight.dtype) for l, v in vectors.items()
+            int(l): torch.as_tensor(v, dtype=weight.dtype, device=weight.device) for l, v in vectors.items()
         }
 
     # -- setup ------------------------------------------------------------------------------------------------------

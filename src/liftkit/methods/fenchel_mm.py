@@ -25,10 +25,9 @@ when the batch has fewer rows than the layer has inputs (m < p, e.g. 500 MNIST i
 stays valid across alternations while P̄ is unchanged (the first layer's input batch), so its factorisation and
 its coordinates C are reused there.
 
-**Factorisation dtype.** ``solve_dtype`` (``float64`` | ``float32`` | ``auto``) is the dtype in which H or
-aK + sI is factorised: ``auto`` is float64 on the CPU (where the reference tests need it and float64 costs about
-twice float32) and float32 on CUDA (where float64 is slow on most cards). The inverse is then applied in the
-model's dtype.
+**Factorisation dtype.** The method's ``solve_dtype`` (``float64`` | ``float32`` | ``auto``, resolved by
+:func:`liftkit.solvers.resolve_solve_dtype`: ``auto`` is float64 on the CPU and float32 on CUDA) is the dtype in
+which H or aK + sI is factorised; the inverse is then applied in the model's dtype.
 """
 
 from __future__ import annotations
@@ -40,19 +39,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["SOLVE_DTYPES", "KernelMM", "gram", "resolve_solve_dtype", "spd_inverse"]
-
-SOLVE_DTYPES = ("auto", "float64", "float32")
-
-
-def resolve_solve_dtype(setting: str, device: torch.device | str) -> torch.dtype:
-    """The factorisation dtype for ``setting``: ``auto`` is float64 on the CPU and float32 on CUDA."""
-    if setting not in SOLVE_DTYPES:
-        raise ValueError(f"solve_dtype must be one of {', '.join(SOLVE_DTYPES)}, got {setting!r}")
-    if setting == "auto":
-        return torch.float32 if torch.device(device).type == "cuda" else torch.float64
-    return torch.float64 if setting == "float64" else torch.float32
-
+__all__ = ["KernelMM", "gram", "spd_inverse"]
 
 def gram(A: Tensor, dtype: torch.dtype, *, rows: bool = False, chunk: int = 16384) -> Tensor:
     """AᵀA (or AAᵀ with ``rows``) accumulated in ``dtype`` from products in A's own dtype.

@@ -19,10 +19,10 @@ import torch.nn.functional as tF
 from torch import Tensor, nn
 
 from liftkit.activations import Activation
-from liftkit.methods.fenchel_mm import KernelMM, gram, resolve_solve_dtype
+from liftkit.methods.fenchel_mm import KernelMM, gram
 from liftkit.methods.fenchel_ops import LayerOperator, _patch_matrix
 from liftkit.models import ChainLayer
-from liftkit.solvers import projected_fista
+from liftkit.solvers import projected_fista, resolve_solve_dtype
 
 if TYPE_CHECKING:
     from liftkit.distributed import Communicator
