@@ -86,6 +86,7 @@ DATABASE: tuple[MethodInfo, ...] = (
             _v(x_solver="pgd", w_solver="fista", id="pgd-fista"),
             _v(w_solver="lbfgs", alternations=1, monitor="full", id="lbfgs-full-monitor"),
             _v(rho_d=(1.0, 5.0), rho_d_output=None, lbd_coef=0.5, init="official", id="per-layer-official-init"),
+            _v(solve_dtype="float32", power_iters_warm=2, id="float32-solve"),
         ),
         (
             _bad(f"lambdas {_POSITIVE}", lambdas=-1.0),
@@ -98,6 +99,8 @@ DATABASE: tuple[MethodInfo, ...] = (
             _choice("w_solver", "adam"),
             _choice("init", "xavier"),
             _choice("monitor", "all"),
+            _choice("solve_dtype", "float16"),
+            _bad(f"power_iters_warm {_INT1}", power_iters_warm=0),
             _bad(r"rho_d has 4 values but this model needs 1 or 2 \(one per weight layer", rho_d=(1.0, 2.0, 3.0, 4.0)),
             _bad(r"lambdas has 3 values but this model needs 1 or 1", lambdas=(1.0, 2.0, 3.0)),
             _unknown("fenchel"),

@@ -12,7 +12,7 @@ import torch.nn.functional as tF
 from torch import nn
 
 from liftkit.methods import get
-from liftkit.methods.fenchel import Fenchel, LayerOperator
+from liftkit.methods.fenchel import Fenchel, LayerOperator, _StepCache
 from liftkit.models import as_chain, lenet5, mlp
 
 scipy_optimize = pytest.importorskip("scipy.optimize")
@@ -419,3 +419,204 @@ def test_fast_pool_glue_matches_avg_pool_and_its_adjoint() -> None:
                                  allowed_activations=("relu",))[1], (2, 7, 7))
     Y = torch.randn(2, 2, 7, 7, dtype=DT)
     assert torch.allclose(odd.glue(Y), tF.avg_pool2d(Y, 3).flatten(1), atol=1e-15)
+
+
+# -- cost-saving paths: sample-space W-blocks, cached metrics, warm power iterations, fused X-FISTA, solve dtype --
+def _kernel_case(m: int = 8, seed: int = 0, **hp) -> tuple[Fenchel, torch.Tensor, torch.Tensor]:
+    """A net whose first W-block has fewer samples than inputs (m < fan-in + 1): the sample-space form applies."""
+    return _tiny("20-7-3", m=m, seed=seed, **hp)
+
+
+def test_kernel_mm_iterates_equal_the_primal_mm_iterates() -> None:
+    from liftkit.methods.fenchel_mm import KernelMM
+
+    torch.manual_seed(1)
+    m, p, out, a, s = 9, 15, 4, 2.0, 0.6
+    P_bar = torch.cat([torch.rand(m, p - 1, dtype=DT), torch.ones(m, 1, dtype=DT)], 1)
+    theta0 = torch.randn(out, p, dtype=DT)
+    T = torch.relu(torch.randn(m, out, dtype=DT))
+
+    def grad_u(U: torch.Tensor) -> torch.Tensor:  # ReLU penalty: 2λ(relu(U) − T), λ = a/2
+        return a * (torch.relu(U) - T)
+
+    H_inv = torch.linalg.inv(a * P_bar.T @ P_bar + s * torch.eye(p, dtype=DT))
+    theta, v, t = theta0.clone(), theta0.clone(), 1.0
+    for _ in range(7):  # the primal FISTA-MM of Fenchel._w_block_mm, written out densely
+        g = grad_u(P_bar @ v.T).T @ P_bar + s * (v - theta0)
+        new = v - g @ H_inv
+        if float((g * (new - theta)).sum()) > 0:
+            t = 1.0
+        t_new = 0.5 * (1 + math.sqrt(1 + 4 * t * t))
+        v = new + ((t - 1) / t_new) * (new - theta)
+        theta, t = new, t_new
+    state = KernelMM.build(P_bar, theta0, a, s, DT)
+    assert state.solve(grad_u, 7, 0.0) == 7
+    assert torch.allclose(state.theta(), theta, rtol=0, atol=1e-11)
+    assert torch.allclose(state.U, P_bar @ theta.T, rtol=0, atol=1e-11)  # the tracked pre-activation
+
+
+@pytest.mark.parametrize("l", [0, 2])
+def test_kernel_w_block_matches_reference(l: int) -> None:
+    meth, x, y = _kernel_case(w_iters=3000, w_tol=1e-12, rho_d=(0.5, 0.2), rho_d_output=None)
+    if l == 2:
+        meth, x, y = _tiny("6-7-12-3", m=6, w_iters=3000, w_tol=1e-12, rho_d=0.4, rho_d_output=None)
+    xs = meth.lift(x)
+    for k in range(1, meth.L + 1):
+        xs[k] = xs[k] + 0.3 * torch.rand_like(xs[k])
+    lin = meth.chain[l].linear
+    W0, b0 = lin.weight.detach().clone(), lin.bias.detach().clone()
+    meth._cache = _StepCache()
+    meth.solve_w_block(l, xs, y, W0, b0)
+    assert l in {k for k, _ in meth._cache.kernels.items()}  # the sample-space form ran
+    f = float(meth.w_block_objective(l, xs, y, lin.weight.detach(), lin.bias.detach(), W0, b0))
+    f_ref = _w_reference(meth, l, xs, y, W0, b0)
+    assert abs(f - f_ref) <= 1e-6 * max(1.0, abs(f_ref)), (f, f_ref)
+    # the cached pre-activation at the new weights is the layer's actual one
+    U = meth.operators(x)[l].apply(xs[l])
+    assert torch.allclose(meth._preact(l, xs), U, atol=1e-10)
+
+
+@pytest.mark.parametrize("x_solver", ["fista", "scipy_lbfgsb"])
+def test_step_with_cached_blocks_equals_the_uncached_step(monkeypatch: pytest.MonkeyPatch, x_solver: str) -> None:
+    # two alternations: the first layer reuses its sample-space state and writes its weights only at the end of
+    # the sweeps, the X-blocks read cached pre-activations
+    runs = []
+    for cached in (True, False):
+        meth, x, y = _kernel_case(m=8, alternations=2, w_iters=7, x_iters=9, x_solver=x_solver)
+        if not cached:
+            def preact(l: int, xs: list[torch.Tensor], m: Fenchel = meth) -> torch.Tensor:
+                return m.operators(xs[0])[l].apply(xs[l])
+
+            def metric(l: int, op: LayerOperator, P: torch.Tensor, key: torch.Tensor, m: Fenchel = meth):
+                m._cache.metrics.clear()  # a fresh Gram and factorisation at every W-block
+                return Fenchel._mm_metric(m, l, op, P, key)
+
+            monkeypatch.setattr(meth, "_kernel_mm_state", lambda *a, **k: None)
+            monkeypatch.setattr(meth, "_preact", preact)
+            monkeypatch.setattr(meth, "_mm_metric", metric)
+        stats = meth.step(x, y)
+        runs.append(([p.detach().clone() for p in meth.model.parameters()], stats))
+    (params_a, stats_a), (params_b, stats_b) = runs
+    for p, q in zip(params_a, params_b):
+        assert torch.allclose(p, q, rtol=0, atol=1e-10)
+    assert stats_a.info["relaxed_objective"] == pytest.approx(stats_b.info["relaxed_objective"], rel=1e-10)
+    assert stats_a.info["loss_after"] == pytest.approx(stats_b.info["loss_after"], rel=1e-10)
+
+
+def test_cached_metric_equals_a_fresh_one_and_follows_x() -> None:
+    meth, x, _y = _tiny(rho_d=0.5, rho=0.1)
+    xs = meth.lift(x)
+    op = meth.operators(x)[1]
+    meth._cache = _StepCache()
+    P_bar, precondition = meth._mm_metric(1, op, op.glue(xs[1]), xs[1])
+    again = meth._mm_metric(1, op, op.glue(xs[1]), xs[1])
+    assert again[1] is precondition  # reused while X_1 is the same tensor
+    H_inv = precondition(torch.eye(P_bar.shape[1], dtype=DT))
+    dense = torch.linalg.inv(2.0 * P_bar.T @ P_bar + 2 * (0.5 + 0.1) * torch.eye(P_bar.shape[1], dtype=DT))
+    assert torch.allclose(H_inv, dense, rtol=1e-10, atol=1e-12)
+    X_new = xs[1] + 0.1
+    _, precondition_new = meth._mm_metric(1, op, op.glue(X_new), X_new)
+    H_new = precondition_new(torch.eye(P_bar.shape[1], dtype=DT))
+    P_new = torch.cat([X_new, torch.ones_like(X_new[:, :1])], 1)
+    dense_new = torch.linalg.inv(2.0 * P_new.T @ P_new + 1.2 * torch.eye(P_new.shape[1], dtype=DT))
+    assert torch.allclose(H_new, dense_new, rtol=1e-10, atol=1e-12)
+
+
+def test_warm_started_power_iteration_converges_to_the_dense_norm() -> None:
+    model = lenet5().to(DT)
+    chain = as_chain(model, method="fenchel", allow_conv=True, allowed_activations=("relu",))
+    for layer, shape in ((chain[1], (6, 28, 28)), (chain[3], (120,))):
+        op = LayerOperator(layer, shape)
+        _, v = op.norm_and_vector(20)
+        with torch.no_grad():  # the next batch's weights: a small move
+            layer.linear.weight.add_(0.02 * torch.randn_like(layer.linear.weight))
+        n_in = math.prod(shape)
+        basis = torch.eye(n_in, dtype=DT).reshape(n_in, *shape)
+        dense = op.apply(basis, with_bias=False).reshape(n_in, -1)  # row i = 𝒜(e_i)
+        sigma = float(torch.linalg.matrix_norm(dense, 2))
+        warm, _ = op.norm_and_vector(500, v, safety=1.0)
+        # the pooled conv's leading singular values are close together, so it converges slowly (from below)
+        assert warm == pytest.approx(sigma, rel=1e-6 if layer is chain[3] else 1e-3)
+        # from the previous batch's vector a few iterations are closer than as many from the cold start
+        warm5, cold5 = op.norm_and_vector(5, v, safety=1.0)[0], op.norm_and_vector(5, safety=1.0)[0]
+        assert cold5 <= warm5 <= sigma * (1 + 1e-12)
+
+
+def test_power_vectors_are_state_and_old_checkpoints_load() -> None:
+    meth, x, y = _tiny()
+    meth.step(x, y)
+    state = meth.state_dict()
+    assert sorted(state["extra"]["power_vectors"]) == ["1", "2"]
+    fresh = Fenchel(mlp("6-7-5-3").to(DT))
+    fresh.load_extra_state({})  # a checkpoint from before the warm starts: cold starts
+    assert fresh._power_vectors == {}
+    with pytest.raises(ValueError, match="power_vectors"):
+        fresh.load_extra_state({"moments": 1})
+
+
+@pytest.mark.parametrize("spec, activation", [("6-7-5-3", nn.ReLU()), ("6-7-5-3", nn.Hardtanh()), ("lenet5", None)])
+def test_fused_x_fista_equals_generic_projected_fista(spec: str, activation: nn.Module | None) -> None:
+    from liftkit.solvers import projected_fista
+
+    if spec == "lenet5":
+        meth, x, y = _tiny_lenet(m=2, x_iters=15, x_tol=1e-300)
+    else:
+        model = nn.Sequential(nn.Flatten(), nn.Linear(6, 7), activation, nn.Linear(7, 5), activation,
+                              nn.Linear(5, 3)).to(DT)
+        meth = Fenchel(model, x_iters=15, x_tol=1e-300, lbd_coef=(2.0, 0.5))
+        x, y = torch.randn(12, 6, dtype=DT), torch.randint(0, 3, (12,))
+    xs = meth.lift(x)
+    xs[meth.L] = xs[meth.L] + 0.3 * torch.rand_like(xs[meth.L])
+    Y = _onehot(meth, y)
+    for l in range(meth.L, 0, -1):
+        act = meth._act(l - 1)
+        meth._power_vectors.clear()  # the same (cold) step size on both paths
+        grad, lip = meth._x_block_parts(l, xs, Y)
+        ref, it_ref, _ = projected_fista(grad, lip, lambda v, t, a=act: a.project(v), xs[l], 15, 1e-300)
+        meth._power_vectors.clear()
+        X, its = meth.solve_x_block(l, xs, y)
+        assert its == it_ref == 15
+        assert torch.allclose(X, ref, rtol=0, atol=1e-12), (l, float((X - ref).abs().max()))
+        xs[l] = X
+
+
+def test_float32_solve_matches_float64() -> None:
+    from liftkit.solvers import resolve_solve_dtype
+
+    assert resolve_solve_dtype("auto", "cpu") == torch.float64
+    assert resolve_solve_dtype("auto", torch.device("cuda")) == torch.float32
+    assert resolve_solve_dtype("float32", "cpu") == torch.float32
+    results = {}
+    for dtype in ("float64", "float32"):
+        for case in ("primal", "kernel"):
+            if case == "primal":
+                meth, x, y = _tiny(w_iters=400, w_tol=1e-12, rho_d=0.3, solve_dtype=dtype)
+            else:
+                meth, x, y = _kernel_case(w_iters=400, w_tol=1e-12, rho_d=0.3, solve_dtype=dtype)
+            xs = meth.lift(x)
+            xs[1] = xs[1] + 0.3 * torch.rand_like(xs[1])
+            lin = meth.chain[0].linear
+            W0, b0 = lin.weight.detach().clone(), lin.bias.detach().clone()
+            meth._cache = _StepCache()
+            meth.solve_w_block(0, xs, y, W0, b0)
+            results[dtype, case] = float(meth.w_block_objective(0, xs, y, lin.weight.detach(), lin.bias.detach(),
+                                                                W0, b0))
+    for case in ("primal", "kernel"):
+        assert results["float32", case] == pytest.approx(results["float64", case], rel=1e-6)
+    with pytest.raises(ValueError, match="solve_dtype"):
+        Fenchel(mlp("6-7-3").to(DT), solve_dtype="float16")
+
+
+def test_metric_inverse_by_solves_equals_the_formed_inverse() -> None:
+    from liftkit.methods.fenchel_wblocks import _h_inverse_map
+
+    A = torch.randn(40, 30, dtype=DT)
+    H = A.T @ A + 0.5 * torch.eye(30, dtype=DT)
+    g = torch.randn(2, 30, dtype=DT)
+    by_solves = _h_inverse_map(H, DT, DT, rhs=2)  # few right-hand sides: triangular solves
+    formed = _h_inverse_map(H, DT, DT, rhs=100)
+    dense = g @ torch.linalg.inv(H)
+    assert torch.allclose(by_solves(g), dense, rtol=0, atol=1e-12)
+    assert torch.allclose(formed(g), dense, rtol=0, atol=1e-12)
+    as_float32 = _h_inverse_map(H, torch.float32, DT, rhs=2)(g)  # solve_dtype float32, products in float64
+    assert as_float32.dtype == DT and torch.allclose(as_float32, dense, rtol=1e-4, atol=1e-5)

@@ -51,11 +51,22 @@ Solvers (assumption, METHODS.md §3.5; the official code uses SciPy L-BFGS-B / L
   ``mm`` with 5 iterations, 92.9 % for ``lbfgs`` with 10 and 91.0 % for ``fista`` with 10, at roughly 1/2, 1 and
   1/3 of L-BFGS's time per epoch (docs/results/fenchel.md).
 
+Cost (none of this changes what a block solves beyond rounding): within a step, the forward pass's pre-activations
+feed the X-blocks' ``U_{l-1}`` and the final monitor; an ``mm`` metric and its factorisation are kept while the
+block's input X_l is unchanged (the first layer's input batch: once per step, not per alternation); a fully
+connected ``mm`` block with fewer samples than inputs runs in the sample space (:mod:`liftkit.methods.fenchel_mm`:
+the same iterates at one m × m × out product per iteration, and for the first layer valid across alternations,
+with its weights written once per step); the power iterations of the X-block steps start from the previous
+step's vectors (``power_iters_warm``; kept in :meth:`Fenchel.extra_state`); ReLU / hardtanh X-blocks use a fused
+projected FISTA (:func:`liftkit.methods.fenchel_ops.box_fista`). ``solve_dtype`` (``auto``: float64 on the CPU,
+float32 on CUDA) is the dtype of the ``mm`` factorisations; the products run in the model's dtype.
+
 Data parallelism (METHODS.md §7): the lifted X_l are per sample and stay on each process's shard; the X-blocks
 are column-separable given the replicated weights and step 1/L_x, so only the FISTA/PGD stopping norms are
-all-reduced. W-blocks: ``mm`` all-reduces the float64 Gram P̄ᵀP̄ once and the (W, b) data gradient at every
-iteration; ``fista`` the power iteration of ‖P̄‖₂ and the gradient; ``lbfgs`` the gradient and (float64) the
-value of every evaluation, so the line search takes the same decisions. The objective terms reported (and
+all-reduced. W-blocks: ``mm`` all-reduces the Gram P̄ᵀP̄ (in ``solve_dtype``) once and the (W, b) data gradient
+at every iteration (the sample-space form, whose m × m kernel spans the global batch, is single-process only);
+``fista`` the power iteration of ‖P̄‖₂ and the gradient; ``lbfgs`` the gradient and (float64) the value of every
+evaluation, so the line search takes the same decisions. The objective terms reported (and
 the divergence check) are all-reduced. ``x_solver=scipy_lbfgsb`` is single-process only.
 
 Hidden activations: ReLU (the paper's), and the other activations whose ``F`` is smooth with bounded curvature on a
@@ -69,19 +80,22 @@ Training", AISTATS 2020, PMLR 108:3362–3371, arXiv 1811.08039; code ``beeperma
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as tF
 from torch import Tensor, nn
-from torch.nn.grad import conv2d_input, conv2d_weight
 
 from liftkit.activations import Activation
 from liftkit.methods.base import Method, MethodConfig, StepStats, register
-from liftkit.models import ChainLayer, as_chain
-from liftkit.solvers import projected_fista, spectral_norm, spectral_norm_op
+from liftkit.methods.fenchel_ops import LayerOperator, box_fista
+from liftkit.methods.fenchel_ops import _gram64 as _gram64  # re-exported: tests import them from here
+from liftkit.methods.fenchel_ops import _patch_matrix as _patch_matrix
+from liftkit.methods.fenchel_wblocks import FenchelWBlocks, _StepCache
+from liftkit.models import as_chain
+from liftkit.solvers import SOLVE_DTYPES, projected_fista
 
 __all__ = ["Fenchel", "FenchelConfig", "LayerOperator"]
 
@@ -139,7 +153,12 @@ class FenchelConfig(MethodConfig):
       or ``fista`` (plain accelerated gradient, step 1/L).
     * ``w_iters`` / ``w_tol``: per-block iteration cap; stop at ‖Δθ‖ <= w_tol‖θ‖ (``mm``, ``fista``) or at the
       gradient test above (``lbfgs``).
-    * ``power_iters``: power iterations for the operator norms in the FISTA steps (×1.05 safety).
+    * ``power_iters``: power iterations for the operator norms in the FISTA steps (×1.05 safety), from a fixed
+      start vector; ``power_iters_warm``: the iterations once the previous step's vector of the same layer is
+      known (it is kept with the method's state, so a resumed run takes the same steps).
+    * ``solve_dtype``: ``auto`` (float64 on the CPU, float32 on CUDA), ``float64`` or ``float32``: the dtype in
+      which the ``mm`` W-blocks factorise their data metric (:mod:`liftkit.methods.fenchel_mm`); products run in
+      the model's dtype either way.
     * ``monitor``: ``basic`` reports the relaxed objective after the step; ``full`` also reports it after each
       X-sweep (``relaxed_objective_after_x``, one more pass over the lifted layers per alternation).
     * ``init``: ``keep`` (default: train the model's own initial weights, so benchmarks are like for like) or
@@ -169,6 +188,8 @@ class FenchelConfig(MethodConfig):
     w_iters: int = 5
     w_tol: float = 1e-5
     power_iters: int = 20
+    power_iters_warm: int = 5
+    solve_dtype: str = "auto"
     init: str = "keep"
     monitor: str = "basic"
 
@@ -190,6 +211,8 @@ class FenchelConfig(MethodConfig):
         self._int_at_least("x_iters", 1)
         self._int_at_least("w_iters", 1)
         self._int_at_least("power_iters", 1)
+        self._int_at_least("power_iters_warm", 1)
+        self._choice("solve_dtype", SOLVE_DTYPES)
         self._choice("x_solver", X_SOLVERS)
         self._choice("w_solver", W_SOLVERS)
         self._choice("init", INITS)
@@ -208,238 +231,8 @@ def _per_layer(value: PerLayer, count: int, name: str, meaning: str) -> list[flo
     return [float(value)] * count
 
 
-class LayerOperator:
-    """The linear operator 𝒜 of one chain layer: its parameter-free glue, then the bias-free Linear/Conv2d.
-
-    ``apply`` and ``adjoint`` satisfy ⟨𝒜X, V⟩ = ⟨X, 𝒜ᵀV⟩ (glue adjoints by autograd, Linear by ``G W``, Conv2d by
-    ``conv2d_input``); ``weight_grad`` gives the (W, b) gradient of ⟨G, 𝒜(X; W) + b⟩ from the glued input.
-    """
-
-    def __init__(self, layer: ChainLayer, sample_shape: Sequence[int]) -> None:
-        self.layer = layer
-        self.linear = layer.linear
-        self.sample_shape = tuple(int(s) for s in sample_shape)
-        if isinstance(self.linear, nn.Conv2d) and isinstance(self.linear.padding, str):
-            raise ValueError(
-                f"fenchel cannot train module {layer.index} (Conv2d with padding={self.linear.padding!r}); "
-                "give the padding as integers"
-            )
-        if isinstance(self.linear, nn.Conv2d) and self.linear.padding_mode != "zeros":
-            raise ValueError(
-                f"fenchel cannot train module {layer.index} (Conv2d with padding_mode="
-                f"{self.linear.padding_mode!r}); use padding_mode='zeros'"
-            )
-        # per-sample shapes entering and leaving every glue module (their adjoints need both)
-        self.glue_shapes: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
-        with torch.no_grad():
-            glued = torch.zeros((1, *self.sample_shape), dtype=self.linear.weight.dtype,
-                                device=self.linear.weight.device)
-            for module in layer.pre:
-                before = tuple(glued.shape[1:])
-                glued = module(glued)
-                self.glue_shapes.append((before, tuple(glued.shape[1:])))
-            self.glued_shape = tuple(glued.shape[1:])
-            self.out_shape = tuple(self.linear(glued).shape[1:])
-
-    @property
-    def is_conv(self) -> bool:
-        return isinstance(self.linear, nn.Conv2d)
-
-    def glue(self, X: Tensor) -> Tensor:
-        for module in self.layer.pre:
-            X = _pool2_sum(X) if _is_pool2(module, X) else module(X)
-        return X
-
-    def glue_adjoint(self, G: Tensor) -> Tensor:
-        batch = G.shape[0]
-        for module, (in_shape, out_shape) in zip(reversed(self.layer.pre), reversed(self.glue_shapes)):
-            if isinstance(module, nn.Flatten):
-                continue  # the reshape below restores every flattened shape at once
-            G = G.reshape(batch, *out_shape)
-            if _is_pool2(module, torch.empty((0, *in_shape), device=G.device)):
-                # adjoint of the 2×2 mean: each pooled value spread as ¼ over its window
-                G = (0.25 * G)[:, :, :, None, :, None].expand(*G.shape[:3], 2, G.shape[3], 2).reshape(batch, *in_shape)
-            else:
-                G = _module_adjoint(module, G, in_shape)
-        return G.reshape(batch, *self.sample_shape)
-
-    def linear_apply(self, P: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        lin = self.linear
-        if isinstance(lin, nn.Conv2d):
-            return tF.conv2d(P, weight, bias, lin.stride, lin.padding, lin.dilation, lin.groups)
-        return tF.linear(P, weight, bias)
-
-    def apply(self, X: Tensor, with_bias: bool = True) -> Tensor:
-        """𝒜(X) (+ b): the layer's pre-activation for the stored layer input X."""
-        bias = self.linear.bias.detach() if with_bias and self.linear.bias is not None else None
-        # the weights are constants of every X-block: no autograd graph through them
-        return self.linear_apply(self.glue(X), self.linear.weight.detach(), bias)
-
-    def adjoint(self, G: Tensor) -> Tensor:
-        """𝒜ᵀ(G) for G of the pre-activation's shape, returned in the stored layer input's shape."""
-        lin = self.linear
-        W = lin.weight.detach()
-        batch = G.shape[0]
-        if isinstance(lin, nn.Conv2d):
-            P = conv2d_input(
-                (batch, *self.glued_shape), W, G, lin.stride, lin.padding, lin.dilation, lin.groups
-            )
-        else:
-            P = G @ W
-        return self.glue_adjoint(P)
-
-    def weight_grad(self, P: Tensor, G: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Gradient of ⟨G, linear(P; W) + b⟩ in (W, b), for the glued input P."""
-        lin = self.linear
-        if isinstance(lin, nn.Conv2d):
-            gW = conv2d_weight(P, lin.weight.shape, G, lin.stride, lin.padding, lin.dilation,
-                                             lin.groups)
-            gb = G.sum(dim=(0, 2, 3)) if lin.bias is not None else None
-        else:
-            G2 = G.reshape(-1, G.shape[-1])
-            gW = G2.T @ P.reshape(-1, P.shape[-1])
-            gb = G2.sum(dim=0) if lin.bias is not None else None
-        return gW, gb
-
-    def data_norm(self, P: Tensor, iters: int, reduce: Callable[[Tensor], Tensor] | None = None) -> float:
-        """‖θ ↦ linear(P; θ)‖₂ for θ = (W, b) and the glued input P: the curvature scale of the W-blocks.
-
-        The map acts on every output channel alike, so its norm is that of one output channel: ‖[P, 1]‖₂ for a
-        Linear layer, the norm of the single-output-channel convolution with bias for a Conv2d (an upper bound
-        for grouped convolutions). ``reduce`` sums over data-parallel processes when P holds this process's
-        samples (the power iteration's adjoint and final norm are then all-reduced).
-        """
-        lin = self.linear
-        if isinstance(lin, nn.Conv2d):
-            kh, kw = lin.weight.shape[2:]
-            n_in = lin.in_channels
-            size = n_in * kh * kw
-
-            def apply(t: Tensor) -> Tensor:
-                w = t[:size].reshape(1, n_in, kh, kw)
-                return tF.conv2d(P, w, t[size:], lin.stride, lin.padding, lin.dilation)
-
-            def adjoint(g: Tensor) -> Tensor:
-                gw = conv2d_weight(P, (1, n_in, kh, kw), g, lin.stride, lin.padding, lin.dilation)
-                out = torch.cat([gw.reshape(-1), g.sum().reshape(1)])
-                return out if reduce is None else reduce(out)
-
-            return spectral_norm_op(
-                apply, adjoint, (size + 1,), iters, dtype=P.dtype, device=P.device, out_sum=reduce
-            )
-        P2 = P.reshape(-1, P.shape[-1])
-        P_bar = torch.cat([P2, torch.ones_like(P2[:, :1])], dim=1)
-        if reduce is None:
-            return spectral_norm(P_bar, iters)
-        return spectral_norm_op(
-            lambda v: P_bar @ v, lambda y: reduce(P_bar.T @ y), (P_bar.shape[1],), iters, dtype=P_bar.dtype,
-            device=P_bar.device, out_sum=reduce,
-        )
-
-    def bias_view(self, b: Tensor) -> Tensor:
-        return b.view(1, -1, 1, 1) if self.is_conv else b
-
-    def norm(self, iters: int) -> float:
-        """‖𝒜‖₂ per sample (the operator acts on each sample alike), by power iteration ×1.05."""
-        W = self.linear.weight
-        return spectral_norm_op(
-            lambda v: self.apply(v, with_bias=False),
-            self.adjoint,
-            (1, *self.sample_shape),
-            iters,
-            dtype=W.dtype,
-            device=W.device,
-        )
-
-
-def _is_pool2(module: nn.Module, X: Tensor) -> bool:
-    """Whether ``module`` is LeNet-5's plain 2×2 / stride-2 average pooling on even-sized 4-D input X."""
-    return (
-        isinstance(module, nn.AvgPool2d)
-        and _pair(module.kernel_size) == [2, 2]
-        and _pair(module.stride if module.stride is not None else module.kernel_size) == [2, 2]
-        and _pair(module.padding) == [0, 0]
-        and module.divisor_override is None
-        and X.ndim == 4
-        and X.shape[2] % 2 == 0
-        and X.shape[3] % 2 == 0
-    )
-
-
-def _pool2_sum(X: Tensor) -> Tensor:
-    """2×2 / stride-2 average pooling by strided slices: 2-3x faster than ``avg_pool2d`` on the CPU here."""
-    rows = X[:, :, 0::2] + X[:, :, 1::2]
-    return 0.25 * (rows[..., 0::2] + rows[..., 1::2])
-
-
-def _module_adjoint(module: nn.Module, G: Tensor, in_shape: tuple[int, ...]) -> Tensor:
-    """Adjoint of one linear, parameter-free glue module (exact: the module is linear).
-
-    Average pooling uses its backward kernel directly (the input values are never read, only its shape); other
-    glue goes through autograd at zero.
-    """
-    batch = G.shape[0]
-    if isinstance(module, nn.AvgPool2d):
-        shape_only = torch.zeros((), dtype=G.dtype, device=G.device).expand(batch, *in_shape)
-        return torch.ops.aten.avg_pool2d_backward(
-            G, shape_only, _pair(module.kernel_size),
-            _pair(module.stride if module.stride is not None else module.kernel_size), _pair(module.padding),
-            module.ceil_mode, module.count_include_pad, module.divisor_override,
-        )
-    with torch.enable_grad():
-        z = torch.zeros((batch, *in_shape), dtype=G.dtype, device=G.device, requires_grad=True)
-        (g,) = torch.autograd.grad(module(z), z, G)
-    return g
-
-
-def _patch_matrix(conv: nn.Conv2d, P: Tensor, with_ones: bool = False) -> Tensor:
-    """The im2col matrix of ``conv`` on P: one row per (sample, output position), columns in the (C, kh, kw)
-    order of ``weight.reshape(out, -1)``, so that ``conv(P; W)`` is ``patches @ W.reshape(out, -1).T``;
-    ``with_ones`` appends a ones column (for the bias) in the same single copy.
-
-    Built from strided views (zero padding first) rather than ``F.unfold``, which needs a second, transposing
-    copy and was 2-4x slower on the CPU for LeNet-5's shapes; ``F.unfold`` remains for dilated or grouped convs.
-    """
-    kh, kw = _pair(conv.kernel_size)
-    sh, sw = _pair(conv.stride)
-    ph, pw = _pair(conv.padding)
-    if tuple(_pair(conv.dilation)) != (1, 1) or conv.groups != 1:
-        patches = tF.unfold(P, (kh, kw), conv.dilation, (ph, pw), (sh, sw)).transpose(1, 2)
-        flat = patches.reshape(-1, patches.shape[2])
-        return torch.cat([flat, torch.ones_like(flat[:, :1])], dim=1) if with_ones else flat
-    if ph or pw:
-        P = tF.pad(P, (pw, pw, ph, ph))
-    windows = P.unfold(2, kh, sh).unfold(3, kw, sw).permute(0, 2, 3, 1, 4, 5)  # m, Ho, Wo, C, kh, kw
-    m, Ho, Wo, C = windows.shape[:4]
-    fan_in = C * kh * kw
-    if not with_ones:
-        return windows.reshape(-1, fan_in)
-    out = torch.empty((m * Ho * Wo, fan_in + 1), dtype=P.dtype, device=P.device)
-    out[:, fan_in] = 1.0
-    row = fan_in + 1
-    out.as_strided(windows.shape, (Ho * Wo * row, Wo * row, row, kh * kw, kw, 1)).copy_(windows)
-    return out
-
-
-def _gram64(A: Tensor, chunk: int = 16384) -> Tensor:
-    """AᵀA in float64 for a tall A: row chunks multiplied in A's dtype, accumulated in float64.
-
-    A float64 copy of LeNet-5's conv1 patch matrix (392 000 × 26) costs 10x more than this; each chunk's float32
-    Gram carries a relative error ~1e-7, far below the ρ_d shift that the Cholesky factor relies on.
-    """
-    G = torch.zeros((A.shape[1], A.shape[1]), dtype=torch.float64, device=A.device)
-    for start in range(0, A.shape[0], chunk):
-        block = A[start:start + chunk]
-        G += (block.T @ block).to(torch.float64)
-    return G
-
-
-def _pair(v: Any) -> list[int]:
-    return [int(v), int(v)] if isinstance(v, int) else [int(t) for t in v]
-
-
 @register
-class Fenchel(Method):
+class Fenchel(FenchelWBlocks, Method):
     """Fenchel lifted networks: block-coordinate descent on the Lagrange relaxation (see the module docstring)."""
 
     name = "fenchel"
@@ -487,6 +280,11 @@ class Fenchel(Method):
         self.lbd_coef = _per_layer(c.lbd_coef, self.L, "lbd_coef", "one per layer after the first, output last")
         self._ops: list[LayerOperator] | None = None
         self._ops_key: tuple[int, ...] | None = None
+        self._cache: _StepCache | None = None
+        self._weight_version = [0] * (self.L + 1)
+        # the last power-iteration vector of each X-block's operator, the warm start of the next step's estimate
+        self._power_vectors: dict[int, Tensor] = {}
+        self._patch_buffers: dict[int, Tensor] = {}
         if c.init == "official":
             self._official_init()
 
@@ -498,6 +296,21 @@ class Fenchel(Method):
                 "of a block through its inner products); use x_solver=fista or pgd under torchrun"
             )
         return None
+
+    # -- state ------------------------------------------------------------------------------------------------------
+    def extra_state(self) -> dict[str, Any]:
+        """The warm starts of the power iterations (so that a resumed run takes bit-identical steps)."""
+        return {"power_vectors": {str(l): v.detach().clone() for l, v in self._power_vectors.items()}}
+
+    def load_extra_state(self, state: Mapping[str, Any]) -> None:
+        vectors = state.get("power_vectors", {})
+        unknown = sorted(set(state) - {"power_vectors"})
+        if unknown:
+            raise ValueError(f"fenchel has no extra state {unknown}; expected only 'power_vectors'")
+        weight = self.chain[0].linear.weight
+        self._power_vectors = {
+            int(l): torch.as_tensor(v, dtype=weight.dtype, device=weight.device) for l, v in vectors.items()
+        }
 
     # -- setup ------------------------------------------------------------------------------------------------------
     def _official_init(self) -> None:
@@ -532,27 +345,40 @@ class Fenchel(Method):
     # -- the relaxed problem ---------------------------------------------------------------------------------------
     def lift(self, x: Tensor) -> list[Tensor]:
         """Forward initialisation ``[X_0, X_1, .., X_L]`` (X_l the stored input of layer l)."""
-        ops = self.operators(x)
+        self.operators(x)
         xs = [x]
         with torch.no_grad():
             for l in range(self.L):
-                xs.append(self._act(l).phi(ops[l].apply(xs[l])))
+                xs.append(self._act(l).phi(self._preact(l, xs)))
         return xs
+
+    def _preact(self, l: int, xs: Sequence[Tensor]) -> Tensor:
+        """U_l = 𝒜_l(X_l) + b_l at the current weights, from the step's cache where it is still valid."""
+        cache = self._cache
+        hit = None if cache is None else cache.preact.get(l)
+        if hit is not None and hit[0] is xs[l] and hit[1] == self._weight_version[l]:
+            return hit[2]
+        U = self.operators(xs[0])[l].apply(xs[l])
+        if cache is not None:
+            cache.preact[l] = (xs[l], self._weight_version[l], U)
+        return U
+
+    def _weights_changed(self, l: int) -> None:
+        """Invalidate the cached pre-activations of layer l (its weights were written)."""
+        self._weight_version[l] += 1
 
     def layer_penalties(self, xs: Sequence[Tensor]) -> list[float]:
         """Σ B_φ(U_l, X_{l+1}) for l < L (float64 sums; zero at the forward pass)."""
-        ops = self.operators(xs[0])
         with torch.no_grad():
-            return [self._act(l).penalty_sum(ops[l].apply(xs[l]), xs[l + 1]) for l in range(self.L)]
+            return [self._act(l).penalty_sum(self._preact(l, xs), xs[l + 1]) for l in range(self.L)]
 
     def relaxed_objective(self, xs: Sequence[Tensor], y: Tensor, penalties: Sequence[float] | None = None) -> float:
         """J(W, X) = Σ_l 2λ_l ΣB(U_l, X_{l+1}) + CE_sum (no anchor/ridge terms, no c_l): the lower bound.
 
         ``penalties`` may pass in :meth:`layer_penalties` already computed at the same point.
         """
-        ops = self.operators(xs[0])
         with torch.no_grad():
-            z = ops[self.L].apply(xs[self.L])
+            z = self._preact(self.L, xs)
             ce = float(tF.cross_entropy(z, y, reduction="sum").double())
         pens = self.layer_penalties(xs) if penalties is None else penalties
         return ce + sum(2.0 * lam * p for lam, p in zip(self.lambdas, pens))
@@ -562,7 +388,7 @@ class Fenchel(Method):
         """Objective of the X_l block (1 <= l <= L) at X, others fixed at ``xs`` (float64 scalar tensor)."""
         ops = self.operators(xs[0])
         act = self._act(l - 1)
-        U_prev = ops[l - 1].apply(xs[l - 1])
+        U_prev = self._preact(l - 1, xs)
         value = 2.0 * self.lambdas[l - 1] * act.penalty(U_prev, X).sum(dtype=torch.float64)
         U = ops[l].apply(X)
         if l == self.L:
@@ -580,8 +406,11 @@ class Fenchel(Method):
         lam_prev = self.lambdas[l - 1]
         coef = self.lbd_coef[l - 1]
         op = ops[l]
-        U_prev = ops[l - 1].apply(xs[l - 1])
-        norm = op.norm(self.config.power_iters)
+        U_prev = self._preact(l - 1, xs)
+        with self.block("power_iteration"):
+            start = self._power_vectors.get(l)
+            iters = self.config.power_iters if start is None else self.config.power_iters_warm
+            norm, self._power_vectors[l] = op.norm_and_vector(iters, start)
         if l == self.L:
 
             def grad(X: Tensor) -> Tensor:
@@ -612,6 +441,8 @@ class Fenchel(Method):
         y_onehot = tF.one_hot(y, self.chain[-1].linear.weight.shape[0]).to(xs[l].dtype)
         if c.x_solver == "scipy_lbfgsb":
             return self._x_block_lbfgsb(l, xs, y, act)
+        if c.x_solver == "fista" and act.name in ("relu", "hardtanh"):
+            return self._x_block_box_fista(l, xs, y_onehot)
         grad, lipschitz = self._x_block_parts(l, xs, y_onehot)
 
         def prox(v: Tensor, t: float) -> Tensor:
@@ -637,6 +468,37 @@ class Fenchel(Method):
                 break
         return X, iters
 
+    def _x_block_box_fista(self, l: int, xs: list[Tensor], y_onehot: Tensor) -> tuple[Tensor, int]:
+        """Projected FISTA on the X_l block with the fused iteration of :func:`box_fista` (ReLU / hardtanh: F' is
+        the identity on the extension); the same iterates as the generic path up to rounding."""
+        c = self.config
+        act = self._act(l - 1)
+        op = self.operators(xs[0])[l]
+        _, lipschitz = self._x_block_parts(l, xs, y_onehot)
+        step = 1.0 / lipschitz
+        alpha = 2.0 * self.lambdas[l - 1] * step
+        coef = self.lbd_coef[l - 1]
+        if l == self.L:
+            scale = -step * coef
+
+            def descend_(out: Tensor, V: Tensor) -> None:
+                op.adjoint_add_(out, torch.softmax(op.apply(V), dim=1).sub_(y_onehot), scale)
+
+        else:
+            act_next, target = self._act(l), xs[l + 1]
+            scale = -step * 2.0 * coef * self.lambdas[l]
+
+            def descend_(out: Tensor, V: Tensor) -> None:
+                op.adjoint_add_(out, act_next.grad_u(op.apply(V), target), scale)
+
+        lo, hi = act.domain
+
+        def project_(X: Tensor) -> Tensor:
+            return X.clamp_(min=lo) if math.isinf(hi) else X.clamp_(lo, hi)
+
+        anchor = alpha * self._preact(l - 1, xs)
+        return box_fista(descend_, anchor, 1.0 - alpha, project_, xs[l], c.x_iters, c.x_tol, self._reduce)
+
     def _x_block_lbfgsb(self, l: int, xs: list[Tensor], y: Tensor, act: Activation) -> tuple[Tensor, int]:
         """The official X-solver: SciPy L-BFGS-B with the domain as bounds (float64 on the CPU)."""
         import numpy as np
@@ -659,210 +521,6 @@ class Fenchel(Method):
         X = torch.from_numpy(res.x).to(device=device, dtype=dtype).reshape(shape)
         return act.project(X), int(res.nit)
 
-    # W-blocks -------------------------------------------------------------------------------------------------
-    def w_block_objective(
-        self, l: int, xs: Sequence[Tensor], y: Tensor, W: Tensor, b: Tensor, W0: Tensor, b0: Tensor
-    ) -> Tensor:
-        """Objective of the (W_l, b_l) block at (W, b) with anchor (W0, b0) (float64 scalar tensor)."""
-        op = self.operators(xs[0])[l]
-        U = op.linear_apply(op.glue(xs[l]), W, b)
-        if l == self.L:
-            data = tF.cross_entropy(U, y, reduction="sum").double()
-        else:
-            data = 2.0 * self.lambdas[l] * self._act(l).penalty(U, xs[l + 1]).sum(dtype=torch.float64)
-        prox = self.rho_d[l] * ((W - W0).pow(2).sum() + (b - b0).pow(2).sum()) + self.config.rho * W.pow(2).sum()
-        return data + prox.double()
-
-    def _w_block_value_grad(
-        self, l: int, P: Tensor, xs: Sequence[Tensor], y_onehot: Tensor, y: Tensor, W0: Tensor, b0: Tensor
-    ) -> Callable[[Tensor, Tensor, bool], tuple[float, Tensor, Tensor]]:
-        op = self.operators(xs[0])[l]
-        rho_d, rho = self.rho_d[l], self.config.rho
-        last = l == self.L
-        act = None if last else self._act(l)
-        lam = 0.0 if last else self.lambdas[l]
-        target = None if last else xs[l + 1]
-        reduce = self._reduce
-
-        def value_grad(W: Tensor, b: Tensor, need_value: bool = True) -> tuple[float, Tensor, Tensor]:
-            U = op.linear_apply(P, W, b)
-            value = math.nan
-            if act is None:
-                if need_value:
-                    value = float(tF.cross_entropy(U, y, reduction="sum").double())
-                G = torch.softmax(U, dim=1) - y_onehot
-            else:
-                assert target is not None
-                if need_value:
-                    value = 2.0 * lam * float(act.penalty(U, target).sum(dtype=torch.float64))
-                G = (2.0 * lam) * act.grad_u(U, target)
-            gW, gb = op.weight_grad(P, G)
-            assert gb is not None
-            if reduce is not None:
-                # the data term's (W, b) gradient is a sum over samples: one all-reduce per evaluation, and the
-                # value (L-BFGS only) a float64 scalar one
-                flat = reduce(torch.cat([gW.reshape(-1), gb.reshape(-1)]))
-                gW, gb = flat[: gW.numel()].view_as(gW), flat[gW.numel():].view_as(gb)
-                if need_value:
-                    value = self.comm.sum_scalars(value)[0]
-            dW, db = W - W0, b - b0
-            if need_value:
-                value += rho_d * (float(dW.pow(2).sum()) + float(db.pow(2).sum())) + rho * float(W.pow(2).sum())
-            return value, gW + (2.0 * rho_d) * dW + (2.0 * rho) * W, gb + (2.0 * rho_d) * db
-
-        return value_grad
-
-    def solve_w_block(self, l: int, xs: Sequence[Tensor], y: Tensor, W0: Tensor, b0: Tensor) -> int:
-        """Minimise the (W_l, b_l) block in place (the layer's parameters); returns the iteration count."""
-        c = self.config
-        op = self.operators(xs[0])[l]
-        lin = op.linear
-        assert lin.bias is not None
-        P = op.glue(xs[l])
-        y_onehot = tF.one_hot(y, self.chain[-1].linear.weight.shape[0]).to(P.dtype)
-        value_grad = self._w_block_value_grad(l, P, xs, y_onehot, y, W0, b0)
-        if c.w_solver == "fista":
-            return self._w_block_fista(l, op, P, value_grad)
-        if c.w_solver == "mm":
-            target = None if l == self.L else xs[l + 1]
-            return self._w_block_mm(l, op, P, value_grad, W0, b0, target)
-        W = lin.weight.detach().clone().requires_grad_(True)
-        b = lin.bias.detach().clone().requires_grad_(True)
-        _, gW0, gb0 = value_grad(W.detach(), b.detach(), False)
-        g0 = max(float(gW0.abs().max()), float(gb0.abs().max()))
-        if g0 <= c.w_tol * max(1.0, g0):
-            return 0
-        opt = torch.optim.LBFGS(
-            [W, b], lr=1.0, max_iter=c.w_iters, history_size=10, line_search_fn="strong_wolfe",
-            tolerance_grad=c.w_tol * max(1.0, g0), tolerance_change=1e-12,
-        )
-
-        def closure() -> Tensor:
-            value, gW, gb = value_grad(W.detach(), b.detach(), True)
-            W.grad, b.grad = gW, gb
-            return torch.tensor(value, dtype=torch.float64, device=W.device)
-
-        opt.step(closure)
-        iters = int(opt.state[opt._params[0]].get("n_iter", 0))
-        with torch.no_grad():
-            lin.weight.copy_(W.detach())
-            lin.bias.copy_(b.detach())
-        return iters
-
-    def _w_block_fista(
-        self, l: int, op: LayerOperator, P: Tensor,
-        value_grad: Callable[[Tensor, Tensor, bool], tuple[float, Tensor, Tensor]],
-    ) -> int:
-        """Accelerated gradient on (W, b) with step 1/L, L = curvature·‖[P, 1]‖₂² + 2ρ_d + 2ρ."""
-        c = self.config
-        lin = op.linear
-        assert lin.bias is not None
-        nW = lin.weight.numel()
-        shape_W = lin.weight.shape
-        data_norm = op.data_norm(P, c.power_iters, self._reduce)
-        curvature = 0.5 if l == self.L else 2.0 * self.lambdas[l] * self._act(l).kappa
-        lipschitz = curvature * data_norm**2 + 2.0 * self.rho_d[l] + 2.0 * c.rho
-
-        def grad(t: Tensor) -> Tensor:
-            _, gW, gb = value_grad(t[:nW].reshape(shape_W), t[nW:], False)
-            return torch.cat([gW.reshape(-1), gb])
-
-        theta0 = torch.cat([lin.weight.detach().reshape(-1), lin.bias.detach()])
-        theta, iters, _ = projected_fista(grad, lipschitz, lambda v, t: v, theta0, c.w_iters, c.w_tol)
-        with torch.no_grad():
-            lin.weight.copy_(theta[:nW].reshape(shape_W))
-            lin.bias.copy_(theta[nW:])
-        return iters
-
-    def _w_block_mm(
-        self, l: int, op: LayerOperator, P: Tensor,
-        value_grad: Callable[[Tensor, Tensor, bool], tuple[float, Tensor, Tensor]],
-        W0: Tensor, b0: Tensor, target: Tensor | None,
-    ) -> int:
-        """Accelerated majorize–minimize on θ = [W, b] in the data metric H = a·P̄ᵀP̄ + 2(ρ_d + ρ)I.
-
-        Every row θ_j of the block has a data-term Hessian P̄ᵀ D_j P̄ with 0 ⪯ D_j ⪯ a·I (a = 2λ_lκ for a penalty
-        block, ½ for the CE block, whose logit Hessian is ⪯ ½I), so ``f(θ) <= f(v) + ⟨∇f(v), θ − v⟩ + ½‖θ − v‖²_H``
-        and θ = v − ∇f(v)H⁻¹ minimises that bound: FISTA in the H-metric with unit step (gradient-based
-        restart). P̄ = [P, 1] for Linear layers and the unfolded patches with a ones column for Conv2d. H⁻¹ is
-        formed once per block in float64 (O(p³), p = fan-in + 1) and applied in the working dtype.
-        """
-        c = self.config
-        lin = op.linear
-        assert lin.bias is not None
-        out = lin.weight.shape[0]
-        last = l == self.L
-        # Conv blocks run in the unfolded (im2col) form: U = P̄θᵀ row by row, ∇ = GᵀP̄ + 2ρ_d(θ − θ⁰) + 2ρ[W, 0];
-        # two plain matmuls replace a conv2d / conv2d_weight pair per iteration (about 2x cheaper for conv1 on the
-        # CPU), and the Gram of the tall patch matrix is accumulated in chunks (10x cheaper than a float64 copy).
-        matrix_form = isinstance(lin, nn.Conv2d) and not last
-        if isinstance(lin, nn.Conv2d):
-            P_bar = _patch_matrix(lin, P, with_ones=True)
-        else:
-            P2 = P.reshape(-1, P.shape[-1])
-            P_bar = torch.cat([P2, torch.ones_like(P2[:, :1])], dim=1)
-        curvature = 0.5 if last else 2.0 * self.lambdas[l] * self._act(l).kappa
-        if matrix_form:
-            H = curvature * _gram64(P_bar)
-        else:
-            P64 = P_bar.to(torch.float64)
-            H = curvature * (P64.T @ P64)
-            del P64
-        if self._reduce is not None:
-            self._reduce(H)  # the float64 Gram of the global batch (METHODS.md §7)
-        shift = 2.0 * (self.rho_d[l] + c.rho)
-        # without an anchor or ridge H can be singular; a relative jitter keeps the majorizer (it only grows H)
-        H.diagonal().add_(shift if shift > 0 else 1e-10 * float(H.diagonal().mean()) + 1e-300)
-        H_inv = torch.cholesky_inverse(torch.linalg.cholesky(H)).to(P.dtype)
-        shape_W = lin.weight.shape
-
-        if matrix_form:
-            assert target is not None
-            act = self._act(l)
-            T2 = target.permute(0, 2, 3, 1).reshape(-1, out)
-            weight = 2.0 * self.lambdas[l]
-            theta0 = torch.cat([W0.reshape(out, -1), b0.reshape(out, 1)], dim=1)
-            ridge_mask = torch.ones_like(theta0)
-            ridge_mask[:, -1] = 0.0
-
-            def grad(theta: Tensor) -> Tensor:
-                G2 = weight * act.grad_u(P_bar @ theta.T, T2)
-                g = G2.T @ P_bar
-                if self._reduce is not None:
-                    self._reduce(g)  # the data term is a sum over samples (METHODS.md §7), as in value_grad
-                g = g + (2.0 * self.rho_d[l]) * (theta - theta0)
-                if c.rho:
-                    g = g + (2.0 * c.rho) * theta * ridge_mask
-                return g
-
-        else:
-
-            def grad(theta: Tensor) -> Tensor:
-                _, gW, gb = value_grad(theta[:, :-1].reshape(shape_W), theta[:, -1], False)
-                assert gb is not None
-                return torch.cat([gW.reshape(out, -1), gb.reshape(out, 1)], dim=1)
-
-        theta = torch.cat([lin.weight.detach().reshape(out, -1), lin.bias.detach().reshape(out, 1)], dim=1)
-        v, s = theta, 1.0
-        iters = 0
-        while iters < c.w_iters:
-            g = grad(v)
-            theta_new = v - g @ H_inv
-            iters += 1
-            step = theta_new - theta
-            if float((g * (theta_new - theta)).sum()) > 0:  # momentum points uphill: restart
-                s = 1.0
-            s_new = 0.5 * (1.0 + math.sqrt(1.0 + 4.0 * s * s))
-            v = theta_new + ((s - 1.0) / s_new) * step
-            done = float(step.norm()) <= c.w_tol * max(float(theta.norm()), 1e-30)
-            theta, s = theta_new, s_new
-            if done:
-                break
-        with torch.no_grad():
-            lin.weight.copy_(theta[:, :-1].reshape(shape_W))
-            lin.bias.copy_(theta[:, -1])
-        return iters
-
     # -- the step ---------------------------------------------------------------------------------------------------
     def _check_batch(self, x: Tensor, y: Tensor) -> None:
         if x.shape[0] != y.shape[0]:
@@ -879,54 +537,32 @@ class Fenchel(Method):
         self._check_batch(x, y)
         x = x.to(device=self.device, dtype=self.dtype)
         y = y.to(self.device).long()
-        m = x.shape[0]
         self.model.train()
-        info: dict[str, float] = {}
-        with torch.no_grad():
-            xs = self.lift(x)
-            ops = self.operators(x)
-            loss = float(tF.cross_entropy(ops[self.L].apply(xs[self.L]), y))
-            anchors = [(layer.linear.weight.detach().clone(), layer.linear.bias.detach().clone())  # type: ignore[union-attr]
-                       for layer in self.chain]
-            x_iters = [0] * (self.L + 1)
-            w_iters = [0] * (self.L + 1)
-            relaxed_after_x = math.nan
-            for _ in range(self.config.alternations):
-                for l in range(self.L, 0, -1):
-                    xs[l], its = self.solve_x_block(l, xs, y)
-                    x_iters[l] += its
-                if self.config.monitor == "full":
-                    relaxed_after_x = self.relaxed_objective(xs, y)
-                    if self.comm.world_size > 1:
-                        relaxed_after_x = self.comm.sum_scalars(relaxed_after_x)[0]
-                for l in range(self.L + 1):
-                    W0, b0 = anchors[l]
-                    w_iters[l] += self.solve_w_block(l, xs, y, W0, b0)
-            pens = self.layer_penalties(xs)
-            if self.comm.world_size > 1:
-                # the objective terms of the global batch (one float64 all-reduce): they decide the divergence
-                # branch below, so every process must see the same numbers
-                m_global = self.global_batch_size(m)
-                ce = float(tF.cross_entropy(ops[self.L].apply(xs[self.L]), y, reduction="sum").double())
-                after_sum = float(tF.cross_entropy(self.model(x).reshape(m, -1), y, reduction="sum"))
-                ce, after_sum, *pens = self.comm.sum_scalars(ce, after_sum, *pens)
-                relaxed = ce + sum(2.0 * lam * p for lam, p in zip(self.lambdas, pens))
-                loss_after = after_sum / m_global
-                m = m_global
-            else:
-                relaxed = self.relaxed_objective(xs, y, pens)
-                loss_after = float(tF.cross_entropy(self.model(x).reshape(m, -1), y))
+        anchors = [(layer.linear.weight.detach().clone(), layer.linear.bias.detach().clone())  # type: ignore[union-attr]
+                   for layer in self.chain]
+        self._cache = _StepCache()
+        try:
+            with torch.no_grad():
+                with self.block("lift"):
+                    xs = self.lift(x)
+                    loss = float(tF.cross_entropy(self._preact(self.L, xs), y))
+                x_iters, w_iters, relaxed_after_x = self._sweeps(xs, y, anchors)
+                with self.block("monitor"):
+                    relaxed, loss_after, pens, m = self._objective_terms(xs, y)
+        finally:
+            self._cache = None
         if not (math.isfinite(relaxed) and math.isfinite(loss_after)):
             with torch.no_grad():
-                for layer, (W0, b0) in zip(self.chain, anchors):
+                for l, (layer, (W0, b0)) in enumerate(zip(self.chain, anchors)):
                     layer.linear.weight.copy_(W0)
                     layer.linear.bias.copy_(b0)  # type: ignore[union-attr]
+                    self._weights_changed(l)
             raise FloatingPointError(
                 "fenchel: the relaxed problem produced non-finite values (weights restored to the batch start); "
                 "increase rho_d or lower lbd_coef/lambdas"
             )
         self.steps_taken += 1
-        info["relaxed_objective"] = relaxed / m
+        info: dict[str, float] = {"relaxed_objective": relaxed / m}
         if self.config.monitor == "full":
             info["relaxed_objective_after_x"] = relaxed_after_x / m
         info["loss_after"] = loss_after
@@ -938,3 +574,52 @@ class Fenchel(Method):
             info[f"w_iters_l{l}"] = float(w_iters[l])
             info[f"w_norm_l{l}"] = float(self.chain[l].linear.weight.detach().norm())
         return StepStats(loss=loss, info=info)
+
+    def _sweeps(
+        self, xs: list[Tensor], y: Tensor, anchors: Sequence[tuple[Tensor, Tensor]]
+    ) -> tuple[list[int], list[int], float]:
+        """``alternations`` rounds of the backward X-sweep and the W-sweep; returns the iteration counts per
+        block and the relaxed objective after the last X-sweep (``monitor=full``, else NaN)."""
+        x_iters = [0] * (self.L + 1)
+        w_iters = [0] * (self.L + 1)
+        relaxed_after_x = math.nan
+        for _ in range(self.config.alternations):
+            for l in range(self.L, 0, -1):
+                with self.block(f"x_block[{l}]"):
+                    xs[l], its = self.solve_x_block(l, xs, y)
+                x_iters[l] += its
+            if self.config.monitor == "full":
+                relaxed_after_x = self.relaxed_objective(xs, y)
+                if self.comm.world_size > 1:
+                    relaxed_after_x = self.comm.sum_scalars(relaxed_after_x)[0]
+            for l in range(self.L + 1):
+                W0, b0 = anchors[l]
+                with self.block(f"w_block[{l}]"):
+                    # no X-block reads the first layer's weights (only its pre-activation, which stays cached)
+                    w_iters[l] += self.solve_w_block(l, xs, y, W0, b0, defer_write=l == 0)
+        self._flush_weights()
+        return x_iters, w_iters, relaxed_after_x
+
+    def _forward_logits(self, xs: Sequence[Tensor]) -> Tensor:
+        """The network's logits on the batch X_0 (a plain forward pass, reusing the cached U_0)."""
+        ops = self.operators(xs[0])
+        U = self._preact(0, xs)
+        for l in range(1, self.L + 1):
+            U = ops[l].apply(self._act(l - 1).phi(U))
+        return U.reshape(xs[0].shape[0], -1)
+
+    def _objective_terms(self, xs: Sequence[Tensor], y: Tensor) -> tuple[float, float, list[float], int]:
+        """(relaxed objective J, mean CE of the updated network, Σ B per layer, batch size) after the step, all
+        of the global batch in data-parallel mode (one float64 all-reduce): they decide the divergence branch of
+        :meth:`step`, so every process must see the same numbers."""
+        m = xs[0].shape[0]
+        pens = self.layer_penalties(xs)
+        if self.comm.world_size == 1:
+            relaxed = self.relaxed_objective(xs, y, pens)
+            return relaxed, float(tF.cross_entropy(self._forward_logits(xs), y)), pens, m
+        m_global = self.global_batch_size(m)
+        ce = float(tF.cross_entropy(self._preact(self.L, xs), y, reduction="sum").double())
+        after_sum = float(tF.cross_entropy(self._forward_logits(xs), y, reduction="sum"))
+        ce, after_sum, *pens = self.comm.sum_scalars(ce, after_sum, *pens)
+        relaxed = ce + sum(2.0 * lam * p for lam, p in zip(self.lambdas, pens))
+        return relaxed, after_sum / m_global, list(pens), m_global
