@@ -249,6 +249,27 @@ class Fenchel(FenchelWBlocks, Method):
     default_batch_size = 500
     supports_data_parallel = True
 
+    @classmethod
+    def preset_values(cls, preset: str, model: nn.Module) -> dict[str, Any]:
+        """``paper``: the official scripts' settings (docs/methods/fenchel.md, Presets), for an MLP or for
+        LeNet-5; ``tuned``: the Config defaults for MLPs and the validation-tuned LeNet-5 setting for
+        convolutional models, whose fc layers are well posed with far weaker hidden anchors."""
+        convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
+        linears = sum(isinstance(m, nn.Linear) for m in model.modules())
+        hidden = convs + linears - 1  # activation layers L; weight layers L + 1
+        if preset == "paper":
+            common: dict[str, Any] = {"lambdas": 1.0, "rho": 0.0, "alternations": 1, "init": "official"}
+            if convs == 0:
+                return {**common, "rho_d": 10.0, "rho_d_output": 100.0, "lbd_coef": (1.0,) * (hidden - 1) + (10.0,)}
+            anchors = tuple(float(f"{1e-4 * 100.0**k:.0e}") for k in range(convs)) + (1.0,) * (linears - 1) + (10.0,)
+            coef = (1.0, 5.0, 1.0, 5.0) if (convs, linears) == (2, 3) else (1.0,)
+            return {**common, "rho_d": anchors, "rho_d_output": 10.0, "lbd_coef": coef, "x_iters": 5}
+        if convs == 0:
+            return {}
+        anchors = tuple(float(f"{1e-6 * 100.0**k:.0e}") for k in range(convs)) + (1e-2,) * (linears - 1) + (10.0,)
+        coef = (0.3,) * convs + (1.0,) * (hidden - convs)
+        return {"rho_d": anchors, "rho_d_output": 10.0, "lbd_coef": coef, "alternations": 1, "x_iters": 20}
+
     def __init__(self, model: nn.Module, *, loss: str | None = None, **hparams: Any) -> None:
         super().__init__(model, loss=loss, **hparams)
         self.chain = as_chain(
