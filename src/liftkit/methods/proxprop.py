@@ -238,7 +238,8 @@ class ProxProp(Method):
         if self.is_chain:
             assert isinstance(model, nn.Sequential)
             self.layers, self._explicit = _check_chain(model)
-            explicit = [m for m in model if isinstance(m, nn.Linear | nn.Conv2d)][-1:]
+            linears: list[nn.Module] = [m for m in model if isinstance(m, nn.Linear | nn.Conv2d)]
+            explicit = linears[-1:]
         s = c.settings()
         self.optimizer = ProxPropOptimizer(
             model, c.optimizer, lr=c.lr, tau_theta=s.tau_theta, solver=s.solver, explicit=explicit,

@@ -255,7 +255,6 @@ class ProxSolver:
 
     # -- exact --------------------------------------------------------------------------------------------
     def _exact_linear(self, op: LinearOperator, G: Tensor) -> Direction:
-        beta = self.beta
         a = op.a
         G2 = G.reshape(-1, G.shape[-1])
         N, n = a.shape

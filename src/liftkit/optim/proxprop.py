@@ -259,7 +259,7 @@ def _make_base(base: str | type, model: nn.Module, lr: float, kwargs: dict[str, 
         raise ValueError("base optimizer lbfgs needs a loss closure per inner step and cannot consume ProxProp "
                          "directions; use adam or sgd")
     try:
-        return cls(model.parameters(), lr=lr, **kwargs)
+        return cls(model.parameters(), lr=lr, **kwargs)  # type: ignore[call-arg]
     except TypeError as exc:
         raise ValueError(f"base optimizer {cls.__name__} rejected its settings: {exc}") from None
 
