@@ -28,18 +28,22 @@ Solvers (``solver``):
   Conv2d layers: one shared Gram of the unfolded input, PᵀP + βI, accumulated in float64 over row chunks, one
   right-hand side per output channel. This conv solve is our addition (derived; in neither paper nor code) and
   is reported as ``ProxProp (exact-unfold)``.
-* ``cg`` (with ``cg_iters``), or ``cgN`` as a shorthand: the official warm-started block CG (§4.6): one CG per
-  output neuron of a Linear layer, and one CG per Conv2d layer over all its parameters flattened into one
-  vector. Solved in difference form d = θ_old − θ from d₀ = 0, which is the official warm start x₀ = θ_old
-  with the same iterates; stopping rule max_j‖r_j‖² < cg_tol²·mean_j‖r_{j,0}‖² (``cg_stop="tol"``,
+* ``cg`` (with ``cg_iters``), or ``cgN`` as a shorthand: the official block CG (§4.6): one CG per output
+  neuron of a Linear layer, and one CG per Conv2d layer over all its parameters flattened into one vector.
+  Solved in difference form d = θ_old − θ from d₀ = 0 (the official warm start x₀ = θ_old, shifted).
+  ``cg_variant="textbook"`` (default) is conjugate gradients proper and converges to the exact prox; its
+  iterates equal the official code's for the first iteration only, because the published code's search
+  direction aliases the residual (from the second iteration its direction is (1+β)r instead of r + βp).
+  ``cg_variant="official"`` reproduces that iteration (the code's behaviour, not the paper's text; the
+  paper's cgN curves come from it). Stopping rule max_j‖r_j‖² < cg_tol²·mean_j‖r_{j,0}‖² (``cg_stop="tol"``,
   official) or exactly ``cg_iters`` iterations (``cg_stop="fixed"``, assumption, for timing). cg1 is the
   Cauchy-scaled gradient.
 * ``gradient``: ``.grad = ∇J`` through the same code path: plain backprop, the paper's timing control.
 
 Every direction is a descent direction (paper, Props. 4–5); ``StepStats.info`` reports per layer (key suffix:
-the module index in the Sequential) the cosine between the direction and ∇J (``cos_i``, positive), CG
-iterations (``cg_iters_i``) and, with ``residuals=True``, the relative residual of the normal equations
-(``residual_i``). A non-finite batch loss returns ``loss=nan`` with the parameters left unchanged.
+the module index in a Sequential, else the qualified module name) the cosine between the direction and ∇J
+(``cos_i``, positive), CG iterations (``cg_iters_i``) and, with ``residuals=True``, the relative residual of
+the normal equations (``residual_i``). A non-finite batch loss returns ``loss=nan`` with the parameters left unchanged.
 
 Data parallelism (METHODS.md §7): J is the global batch's mean (the shard's loss sum over m_global), so a
 rank's a, z and G are its rows of the single-process ones and never move. What is all-reduced per layer: the
@@ -52,10 +56,18 @@ Defaults: ``exact`` + Adam (lr 1e-3), τ_θ = 0.02, batch 100: the setting that 
 MNIST validation split (docs/results/proxprop.md). The paper's settings ship as configs: the MLP uses SGD with
 Nesterov momentum 0.95, lr = τ = 1, batch 500, τ_θ = 0.05; the ConvNet Adam 1e-3, τ_θ = 1, cg3/cg10.
 
-Modules: any parameter-free module (ReLU, pooling, Flatten, Dropout...) is fine because autograd carries the
-backward signal; a ProxProp layer's input and output come from the same (possibly stochastic) forward pass, so
-dropout masks stay consistent. Modules with parameters other than top-level Linear/Conv2d are rejected.
-Conv2d needs groups = 1, zero padding given as integers, and ``padding_mode="zeros"``.
+One engine: the prox of every layer is :class:`liftkit.optim.ProxProp`'s (the ``torch.optim``-style optimizer
+for any model in a user's own loop); this method wraps it, so both give bit-identical updates on a chain.
+
+Models. An ``nn.Sequential`` chain (the paper's setting): any parameter-free module (ReLU, pooling, Flatten,
+Dropout...) is fine because autograd carries the backward signal, modules with parameters other than
+top-level Linear/Conv2d are rejected, the last Linear/Conv2d stays explicit, and the weight gradients of the
+ProxProp layers are never formed (only the gradients at their outputs are requested). Any other module
+(e.g. ``resnet8``: residual connections, BatchNorm) goes through the optimizer's hooks: every Linear and Conv2d
+but the last Linear takes proximal steps, every other parameter (BatchNorm) its ordinary gradient; a plain
+backward forms all weight gradients, and these models train in one process only. Either way a ProxProp
+layer's input and output come from the same (possibly stochastic) forward pass, so dropout masks stay
+consistent. Conv2d needs groups = 1, zero padding given as integers, and ``padding_mode="zeros"``.
 """
 
 from __future__ import annotations
