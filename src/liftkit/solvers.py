@@ -215,6 +215,7 @@ def block_cg(
     stop: str = "tol",
     col_sum: Callable[[Tensor], Tensor] | None = None,
     variant: str = "textbook",
+    quadratic: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, int]:
     r"""Independent conjugate gradients on every column of M X = rhs, as in ProxProp's official code (§4.6).
 
@@ -242,6 +243,10 @@ def block_cg(
     (``P = R``, then ``R`` is updated in place): after the first iteration the direction is (1+β_j)r_j instead
     of r_j + β_j p_j, and from then on the textbook recurrence continues from that direction. It agrees with
     ``"textbook"`` for one iteration only; it is the code's behaviour, not the paper's text.
+
+    ``quadratic`` (optional): v ↦ the per-column vᵀMv computed more cheaply than through ``apply_M`` (for
+    M = AᵀA + βI: ‖Av‖² + β‖v‖², one product with A instead of two). It is used in the last allowed iteration,
+    where only α is needed and the new residual is not, so cg1 costs one product with A.
 
     Returns ``(x, iterations_run)``.
     """
@@ -274,6 +279,10 @@ def block_cg(
         return x, 0
     it = 0
     while it < maxit:
+        if quadratic is not None and it == maxit - 1:
+            # the last iteration: α only; the residual it would update is never read again
+            x = x + (rs / (quadratic(d) + eps)) * d
+            return x, it + 1
         Md = apply_M(d)
         alpha = rs / (reduce((d * Md).sum(dim=0)) + eps)
         x = x + alpha * d

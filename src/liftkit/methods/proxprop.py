@@ -312,7 +312,13 @@ class ProxProp(Method):
         else:
             loss = evaluate_loss(self.loss, h, y)
         wanted: list[Tensor] = [p for p in self._explicit if p.requires_grad]
-        grads = torch.autograd.grad(loss, outputs + wanted, allow_unused=True)
+        # CG and gradient solvers start from ĀᵀG: take it from the same autograd pass (as a backward() in the
+        # optimizer's hooked path would); the exact solver never needs it
+        prox_params = self._prox_params_needing_grad()
+        grads = torch.autograd.grad(loss, outputs + prox_params + wanted, allow_unused=True)
+        for p, g in zip(prox_params, grads[len(outputs):len(outputs) + len(prox_params)]):
+            p.grad = g
+        grads = grads[: len(outputs)] + grads[len(outputs) + len(prox_params):]
         signals = []
         for a, z, g in zip(inputs, outputs, grads[: len(outputs)]):
             signals.append((a, torch.zeros_like(z) if g is None else g))
@@ -332,6 +338,13 @@ class ProxProp(Method):
                 offset += g.numel()
             return flat[-1], signals, explicit
         return loss.detach(), signals, explicit
+
+    def _prox_params_needing_grad(self) -> list[Tensor]:
+        """The ProxProp layers' parameters whose autograd gradient the solver reads (CG and gradient modes)."""
+        if self.config.mode == "exact" or not self.optimizer.grad_rhs:
+            return []
+        return [p for layer in self.layers if all(q.requires_grad for q in layer.module.parameters())
+                for p in layer.module.parameters()]
 
     def direction(self, module: nn.Linear | nn.Conv2d, a: Tensor, G: Tensor) -> Direction:
         """θ_old − θ_prox for one layer with input ``a`` and backprop signal ``G`` (the config's solver)."""

@@ -203,6 +203,16 @@ def unflat(v: Tensor, w_shape: torch.Size, has_bias: bool) -> tuple[Tensor, Tens
     return v[:nw, 0].reshape(w_shape), (v[nw:, 0] if has_bias else None)
 
 
+@dataclass
+class _CGProblem:
+    """One layer's CG system M d = rhs in its layout: M's product, its quadratic form and the unpacking."""
+
+    rhs: Tensor
+    apply_M: Callable[[Tensor], Tensor]
+    quadratic: Callable[[Tensor], Tensor]
+    unpack: Callable[[Tensor], tuple[Tensor, Tensor | None]]
+
+
 class ProxSolver:
     """Solves the prox of one layer with the given settings; ``comm`` returns the communicator to reduce over
     (called at solve time, so a trainer may set it after construction)."""
@@ -222,15 +232,20 @@ class ProxSolver:
         comm = self.comm
         return comm.all_reduce_sum_ if comm.world_size > 1 else None
 
-    def direction(self, module: nn.Linear | nn.Conv2d, a: Tensor, G: Tensor) -> Direction:
-        """θ_old − θ_prox for one layer with input ``a`` and backprop signal ``G`` (the settings' solver)."""
+    def direction(
+        self, module: nn.Linear | nn.Conv2d, a: Tensor, G: Tensor, grad: tuple[Tensor, Tensor | None] | None = None
+    ) -> Direction:
+        """θ_old − θ_prox for one layer with input ``a`` and backprop signal ``G`` (the settings' solver).
+
+        ``grad``: the layer's (weight, bias) gradient ĀᵀG when the caller already has it (backward formed it);
+        the CG and gradient solvers then skip recomputing it from ``a`` and ``G``."""
         mode = self.settings.mode
         op = LinearOperator(module, a)
-        if mode == "gradient":
-            gw, gb = self._reduce_params(*op.adjoint(G))
-            return Direction(gw, gb, 1.0, 0, 0.0)
-        if mode == "cg":
-            return self._cg_direction(op, G)
+        if mode in ("gradient", "cg"):
+            gw, gb = self._reduce_params(*(grad if grad is not None else op.adjoint(G)))
+            if mode == "gradient":
+                return Direction(gw, gb, 1.0, 0, 0.0)
+            return self._cg_direction(op, gw, gb)
         if isinstance(module, nn.Linear):
             if self.comm.world_size > 1:
                 return self._exact_linear_gram_reduced(op, G)
@@ -344,18 +359,27 @@ class ProxSolver:
         return Direction(gw.contiguous(), gb, cos, 0, residual)
 
     # -- CG -----------------------------------------------------------------------------------------------
-    def _cg_operator(
-        self, op: LinearOperator, gw: Tensor, gb: Tensor | None
-    ) -> tuple[Tensor, Callable[[Tensor], Tensor], Callable[[Tensor], tuple[Tensor, Tensor | None]]]:
-        """The right-hand side, v ↦ (AᵀA + βI)v and the unpacking of a solution, in the layer's CG layout
-        (columns per output neuron for Linear, one flat vector for Conv2d)."""
+    def _cg_operator(self, op: LinearOperator, gw: Tensor, gb: Tensor | None) -> _CGProblem:
+        """The right-hand side, v ↦ (AᵀA + βI)v, v ↦ vᵀ(AᵀA + βI)v per column and the unpacking of a solution,
+        in the layer's CG layout (columns per output neuron for Linear, one flat vector for Conv2d)."""
         beta, reduce = self.beta, self._reduce_fn()
+
+        def quadratic_from(Av: Tensor, v: Tensor) -> Tensor:
+            # ‖Av‖² per column (summed over ranks: each holds its rows of A) + β‖v‖²
+            sq = (Av * Av).sum(dim=0)
+            if reduce is not None:
+                reduce(sq)
+            return sq + beta * (v * v).sum(dim=0)
+
         if isinstance(op.module, nn.Linear):
             n, a = op.module.in_features, op.a
 
+            def forward_linear(v: Tensor) -> Tensor:
+                return torch.addmm(v[n], a, v[:n]) if op.has_bias else a @ v[:n]
+
             def apply_linear(v: Tensor) -> Tensor:
                 # AᵀA v + βv on Θ = [Wᵀ; bᵀ] without transposing or concatenating the iterate
-                y = torch.addmm(v[n], a, v[:n]) if op.has_bias else a @ v[:n]
+                y = forward_linear(v)
                 out = torch.empty_like(v)
                 torch.mm(a.T, y, out=out[:n])
                 if op.has_bias:
@@ -364,8 +388,12 @@ class ProxSolver:
                     reduce(out)
                 return out.add_(v, alpha=beta)
 
-            return _pack_columns(gw, gb), apply_linear, lambda v: _unpack_columns(v, n, op.has_bias)
+            return _CGProblem(_pack_columns(gw, gb), apply_linear, lambda v: quadratic_from(forward_linear(v), v),
+                              lambda v: _unpack_columns(v, n, op.has_bias))
         w_shape = op.w_shape
+
+        def forward_conv(v: Tensor) -> Tensor:
+            return op.forward(*unflat(v, w_shape, op.has_bias)).reshape(-1, 1)
 
         def apply_conv(v: Tensor) -> Tensor:
             AtAv = flat(*op.adjoint(op.forward(*unflat(v, w_shape, op.has_bias))))
@@ -377,20 +405,19 @@ class ProxSolver:
             w, b = unflat(v, w_shape, op.has_bias)
             return w.contiguous(), (b.contiguous() if b is not None else None)
 
-        return flat(gw, gb), apply_conv, unpack
+        return _CGProblem(flat(gw, gb), apply_conv, lambda v: quadratic_from(forward_conv(v), v), unpack)
 
-    def _cg_direction(self, op: LinearOperator, G: Tensor) -> Direction:
-        gw, gb = self._reduce_params(*op.adjoint(G))
+    def _cg_direction(self, op: LinearOperator, gw: Tensor, gb: Tensor | None) -> Direction:
         # under data parallelism each rank holds its rows of A: AᵀA v is all-reduced in every iteration, the CG
         # scalars then act on replicated vectors
-        rhs, apply_M, unpack = self._cg_operator(op, gw, gb)
-        s = self.settings
+        prob = self._cg_operator(op, gw, gb)
+        rhs, s = prob.rhs, self.settings
         x0 = None if self.comm.world_size > 1 else torch.zeros_like(rhs)
-        d, iters = block_cg(apply_M, rhs, x0, s.iterations, tol=s.cg_tol, eps=s.cg_eps, stop=s.cg_stop,
-                            variant=s.cg_variant)
+        d, iters = block_cg(prob.apply_M, rhs, x0, s.iterations, tol=s.cg_tol, eps=s.cg_eps, stop=s.cg_stop,
+                            variant=s.cg_variant, quadratic=prob.quadratic)
         residual = 0.0
         if s.residuals:
-            residual = float((apply_M(d) - rhs).norm() / rhs.norm().clamp_min(1e-300))
+            residual = float((prob.apply_M(d) - rhs).norm() / rhs.norm().clamp_min(1e-300))
         cos = _cosine(float((rhs * d).sum()), float((d * d).sum()), float((rhs * rhs).sum()))
-        w, b = unpack(d)
+        w, b = prob.unpack(d)
         return Direction(w, b, cos, iters, residual)

@@ -115,7 +115,11 @@ class ProxProp(torch.optim.Optimizer):
     ``base`` is a ``torch.optim`` class or its name; ``lr`` and ``base_kwargs`` (momentum, betas, ...) go to it.
     ``tau_theta`` is the proximal step τ_θ; ``solver`` is ``exact``, ``cg``, ``cgN`` or ``gradient``, with the
     CG settings ``cg_iters``, ``cg_tol``, ``cg_eps``, ``cg_stop``, ``cg_variant`` and the exact settings ``form``
-    and ``unfold_chunk_rows`` (:mod:`liftkit.optim.prox_solve`). ``explicit`` lists modules (or their qualified
+    and ``unfold_chunk_rows`` (:mod:`liftkit.optim.prox_solve`). ``grad_rhs``: the CG and gradient solvers
+    take a proximal layer's gradient ĀᵀG from the ``.grad`` that backward left instead of recomputing it from
+    the recorded signals (one weight-gradient product per layer less); this assumes the layer's parameters
+    reach the loss only through its own forward calls, so set ``grad_rhs=False`` for weights tied elsewhere or
+    gradients edited before ``step()``. ``explicit`` lists modules (or their qualified
     names) that keep the ordinary gradient; ``None`` means the last ``nn.Linear``. ``block_hook`` (optional)
     brackets each layer's solve (``prox[name]``) and the base step (``optimizer_step``) for a profiler.
     """
@@ -138,6 +142,7 @@ class ProxProp(torch.optim.Optimizer):
         unfold_chunk_rows: int = 65536,
         diagnostics: bool = False,
         residuals: bool = False,
+        grad_rhs: bool = True,
         block_hook: BlockHook | None = None,
         comm: Callable[[], Communicator] | None = None,
         **base_kwargs: Any,
@@ -153,6 +158,7 @@ class ProxProp(torch.optim.Optimizer):
         super().__init__(list(model.parameters()), dict(self.base.defaults))
         self._link_base()
         self.block_hook = block_hook
+        self.grad_rhs = bool(grad_rhs)
         self.last_stats: dict[str, LayerStats] = {}
         self._records: dict[nn.Module, _Record] = {}
         self._handles: list[RemovableHandle] = []
@@ -190,7 +196,8 @@ class ProxProp(torch.optim.Optimizer):
 
         ``closure`` (as in ``torch.optim``) recomputes the loss with autograd on and is called first.
         ``signals`` replaces what the hooks recorded by ``(name, module, a, G)`` tuples (the ``proxprop``
-        method's chain path passes them to avoid forming the proximal layers' weight gradients).
+        method's chain path passes them to avoid forming the proximal layers' weight gradients where the
+        solver does not need them).
         """
         loss = None
         if closure is not None:
@@ -245,8 +252,12 @@ class ProxProp(torch.optim.Optimizer):
             if not all(p.requires_grad for p in module.parameters()):
                 continue  # frozen by the user: leave it to the base optimizer, which skips it
             assert isinstance(module, nn.Linear | nn.Conv2d)
+            grad = None
+            if self.grad_rhs and module.weight.grad is not None and (module.bias is None or module.bias.grad
+                                                                      is not None):
+                grad = (module.weight.grad, module.bias.grad if module.bias is not None else None)
             with self._block(f"prox[{name}]"):
-                d = self.solver.direction(module, a, G)
+                d = self.solver.direction(module, a, G, grad)
             module.weight.grad = d.weight
             if module.bias is not None:
                 module.bias.grad = d.bias
