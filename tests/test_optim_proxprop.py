@@ -502,3 +502,56 @@ def test_readme_snippet_runs() -> None:
     exec(compile(code, "README.md", "exec"), scope)
     opt = scope["opt"]
     assert set(opt.last_stats) == set(opt.prox_layers) and len(opt.prox_layers) == 9
+
+
+@pytest.mark.parametrize("variant", ["textbook", "official"])
+def test_cg_last_iteration_quadratic_form_is_the_same_step(variant: str) -> None:
+    from liftkit.solvers import block_cg
+
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(9, 5, generator=g, dtype=DT)
+    rhs = torch.randn(5, 3, generator=g, dtype=DT)
+
+    def apply(v: torch.Tensor) -> torch.Tensor:
+        return A.T @ (A @ v) + 0.7 * v
+
+    def quadratic(v: torch.Tensor) -> torch.Tensor:
+        return ((A @ v) ** 2).sum(0) + 0.7 * (v * v).sum(0)
+
+    for maxit in (1, 2, 4):
+        plain, n1 = block_cg(apply, rhs, torch.zeros_like(rhs), maxit, stop="fixed", variant=variant)
+        short, n2 = block_cg(apply, rhs, torch.zeros_like(rhs), maxit, stop="fixed", variant=variant,
+                             quadratic=quadratic)
+        assert n1 == n2 == maxit
+        torch.testing.assert_close(short, plain, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("solver", ["cg2", "gradient"])
+def test_grad_rhs_equals_recomputing_the_gradient(solver: str) -> None:
+    x, y = _batch(5, (2, 7, 7), 5)
+    results = []
+    for grad_rhs in (True, False):
+        model = _tiny()
+        opt = liftkit.optim.ProxProp(model, "sgd", lr=0.1, solver=solver, grad_rhs=grad_rhs)
+        _train_step(opt, model, x, y)
+        results.append([p.detach().clone() for p in model.parameters()])
+    for p, q in zip(*results):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+
+
+def test_method_on_a_residual_model_is_single_process_and_handles_divergence() -> None:
+    model = _tiny()
+    method = get("proxprop")(model)
+    assert method.single_process_only() is not None and "resnet8" in method.single_process_only()
+    x, y = _batch(4, (2, 7, 7), 5)
+    with torch.no_grad():
+        model.head.weight.fill_(float("inf"))
+    before = [p.detach().clone() for p in model.parameters()]
+    stats = method.step(x, y)
+    assert stats.info["diverged"] == 1.0
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p, b)
+    bad = x.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        method.step(bad, y)
