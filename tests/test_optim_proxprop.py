@@ -555,3 +555,26 @@ def test_method_on_a_residual_model_is_single_process_and_handles_divergence() -
     bad[0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         method.step(bad, y)
+
+
+def test_zero_grad_between_forward_and_backward_and_a_skipped_step() -> None:
+    x, y = _batch(8)
+    reference = _mlp()
+    ref_opt = liftkit.optim.ProxProp(reference, "sgd", lr=0.3)
+    _train_step(ref_opt, reference, x, y)
+    # forward, then zero_grad, then backward: the pending calls survive zero_grad
+    model = _mlp()
+    opt = liftkit.optim.ProxProp(model, "sgd", lr=0.3)
+    loss = F.cross_entropy(model(x), y)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    # a backward whose step is skipped (zero_grad instead) leaves nothing behind for the next step
+    skipped = _mlp()
+    skip_opt = liftkit.optim.ProxProp(skipped, "sgd", lr=0.3)
+    F.cross_entropy(skipped(x[:3] * 5), y[:3]).backward()
+    skip_opt.zero_grad()
+    skipped(x[:2])  # a training-mode forward that never reaches a loss contributes nothing either
+    _train_step(skip_opt, skipped, x, y)
+    for p, q, r in zip(model.parameters(), skipped.parameters(), reference.parameters()):
+        assert torch.equal(p, r) and torch.equal(q, r)

@@ -31,7 +31,9 @@ before one ``step()`` (gradient accumulation), stack their inputs and output gra
 the concatenated rows. A Conv2d called on inputs of different spatial sizes raises a ``ValueError`` naming it.
 
 **Hooks** record only in training mode with autograd enabled (never under ``torch.no_grad()`` or after
-``model.eval()``); ``zero_grad()`` and ``step()`` drop what was recorded. ``remove_hooks()`` detaches them, as
+``model.eval()``); ``step()`` drops what was recorded, ``zero_grad()`` the calls whose backward has run
+(calls waiting for their backward survive it, so zero_grad may come between forward and backward). A call
+whose output never reaches the loss contributes nothing. ``remove_hooks()`` detaches them, as
 does garbage collection of the optimizer. A proximal layer that has a gradient but no recorded forward pass
 (backward run in eval mode) is an error rather than a silent plain-gradient step.
 
@@ -79,18 +81,17 @@ class LayerStats:
         return f"LayerStats(cos={self.cos:.4g}, iterations={self.iterations}, residual={self.residual:.3g})"
 
 
-class _Record:
-    """What one proximal layer saw since the last step: its inputs and, per call, its output gradient."""
+class _Call:
+    """One recorded call of a proximal layer: its input and, once backward reached it, its output gradient."""
 
-    __slots__ = ("grads", "inputs")
+    __slots__ = ("a", "g")
 
-    def __init__(self) -> None:
-        self.inputs: list[Tensor] = []
-        self.grads: list[Tensor | None] = []
+    def __init__(self, a: Tensor) -> None:
+        self.a = a
+        self.g: Tensor | None = None
 
-    def store_grad(self, k: int, g: Tensor) -> None:
-        prev = self.grads[k]
-        self.grads[k] = g.detach() if prev is None else prev + g.detach()
+    def store_grad(self, g: Tensor) -> None:
+        self.g = g.detach() if self.g is None else self.g + g.detach()
 
 
 def _forward_hook(owner: weakref.ref[ProxProp]) -> Callable[..., None]:
@@ -160,7 +161,7 @@ class ProxProp(torch.optim.Optimizer):
         self.block_hook = block_hook
         self.grad_rhs = bool(grad_rhs)
         self.last_stats: dict[str, LayerStats] = {}
-        self._records: dict[nn.Module, _Record] = {}
+        self._records: dict[nn.Module, list[_Call]] = {}
         self._handles: list[RemovableHandle] = []
         hook = _forward_hook(weakref.ref(self))
         for module in self.prox_layers.values():
@@ -188,8 +189,15 @@ class ProxProp(torch.optim.Optimizer):
             self.base.add_param_group(param_group)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the gradients and the recorded calls whose output gradient has arrived; calls still waiting
+        for their backward survive, so ``out = model(x); opt.zero_grad(); loss.backward()`` works too."""
         super().zero_grad(set_to_none=set_to_none)
-        self._records.clear()
+        for module, calls in list(self._records.items()):
+            pending = [c for c in calls if c.g is None]
+            if pending:
+                self._records[module] = pending
+            else:
+                del self._records[module]
 
     def step(self, closure: Callable[[], Any] | None = None, *, signals: Iterable[Signal] | None = None) -> Any:
         """Write θ_old − θ_prox into every proximal layer's ``.grad``, then step the base optimizer.
@@ -221,23 +229,21 @@ class ProxProp(torch.optim.Optimizer):
             return
         if not isinstance(output, Tensor) or not output.requires_grad or not args:
             return
-        rec = self._records.setdefault(module, _Record())
-        k = len(rec.inputs)
-        rec.inputs.append(args[0].detach())
-        rec.grads.append(None)
-        output.register_hook(lambda g: rec.store_grad(k, g))
+        call = _Call(args[0].detach())
+        self._records.setdefault(module, []).append(call)
+        output.register_hook(call.store_grad)
 
     def _recorded_signals(self) -> Iterator[Signal]:
         for name, module in self.prox_layers.items():
-            rec = self._records.get(module)
-            if rec is None or all(g is None for g in rec.grads):
-                if any(p.grad is not None for p in module.parameters()) and rec is None:
+            calls = [c for c in self._records.get(module, []) if c.g is not None]
+            if not calls:
+                if any(p.grad is not None for p in module.parameters()) and module not in self._records:
                     raise RuntimeError(
                         f"ProxProp: layer {name!r} has a gradient but no recorded forward pass; run the forward "
                         "pass in training mode with autograd enabled (model.train()) before backward()"
                     )
                 continue
-            a, G = _stack(name, module, rec)
+            a, G = _stack(name, module, calls)
             yield name, module, a, G
 
     # -- the prox ----------------------------------------------------------------------------------------
@@ -304,12 +310,13 @@ def _select_prox_layers(
     return chosen
 
 
-def _stack(name: str, module: nn.Module, rec: _Record) -> tuple[Tensor, Tensor]:
-    """The rows of every recorded call of one layer, inputs and output gradients in the same order."""
+def _stack(name: str, module: nn.Module, calls: list[_Call]) -> tuple[Tensor, Tensor]:
+    """The rows of the recorded calls of one layer whose output reached the loss, inputs and output gradients
+    in the same order."""
     inputs, grads = [], []
-    for a, g in zip(rec.inputs, rec.grads):
-        if g is None:  # a call whose output did not reach the loss contributes nothing to ĀᵀG
-            continue
+    for call in calls:
+        a, g = call.a, call.g
+        assert g is not None
         if isinstance(module, nn.Linear):
             a, g = a.reshape(-1, module.in_features), g.reshape(-1, module.out_features)
         elif a.dim() == 3:  # an unbatched (C, H, W) call
