@@ -412,8 +412,8 @@ class ProxSolver:
         # scalars then act on replicated vectors
         prob = self._cg_operator(op, gw, gb)
         rhs, s = prob.rhs, self.settings
-        x0 = None if self.comm.world_size > 1 else torch.zeros_like(rhs)
-        d, iters = block_cg(prob.apply_M, rhs, x0, s.iterations, tol=s.cg_tol, eps=s.cg_eps, stop=s.cg_stop,
+        # from d₀ = 0 without the product M·0 (a whole conv and adjoint per layer, and a collective)
+        d, iters = block_cg(prob.apply_M, rhs, None, s.iterations, tol=s.cg_tol, eps=s.cg_eps, stop=s.cg_stop,
                             variant=s.cg_variant, quadratic=prob.quadratic)
         residual = 0.0
         if s.residuals:
