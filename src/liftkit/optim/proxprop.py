@@ -120,9 +120,12 @@ class ProxProp(torch.optim.Optimizer):
     take a proximal layer's gradient ĀᵀG from the ``.grad`` that backward left instead of recomputing it from
     the recorded signals (one weight-gradient product per layer less); this assumes the layer's parameters
     reach the loss only through its own forward calls, so set ``grad_rhs=False`` for weights tied elsewhere or
-    gradients edited before ``step()``. ``explicit`` lists modules (or their qualified
-    names) that keep the ordinary gradient; ``None`` means the last ``nn.Linear``. ``block_hook`` (optional)
-    brackets each layer's solve (``prox[name]``) and the base step (``optimizer_step``) for a profiler.
+    gradients edited before ``step()``. ``explicit`` lists modules (or their qualified names) that keep the
+    ordinary gradient; ``None`` means the last ``nn.Linear``. ``diagnostics`` / ``residuals`` fill
+    ``last_stats`` with each layer's cosine to the gradient / normal-equation residual. ``block_hook``
+    (optional) brackets each layer's solve (``prox[name]``) and the base step (``optimizer_step``) for a
+    profiler. ``comm`` (optional) returns the communicator of a data-parallel run (the ``proxprop`` method
+    passes its own).
     """
 
     def __init__(
