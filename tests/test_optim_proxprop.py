@@ -578,3 +578,21 @@ def test_zero_grad_between_forward_and_backward_and_a_skipped_step() -> None:
     _train_step(skip_opt, skipped, x, y)
     for p, q, r in zip(model.parameters(), skipped.parameters(), reference.parameters()):
         assert torch.equal(p, r) and torch.equal(q, r)
+
+
+def test_named_blocks_inside_the_method() -> None:
+    import contextlib
+
+    seen: list[str] = []
+
+    def hook(name: str):
+        seen.append(name)
+        return contextlib.nullcontext()
+
+    for model, x_shape, classes, prox in ((_mlp(), (6,), 4, ["prox[1]", "prox[3]"]),
+                                          (_tiny(), (2, 7, 7), 5, ["prox[stem]", "prox[hidden]"])):
+        seen.clear()
+        method = get("proxprop")(model, solver="cg2")
+        method.set_block_hook(hook)
+        method.step(*_batch(4, x_shape, classes))
+        assert seen[0] == "backward" and seen[-1] == "optimizer_step" and set(prox) <= set(seen)
