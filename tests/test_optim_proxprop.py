@@ -595,4 +595,4 @@ def test_named_blocks_inside_the_method() -> None:
         method = get("proxprop")(model, solver="cg2")
         method.set_block_hook(hook)
         method.step(*_batch(4, x_shape, classes))
-        assert seen[0] == "backward" and seen[-1] == "optimizer_step" and set(prox) <= set(seen)
+        assert seen[0] == "forward_backward" and seen[-1] == "optimizer_step" and set(prox) <= set(seen)

@@ -354,10 +354,10 @@ class ProxProp(Method):
     def step(self, x: Tensor, y: Tensor, *, idx: Tensor | None = None) -> StepStats:
         self.model.train()
         if self.is_chain:
-            with self.block("backward"):
+            with self.block("forward_backward"):
                 loss, signals, explicit = self.backward_signals(x, y)
         else:
-            with self.block("backward"):
+            with self.block("forward_backward"):
                 loss = self._hooked_backward(x, y)
         loss_value = float(loss)
         if not math.isfinite(loss_value):
