@@ -17,8 +17,8 @@ where the data term is an unnormalised **sum** over the batch while G comes from
 difference is written into the parameters' ``.grad`` and the wrapped ``torch.optim`` optimizer steps with
 ``lr = τ``; with plain SGD this is θ ← θ − τ M⁻¹∇J, M = I/τ_θ + (∇φ)(∇φ)* (paper, Prop. 2). The last
 Linear/Conv2d layer keeps the explicit gradient (the CE prox has no closed form), and the backward signal
-stays exactly backprop's: autograd computes ``grad_input`` with the old weights, and the weight gradients of
-ProxProp layers are never formed (the solve replaces them).
+stays exactly backprop's: autograd computes ``grad_input`` with the old weights, and the solve replaces the
+ProxProp layers' weight gradients (the exact solver never forms them; CG and gradient modes start from them).
 
 Solvers (``solver``):
 
@@ -61,8 +61,9 @@ for any model in a user's own loop); this method wraps it, so both give bit-iden
 
 Models. An ``nn.Sequential`` chain (the paper's setting): any parameter-free module (ReLU, pooling, Flatten,
 Dropout...) is fine because autograd carries the backward signal, modules with parameters other than
-top-level Linear/Conv2d are rejected, the last Linear/Conv2d stays explicit, and the weight gradients of the
-ProxProp layers are never formed (only the gradients at their outputs are requested). Any other module
+top-level Linear/Conv2d are rejected, the last Linear/Conv2d stays explicit, and with the exact solver the
+weight gradients of the ProxProp layers are never formed (only the gradients at their outputs are requested;
+CG and gradient modes take them from the same autograd pass). Any other module
 (e.g. ``resnet8``: residual connections, BatchNorm) goes through the optimizer's hooks: every Linear and Conv2d
 but the last Linear takes proximal steps, every other parameter (BatchNorm) its ordinary gradient; a plain
 backward forms all weight gradients, and these models train in one process only. Either way a ProxProp
@@ -285,8 +286,10 @@ class ProxProp(Method):
         """One forward and one autograd pass at the current (old) weights of a Sequential chain.
 
         Returns the batch loss, ``(a, G)`` for every ProxProp layer (its input and G = ∂J/∂z) and the autograd
-        gradients of the explicit parameters. Only the gradients with respect to the ProxProp layers' outputs
-        are requested, so autograd never forms their weight gradients.
+        gradients of the explicit parameters. With the exact solver only the gradients with respect to the
+        ProxProp layers' outputs are requested, so autograd never forms their weight gradients; CG and gradient
+        modes also request them (left in the layers' ``.grad``), as a backward() would in the optimizer's
+        hooked path, so both paths start from the same ĀᵀG.
         """
         if not self.is_chain:
             raise ValueError("backward_signals needs an nn.Sequential model; other models record their "
