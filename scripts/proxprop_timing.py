@@ -2,9 +2,11 @@
 
 On a shared, noisy machine, sequential runs see different loads; this script alternates short blocks of
 steps of each method on the same MNIST batches, so every method sees the same load, and reports the median
-seconds per step and the ratio to Adam. Training steps only (no evaluation). Example::
+seconds per step and the ratio to Adam. Training steps only (no evaluation). Examples::
 
     PYTHONPATH=src python scripts/proxprop_timing.py --blocks 20 --steps 30 --threads 2
+    PYTHONPATH=src python scripts/proxprop_timing.py --dataset fashion-mnist --model resnet8 --batch-size 128 \
+        --solvers exact,cg1,cg2,cg3,gradient --blocks 5 --steps 5 --threads 1
 """
 
 from __future__ import annotations
@@ -36,15 +38,21 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30, help="steps per block")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--solvers", default=None,
+                    help="comma-separated ProxProp solvers to time beside Adam (default: the fixed set above)")
     args = ap.parse_args()
+    runs = RUNS
+    if args.solvers:
+        runs = {"adam": ("adam", {})}
+        runs.update({f"proxprop {s}": ("proxprop", {"solver": s}) for s in args.solvers.split(",")})
     torch.set_num_threads(args.threads)
     data = load_dataset(args.dataset, args.data_dir)
     batches = batch_indices(len(data.y_train), args.batch_size, seed=0, epoch=0)
     methods = {}
-    for label, (name, hp) in RUNS.items():
+    for label, (name, hp) in runs.items():
         model = build_model(args.model, input_shape=data.input_shape, num_classes=data.num_classes, seed=0)
         methods[label] = get(name)(model, **hp)
-    times: dict[str, list[float]] = {label: [] for label in RUNS}
+    times: dict[str, list[float]] = {label: [] for label in runs}
     cursor = 0
     for block in range(args.blocks + 1):
         chunk = [batches[(cursor + i) % len(batches)] for i in range(args.steps)]

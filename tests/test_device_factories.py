@@ -20,7 +20,8 @@ from liftkit.solvers import resolve_solve_dtype
 SRC = Path(__file__).resolve().parents[1] / "src" / "liftkit"
 
 #: files whose code runs inside ``Method.step``
-SCANNED = [*sorted((SRC / "methods").rglob("*.py")), SRC / "solvers.py", SRC / "activations.py"]
+SCANNED = [*sorted((SRC / "methods").rglob("*.py")), *sorted((SRC / "optim").rglob("*.py")), SRC / "solvers.py",
+           SRC / "activations.py"]
 
 # TODO(merge): TIAM's helper fixes tiam.py's factory calls on its own branch; drop this exclusion at merge.
 EXCLUDED_PREFIXES = ("methods/tiam",)

@@ -8,10 +8,11 @@ Quick start::
     method = liftkit.methods.get("adam")(model)
     summary = liftkit.fit(method, data, epochs=5, batch_size=100)
 
-The methods train the given ``nn.Sequential`` in place; inference is its ordinary forward pass.
+The methods train the given ``nn.Sequential`` in place; inference is its ordinary forward pass. For any other
+model in your own training loop, ``liftkit.optim.ProxProp`` is a ``torch.optim``-style optimizer.
 """
 
-from liftkit import data, methods, models, profiling
+from liftkit import data, methods, models, optim, profiling
 from liftkit.errors import DataError, DivergenceError, LiftkitError
 from liftkit.train import RunSpec, evaluate, fit, run
 
@@ -28,6 +29,7 @@ __all__ = [
     "fit",
     "methods",
     "models",
+    "optim",
     "profiling",
     "run",
 ]

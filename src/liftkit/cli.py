@@ -43,7 +43,7 @@ def _parse_sets(items: Sequence[str] | None) -> list[tuple[str, str]]:
 
 def _common(p: argparse.ArgumentParser, *, bench: bool) -> None:
     p.add_argument("--dataset", help="digits, mnist, fashion-mnist or cifar10")
-    p.add_argument("--model", help="784-500-10, lenet5 or ae:784-1000-500-250-30")
+    p.add_argument("--model", help="784-500-10, lenet5, resnet8, proxprop-convnet or ae:784-1000-500-250-30")
     p.add_argument("--activation", help="hidden activation of mlp/autoencoder models (default relu)")
     p.add_argument("--epochs", type=int, help="number of epochs (default 5)")
     p.add_argument("--batch-size", type=int, help="mini-batch size; 0 = full batch (default: the method's)")

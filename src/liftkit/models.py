@@ -1,14 +1,16 @@
 """Model builders and the layer-chain view used by the lifted methods.
 
-Every builder returns an ordinary :class:`torch.nn.Sequential`; the methods train it in place and hand the same
-module back, so inference is always the plain forward pass.
+Every builder but :func:`resnet8` returns an ordinary :class:`torch.nn.Sequential`; the methods train it in
+place and hand the same module back, so inference is always the plain forward pass. ``resnet8`` is a residual
+network (not a chain): ``sgd``, ``adam``, ``lbfgs`` and ``proxprop`` train it, the chain methods refuse it.
 
 Spec strings (what ``--model`` takes):
 
 * ``"784-500-10"``: an MLP (``Flatten``, then ``Linear``/activation pairs, the last ``Linear`` bare unless
   ``output_activation`` is given);
 * ``"lenet5"``: LeNet-5 with average pooling (METHODS.md §3.4);
-* ``"ae:784-1000-500-250-30"``: the mirrored autoencoder 784-1000-500-250-30-250-500-1000-784.
+* ``"ae:784-1000-500-250-30"``: the mirrored autoencoder 784-1000-500-250-30-250-500-1000-784;
+* ``"resnet8"``: a small residual network with BatchNorm (:func:`resnet8`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ __all__ = [
     "mlp",
     "parse_model_spec",
     "proxprop_convnet",
+    "resnet8",
 ]
 
 # Modules that are linear and parameter-free, so a lifted method can fold them into the next layer's linear map
@@ -132,11 +135,14 @@ def autoencoder(
     return _dense_stack(enc + enc[-2::-1], activation, output_activation)
 
 
+_NAMED_MODELS = ("lenet5", "proxprop-convnet", "proxprop-convnet-paper", "resnet8")
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """A parsed ``--model`` string."""
 
-    kind: str  # "mlp", "lenet5" or "ae"
+    kind: str  # "mlp", "ae" or a named model ("lenet5", "resnet8", ...)
     widths: tuple[int, ...] = ()
 
     @property
@@ -144,18 +150,17 @@ class ModelSpec:
         return self.kind == "ae"
 
     def __str__(self) -> str:
-        if self.kind in ("lenet5", "proxprop-convnet", "proxprop-convnet-paper"):
+        if self.kind in _NAMED_MODELS:
             return self.kind
         body = "-".join(str(w) for w in self.widths)
         return f"ae:{body}" if self.kind == "ae" else body
 
 
 def parse_model_spec(text: str) -> ModelSpec:
-    """Parse ``"784-500-10"``, ``"lenet5"`` or ``"ae:784-1000-500-250-30"``; ``ValueError`` otherwise."""
+    """Parse ``"784-500-10"``, ``"ae:784-1000-500-250-30"`` or a named model (``lenet5``, ``resnet8``...);
+    ``ValueError`` otherwise."""
     text = text.strip()
-    if text.lower() == "lenet5":
-        return ModelSpec("lenet5")
-    if text.lower() in ("proxprop-convnet", "proxprop-convnet-paper"):
+    if text.lower() in _NAMED_MODELS:
         return ModelSpec(text.lower())
     if text.lower().startswith("ae:"):
         return ModelSpec("ae", tuple(_parse_widths(text[3:], "autoencoder")))
@@ -172,7 +177,7 @@ def build_model(
     seed: int | None = None,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
-) -> nn.Sequential:
+) -> nn.Module:
     """Build the model of a spec string for a dataset, checking that its input and output sizes fit.
 
     With ``seed`` the weights are drawn from a freshly seeded generator state, so every method of a benchmark
@@ -189,7 +194,12 @@ def build_model(
     with fork:
         if seed is not None:
             torch.manual_seed(seed)
-        if parsed.kind == "lenet5":
+        model: nn.Module
+        if parsed.kind == "resnet8":
+            if len(input_shape) != 3 or min(int(input_shape[1]), int(input_shape[2])) < 4:
+                raise ValueError(f"resnet8 needs image inputs (C,H,W) of at least 4x4, got shape {tuple(input_shape)}")
+            model = resnet8(int(input_shape[0]), num_classes)
+        elif parsed.kind == "lenet5":
             if len(input_shape) != 3 or input_shape[1] != input_shape[2]:
                 raise ValueError(f"lenet5 needs square image inputs (C,H,W), got shape {tuple(input_shape)}")
             model = lenet5(int(input_shape[0]), int(input_shape[1]), num_classes, activation)
@@ -285,7 +295,8 @@ def as_chain(
     in a row; or an activation outside ``allowed_activations``.
     """
     if not isinstance(model, nn.Sequential):
-        raise ValueError(f"{method} needs an nn.Sequential model, got {type(model).__name__}")
+        raise ValueError(f"{method} needs a chain of layers (an nn.Sequential model), got {type(model).__name__}; "
+                         "residual models such as resnet8 train with proxprop, sgd, adam or lbfgs")
     allowed = None if allowed_activations is None else set(allowed_activations)
     chain: list[ChainLayer] = []
     pending_pre: list[nn.Module] = []
@@ -356,3 +367,52 @@ def proxprop_convnet(
         raise ValueError(f"proxprop_convnet needs inputs of at least {8 if third_pool else 4} pixels, got {input_size}")
     layers += [nn.Flatten(), nn.Linear(20 * side * side, num_classes)]
     return nn.Sequential(*layers)
+
+
+class _BasicBlock(nn.Module):
+    """conv3x3 → BN → ReLU → conv3x3 → BN, plus the shortcut (identity, or a strided 1x1 conv and BN when the
+    shape changes), then ReLU (He, Zhang, Ren, Sun, CVPR 2016, option B shortcuts)."""
+
+    def __init__(self, in_channels: int, channels: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, channels, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_channels != channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, channels, 1, stride=stride, bias=False), nn.BatchNorm2d(channels)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(h)) + self.shortcut(x))
+
+
+class ResNet8(nn.Module):
+    """The CIFAR-style ResNet with n = 1 (6n + 2 = 8 weight layers): a conv3x3 stem with BN and ReLU, three
+    stages of one basic block each (``width``, 2·``width``, 4·``width`` channels; the second and third halve the
+    resolution with a projection shortcut), global average pooling and a Linear head."""
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 10, width: int = 16) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()
+        )
+        self.stage1 = _BasicBlock(width, width, 1)
+        self.stage2 = _BasicBlock(width, 2 * width, 2)
+        self.stage3 = _BasicBlock(2 * width, 4 * width, 2)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(4 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stage3(self.stage2(self.stage1(self.stem(x))))
+        return self.fc(torch.flatten(self.pool(h), 1))
+
+
+def resnet8(in_channels: int = 3, num_classes: int = 10, width: int = 16) -> ResNet8:
+    """A ResNet-8 (:class:`ResNet8`, spec ``resnet8``) for (C, H, W) image inputs of any size ≥ 4x4: residual
+    connections and BatchNorm, so it is not a chain; ``proxprop`` trains it through
+    :class:`liftkit.optim.ProxProp`'s hooks (every Conv2d proximal, the Linear head explicit)."""
+    return ResNet8(in_channels, num_classes, width)

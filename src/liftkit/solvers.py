@@ -214,6 +214,8 @@ def block_cg(
     eps: float = 1e-6,
     stop: str = "tol",
     col_sum: Callable[[Tensor], Tensor] | None = None,
+    variant: str = "textbook",
+    quadratic: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, int]:
     r"""Independent conjugate gradients on every column of M X = rhs, as in ProxProp's official code (§4.6).
 
@@ -237,6 +239,15 @@ def block_cg(
     sums a length-k vector of per-column partial sums over the processes (an all-reduce); every column inner
     product goes through it, so all processes take the same α, β and stopping decision.
 
+    ``variant="official"`` reproduces ProxProp's published code, whose search direction aliases the residual
+    (``P = R``, then ``R`` is updated in place): after the first iteration the direction is (1+β_j)r_j instead
+    of r_j + β_j p_j, and from then on the textbook recurrence continues from that direction. It agrees with
+    ``"textbook"`` for one iteration only; it is the code's behaviour, not the paper's text.
+
+    ``quadratic`` (optional): v ↦ the per-column vᵀMv computed more cheaply than through ``apply_M`` (for
+    M = AᵀA + βI: ‖Av‖² + β‖v‖², one product with A instead of two). It is used in the last allowed iteration,
+    where only α is needed and the new residual is not, so cg1 costs one product with A.
+
     Returns ``(x, iterations_run)``.
     """
 
@@ -245,6 +256,8 @@ def block_cg(
 
     if stop not in ("tol", "fixed"):
         raise ValueError(f"unknown stop rule {stop!r}; choose 'tol' or 'fixed'")
+    if variant not in ("textbook", "official"):
+        raise ValueError(f"unknown CG variant {variant!r}; choose 'textbook' or 'official'")
     if x0 is None:
         x0 = torch.zeros_like(rhs)
         r = rhs.clone()
@@ -266,6 +279,10 @@ def block_cg(
         return x, 0
     it = 0
     while it < maxit:
+        if quadratic is not None and it == maxit - 1:
+            # the last iteration: α only; the residual it would update is never read again
+            x = x + (rs / (quadratic(d) + eps)) * d
+            return x, it + 1
         Md = apply_M(d)
         alpha = rs / (reduce((d * Md).sum(dim=0)) + eps)
         x = x + alpha * d
@@ -274,7 +291,8 @@ def block_cg(
         it += 1
         if stop == "tol" and float(rs_new.max().item()) < threshold:
             break
-        d = r + (rs_new / (rs + eps)) * d
+        # official: the first direction was the residual tensor itself, so it already holds the new r
+        d = r + (rs_new / (rs + eps)) * (r if variant == "official" and it == 1 else d)
         rs = rs_new
     return x, it
 

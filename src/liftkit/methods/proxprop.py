@@ -17,8 +17,8 @@ where the data term is an unnormalised **sum** over the batch while G comes from
 difference is written into the parameters' ``.grad`` and the wrapped ``torch.optim`` optimizer steps with
 ``lr = τ``; with plain SGD this is θ ← θ − τ M⁻¹∇J, M = I/τ_θ + (∇φ)(∇φ)* (paper, Prop. 2). The last
 Linear/Conv2d layer keeps the explicit gradient (the CE prox has no closed form), and the backward signal
-stays exactly backprop's: autograd computes ``grad_input`` with the old weights, and the weight gradients of
-ProxProp layers are never formed (the solve replaces them).
+stays exactly backprop's: autograd computes ``grad_input`` with the old weights, and the solve replaces the
+ProxProp layers' weight gradients (the exact solver never forms them; CG and gradient modes start from them).
 
 Solvers (``solver``):
 
@@ -28,18 +28,22 @@ Solvers (``solver``):
   Conv2d layers: one shared Gram of the unfolded input, PᵀP + βI, accumulated in float64 over row chunks, one
   right-hand side per output channel. This conv solve is our addition (derived; in neither paper nor code) and
   is reported as ``ProxProp (exact-unfold)``.
-* ``cg`` (with ``cg_iters``), or ``cgN`` as a shorthand: the official warm-started block CG (§4.6): one CG per
-  output neuron of a Linear layer, and one CG per Conv2d layer over all its parameters flattened into one
-  vector. Solved in difference form d = θ_old − θ from d₀ = 0, which is the official warm start x₀ = θ_old
-  with the same iterates; stopping rule max_j‖r_j‖² < cg_tol²·mean_j‖r_{j,0}‖² (``cg_stop="tol"``,
+* ``cg`` (with ``cg_iters``), or ``cgN`` as a shorthand: the official block CG (§4.6): one CG per output
+  neuron of a Linear layer, and one CG per Conv2d layer over all its parameters flattened into one vector.
+  Solved in difference form d = θ_old − θ from d₀ = 0 (the official warm start x₀ = θ_old, shifted).
+  ``cg_variant="textbook"`` (default) is conjugate gradients proper and converges to the exact prox; its
+  iterates equal the official code's for the first iteration only, because the published code's search
+  direction aliases the residual (from the second iteration its direction is (1+β)r instead of r + βp).
+  ``cg_variant="official"`` reproduces that iteration (the code's behaviour, not the paper's text; the
+  paper's cgN curves come from it). Stopping rule max_j‖r_j‖² < cg_tol²·mean_j‖r_{j,0}‖² (``cg_stop="tol"``,
   official) or exactly ``cg_iters`` iterations (``cg_stop="fixed"``, assumption, for timing). cg1 is the
   Cauchy-scaled gradient.
 * ``gradient``: ``.grad = ∇J`` through the same code path: plain backprop, the paper's timing control.
 
 Every direction is a descent direction (paper, Props. 4–5); ``StepStats.info`` reports per layer (key suffix:
-the module index in the Sequential) the cosine between the direction and ∇J (``cos_i``, positive), CG
-iterations (``cg_iters_i``) and, with ``residuals=True``, the relative residual of the normal equations
-(``residual_i``). A non-finite batch loss returns ``loss=nan`` with the parameters left unchanged.
+the module index in a Sequential, else the qualified module name) the cosine between the direction and ∇J
+(``cos_i``, positive), CG iterations (``cg_iters_i``) and, with ``residuals=True``, the relative residual of
+the normal equations (``residual_i``). A non-finite batch loss returns ``loss=nan`` with the parameters left unchanged.
 
 Data parallelism (METHODS.md §7): J is the global batch's mean (the shard's loss sum over m_global), so a
 rank's a, z and G are its rows of the single-process ones and never move. What is all-reduced per layer: the
@@ -52,10 +56,19 @@ Defaults: ``exact`` + Adam (lr 1e-3), τ_θ = 0.02, batch 100: the setting that 
 MNIST validation split (docs/results/proxprop.md). The paper's settings ship as configs: the MLP uses SGD with
 Nesterov momentum 0.95, lr = τ = 1, batch 500, τ_θ = 0.05; the ConvNet Adam 1e-3, τ_θ = 1, cg3/cg10.
 
-Modules: any parameter-free module (ReLU, pooling, Flatten, Dropout...) is fine because autograd carries the
-backward signal; a ProxProp layer's input and output come from the same (possibly stochastic) forward pass, so
-dropout masks stay consistent. Modules with parameters other than top-level Linear/Conv2d are rejected.
-Conv2d needs groups = 1, zero padding given as integers, and ``padding_mode="zeros"``.
+One engine: the prox of every layer is :class:`liftkit.optim.ProxProp`'s (the ``torch.optim``-style optimizer
+for any model in a user's own loop); this method wraps it, so both give bit-identical updates on a chain.
+
+Models. An ``nn.Sequential`` chain (the paper's setting): any parameter-free module (ReLU, pooling, Flatten,
+Dropout...) is fine because autograd carries the backward signal, modules with parameters other than
+top-level Linear/Conv2d are rejected, the last Linear/Conv2d stays explicit, and with the exact solver the
+weight gradients of the ProxProp layers are never formed (only the gradients at their outputs are requested;
+CG and gradient modes take them from the same autograd pass). Any other module
+(e.g. ``resnet8``: residual connections, BatchNorm) goes through the optimizer's hooks: every Linear and Conv2d
+but the last Linear takes proximal steps, every other parameter (BatchNorm) its ordinary gradient; a plain
+backward forms all weight gradients, and these models train in one process only. Either way a ProxProp
+layer's input and output come from the same (possibly stochastic) forward pass, so dropout masks stay
+consistent. Conv2d needs groups = 1, zero padding given as integers, and ``padding_mode="zeros"``.
 """
 
 from __future__ import annotations
@@ -64,41 +77,21 @@ import copy
 import inspect
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.grad import conv2d_weight
 
 from liftkit.methods.base import Method, MethodConfig, StepStats, evaluate_loss, register
-from liftkit.solvers import (
-    block_cg,
-    linear_prox_direction,
-    push_through_coefficients,
-    spd_ridge_solve,
-)
+from liftkit.optim.prox_solve import CG_VARIANTS, Direction, ProxSettings, check_prox_module, resolve_optimizer
+from liftkit.optim.proxprop import ProxProp as ProxPropOptimizer
 
 __all__ = ["ProxProp", "ProxPropConfig"]
 
 _CG_NAME = re.compile(r"^cg(\d+)$")
 _FORMS = ("auto", "gram", "push_through")
-
-
-def _resolve_optimizer(name: str) -> type[torch.optim.Optimizer]:
-    wanted = name.lower()
-    for attr in dir(torch.optim):
-        obj = getattr(torch.optim, attr)
-        if (
-            isinstance(obj, type)
-            and issubclass(obj, torch.optim.Optimizer)
-            and obj is not torch.optim.Optimizer
-            and attr.lower() == wanted
-        ):
-            return obj
-    raise ValueError(f"optimizer {name!r} is not a torch.optim optimizer; use e.g. adam, sgd, adamw, rmsprop")
 
 
 @dataclass
@@ -107,7 +100,8 @@ class ProxPropConfig(MethodConfig):
 
     ``lr`` is the step size τ of the wrapped optimizer; ``tau_theta`` the proximal step τ_θ (β = 1/τ_θ, the
     Gram is a sum over the batch, so retune it when the batch size changes). ``solver``: ``exact`` |
-    ``cg`` | ``cgN`` (N iterations, overrides ``cg_iters``) | ``gradient``. ``form`` picks the exact linear
+    ``cg`` | ``cgN`` (N iterations, overrides ``cg_iters``) | ``gradient``; ``cg_variant``: ``textbook`` CG or
+    the ``official`` code's aliased iteration. ``form`` picks the exact linear
     solve (``auto``: push-through when the batch is smaller than n+1). ``diagnostics=False`` skips the cosine
     (one N×N×q product per exact push-through layer, noticeable at batch 500). ``unfold_chunk_rows`` bounds
     the rows of the unfolded conv input held at once. The optimizer settings (momentum, nesterov, betas, eps,
@@ -121,6 +115,7 @@ class ProxPropConfig(MethodConfig):
     cg_tol: float = 1e-2
     cg_eps: float = 1e-6
     cg_stop: str = "tol"
+    cg_variant: str = "textbook"
     form: str = "auto"
     unfold_chunk_rows: int = 65536
     residuals: bool = False
@@ -146,6 +141,7 @@ class ProxPropConfig(MethodConfig):
         self._positive("tau_theta", "cg_tol", "lr", "eps")
         self._nonnegative("cg_eps", "momentum", "weight_decay")
         self._choice("cg_stop", ("tol", "fixed"))
+        self._choice("cg_variant", CG_VARIANTS)
         self._choice("form", _FORMS)
         self._int_at_least("unfold_chunk_rows", 1)
         for name in ("beta1", "beta2"):
@@ -154,7 +150,7 @@ class ProxPropConfig(MethodConfig):
                 raise ValueError(f"{name} must be in [0, 1), got {v!r}")
         if self.momentum >= 1:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
-        cls = _resolve_optimizer(self.optimizer)
+        cls = resolve_optimizer(self.optimizer)
         if cls is torch.optim.LBFGS:
             raise ValueError("optimizer lbfgs needs a loss closure and cannot consume ProxProp directions; "
                              "use adam or sgd")
@@ -170,20 +166,27 @@ class ProxPropConfig(MethodConfig):
                 "nesterov=true needs momentum > 0; set momentum=0.95 (the paper's) or nesterov=false"
             )
 
+    def settings(self) -> ProxSettings:
+        """The prox settings of :mod:`liftkit.optim.prox_solve`."""
+        return ProxSettings(solver=self.solver, tau_theta=self.tau_theta, cg_iters=self.cg_iters,
+                            cg_tol=self.cg_tol, cg_eps=self.cg_eps, cg_stop=self.cg_stop,
+                            cg_variant=self.cg_variant, form=self.form, unfold_chunk_rows=self.unfold_chunk_rows,
+                            residuals=self.residuals, diagnostics=self.diagnostics)
+
     @property
     def iterations(self) -> int:
         """CG iterations: N of ``cgN``, else ``cg_iters``."""
-        match = _CG_NAME.match(self.solver)
-        return int(match.group(1)) if match else self.cg_iters
+        return self.settings().iterations
 
     @property
     def mode(self) -> str:
         """``exact``, ``cg`` or ``gradient``."""
-        return "cg" if _CG_NAME.match(self.solver) else self.solver
+        return self.settings().mode
 
     def optimizer_kwargs(self) -> dict[str, Any]:
-        accepted = inspect.signature(_resolve_optimizer(self.optimizer).__init__).parameters
-        kwargs: dict[str, Any] = {"lr": self.lr}
+        """The settings the base optimizer accepts, besides ``lr``."""
+        accepted = inspect.signature(resolve_optimizer(self.optimizer).__init__).parameters
+        kwargs: dict[str, Any] = {}
         candidates: dict[str, Any] = {
             "momentum": self.momentum,
             "nesterov": self.nesterov,
@@ -197,107 +200,32 @@ class ProxPropConfig(MethodConfig):
 
 @dataclass
 class _Layer:
-    """One ProxProp layer: its module and where it sits in the Sequential."""
+    """One ProxProp layer: its module and its name (the index in a Sequential, else the qualified name)."""
 
-    index: int
+    index: int | str
     module: nn.Linear | nn.Conv2d
 
 
-def _check_model(model: nn.Module) -> tuple[list[_Layer], list[nn.Parameter]]:
-    """The ProxProp layers (every top-level Linear/Conv2d but the last) and the explicitly trained
-    parameters."""
-    if not isinstance(model, nn.Sequential):
-        raise ValueError(f"proxprop needs an nn.Sequential model, got {type(model).__name__}")
+def _check_chain(model: nn.Sequential) -> tuple[list[_Layer], list[nn.Parameter]]:
+    """The ProxProp layers of a Sequential (every top-level Linear/Conv2d but the last) and the explicitly
+    trained parameters."""
     linear_layers: list[_Layer] = []
     for i, module in enumerate(model):
         where = f"module {i} ({type(module).__name__})"
         if isinstance(module, nn.Linear | nn.Conv2d):
-            if isinstance(module, nn.Conv2d):
-                if module.groups != 1:
-                    raise ValueError(
-                        f"proxprop cannot train {where}: grouped convolutions are not supported; use groups=1"
-                    )
-                if module.padding_mode != "zeros":
-                    raise ValueError(f"proxprop cannot train {where}: padding_mode must be 'zeros'")
-                if isinstance(module.padding, str):
-                    raise ValueError(f"proxprop cannot train {where}: give the padding as integers, not "
-                                     f"{module.padding!r}")
             linear_layers.append(_Layer(i, module))
             continue
         if any(True for _ in module.parameters()):
             raise ValueError(
-                f"proxprop cannot train {where}: only top-level Linear/Conv2d layers may hold parameters "
-                "(activations, pooling, flatten and dropout are fine)"
+                f"proxprop cannot train {where} of an nn.Sequential chain: in a chain only top-level "
+                "Linear/Conv2d layers may hold parameters (activations, pooling, flatten and dropout are fine)"
             )
     if len(linear_layers) < 2:
         raise ValueError("proxprop needs at least two Linear/Conv2d layers: the last stays explicit and the "
                          "others take proximal steps")
-    explicit = list(linear_layers[-1].module.parameters())
-    return linear_layers[:-1], explicit
-
-
-@dataclass
-class _Direction:
-    weight: Tensor
-    bias: Tensor | None
-    cos: float
-    iterations: int
-    residual: float
-
-
-def _cosine(dot: float, norm2_a: float, norm2_b: float) -> float:
-    denom = math.sqrt(max(norm2_a, 0.0) * max(norm2_b, 0.0))
-    return dot / denom if denom > 0 else 1.0
-
-
-class _LinearOperator:
-    """The joint map A:(W, b) ↦ z of one layer on its saved input, with adjoint Aᵀ: y ↦ (∂⟨y,z⟩/∂W, ∂/∂b)."""
-
-    def __init__(self, module: nn.Linear | nn.Conv2d, a: Tensor) -> None:
-        self.module = module
-        self.has_bias = module.bias is not None
-        self.w_shape = module.weight.shape
-        if isinstance(module, nn.Linear):
-            self.a = a.reshape(-1, module.in_features)
-        else:
-            self.a = a
-
-    def forward(self, w: Tensor, b: Tensor | None) -> Tensor:
-        m = self.module
-        if isinstance(m, nn.Linear):
-            return F.linear(self.a, w, b)
-        return F.conv2d(self.a, w, b, m.stride, m.padding, m.dilation, m.groups)
-
-    def adjoint(self, y: Tensor) -> tuple[Tensor, Tensor | None]:
-        m = self.module
-        if isinstance(m, nn.Linear):
-            y2 = y.reshape(-1, m.out_features)
-            return y2.T @ self.a, (y2.sum(0) if self.has_bias else None)
-        gw = conv2d_weight(self.a, self.w_shape, y, m.stride, m.padding, m.dilation, m.groups)
-        return gw, (y.sum(dim=(0, 2, 3)) if self.has_bias else None)
-
-
-class _LinearColumns:
-    """Linear layer parameters as the (n+1)×q matrix Θ = [Wᵀ; bᵀ], one column per output neuron."""
-
-    @staticmethod
-    def pack(w: Tensor, b: Tensor | None) -> Tensor:
-        return w.T if b is None else torch.cat([w.T, b.unsqueeze(0)], dim=0)
-
-    @staticmethod
-    def unpack(theta: Tensor, n: int, has_bias: bool) -> tuple[Tensor, Tensor | None]:
-        return theta[:n].T.contiguous(), (theta[n].contiguous() if has_bias else None)
-
-
-def _flat(w: Tensor, b: Tensor | None) -> Tensor:
-    parts = [w.reshape(-1)] + ([b.reshape(-1)] if b is not None else [])
-    return torch.cat(parts).unsqueeze(1)
-
-
-def _unflat(v: Tensor, w_shape: torch.Size, has_bias: bool) -> tuple[Tensor, Tensor | None]:
-    nw = math.prod(w_shape)
-    w = v[:nw, 0].reshape(w_shape)
-    return w, (v[nw:, 0] if has_bias else None)
+    for layer in linear_layers[:-1]:
+        check_prox_module(layer.module, f"module {layer.index} ({type(layer.module).__name__})")
+    return linear_layers[:-1], list(linear_layers[-1].module.parameters())
 
 
 @register
@@ -317,32 +245,63 @@ class ProxProp(Method):
 
     def __init__(self, model: nn.Module, *, loss: str | None = None, **hparams: Any) -> None:
         super().__init__(model, loss=loss, **hparams)
-        self.layers, self._explicit = _check_model(model)
-        self._prox_index = {layer.index: k for k, layer in enumerate(self.layers)}
-        self._beta = 1.0 / self.config.tau_theta
-        cls = _resolve_optimizer(self.config.optimizer)
-        self.optimizer = cls(self.model.parameters(), **self.config.optimizer_kwargs())
-        if self.config.mode == "exact" and any(isinstance(lay.module, nn.Conv2d) for lay in self.layers):
+        c = self.config
+        self.is_chain = isinstance(model, nn.Sequential)
+        explicit: list[nn.Module] | None = None
+        if self.is_chain:
+            assert isinstance(model, nn.Sequential)
+            self.layers, self._explicit = _check_chain(model)
+            linears: list[nn.Module] = [m for m in model if isinstance(m, nn.Linear | nn.Conv2d)]
+            explicit = linears[-1:]
+        s = c.settings()
+        self.optimizer = ProxPropOptimizer(
+            model, c.optimizer, lr=c.lr, tau_theta=s.tau_theta, solver=s.solver, explicit=explicit,
+            cg_iters=s.cg_iters, cg_tol=s.cg_tol, cg_eps=s.cg_eps, cg_stop=s.cg_stop, cg_variant=s.cg_variant,
+            form=s.form, unfold_chunk_rows=s.unfold_chunk_rows, diagnostics=s.diagnostics, residuals=s.residuals,
+            block_hook=self.block, comm=lambda: self.comm, **c.optimizer_kwargs(),
+        )
+        if self.is_chain:
+            self.optimizer.remove_hooks()  # the chain path hands the signals over itself
+        else:
+            self.layers = [_Layer(name, m) for name, m in self.optimizer.prox_layers.items()]
+            if not self.layers:
+                raise ValueError(
+                    f"proxprop needs at least one Linear/Conv2d layer besides the explicit last Linear (an "
+                    f"nn.Sequential chain of two or more, or a model such as resnet8); got {type(model).__name__}"
+                )
+        if c.mode == "exact" and any(isinstance(lay.module, nn.Conv2d) for lay in self.layers):
             # The per-instance name marks the derived conv solve (METHODS.md §0.1).
             self.reporting_name = "ProxProp (exact-unfold)"  # type: ignore[misc]
+
+    def single_process_only(self) -> str | None:
+        if self.is_chain:
+            return None
+        return ("proxprop trains non-Sequential models (e.g. resnet8) in one process only; drop the "
+                "data-parallel launch or use an nn.Sequential model")
 
     # -- backward signal ----------------------------------------------------------------------------------
     def backward_signals(
         self, x: Tensor, y: Tensor
     ) -> tuple[Tensor, list[tuple[Tensor, Tensor]], list[Tensor | None]]:
-        """One forward and one autograd pass at the current (old) weights.
+        """One forward and one autograd pass at the current (old) weights of a Sequential chain.
 
         Returns the batch loss, ``(a, G)`` for every ProxProp layer (its input and G = ∂J/∂z) and the autograd
-        gradients of the explicit parameters. Only the gradients with respect to the ProxProp layers' outputs
-        are requested, so autograd never forms their weight gradients.
+        gradients of the explicit parameters. With the exact solver only the gradients with respect to the
+        ProxProp layers' outputs are requested, so autograd never forms their weight gradients; CG and gradient
+        modes also request them (left in the layers' ``.grad``), as a backward() would in the optimizer's
+        hooked path, so both paths start from the same ĀᵀG.
         """
+        if not self.is_chain:
+            raise ValueError("backward_signals needs an nn.Sequential model; other models record their "
+                             "signals through liftkit.optim.ProxProp's hooks")
         h = x
         inputs: list[Tensor] = []
         outputs: list[Tensor] = []
+        prox_index = {layer.index for layer in self.layers}
         assert isinstance(self.model, nn.Sequential)
         for i, module in enumerate(self.model):
             out = module(h)
-            if i in self._prox_index:
+            if i in prox_index:
                 if not out.requires_grad:  # parameters frozen by the caller: still give G a graph node
                     out.requires_grad_(True)
                 inputs.append(h.detach())
@@ -356,7 +315,13 @@ class ProxProp(Method):
         else:
             loss = evaluate_loss(self.loss, h, y)
         wanted: list[Tensor] = [p for p in self._explicit if p.requires_grad]
-        grads = torch.autograd.grad(loss, outputs + wanted, allow_unused=True)
+        # CG and gradient solvers start from ĀᵀG: take it from the same autograd pass (as a backward() in the
+        # optimizer's hooked path would); the exact solver never needs it
+        prox_params = self._prox_params_needing_grad()
+        grads = torch.autograd.grad(loss, outputs + prox_params + wanted, allow_unused=True)
+        for p, g in zip(prox_params, grads[len(outputs):len(outputs) + len(prox_params)]):
+            p.grad = g
+        grads = grads[: len(outputs)] + grads[len(outputs) + len(prox_params):]
         signals = []
         for a, z, g in zip(inputs, outputs, grads[: len(outputs)]):
             signals.append((a, torch.zeros_like(z) if g is None else g))
@@ -377,219 +342,68 @@ class ProxProp(Method):
             return flat[-1], signals, explicit
         return loss.detach(), signals, explicit
 
-    def _reduce_params(self, w: Tensor, b: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        """Σ over ranks of a (weight, bias)-shaped pair in one all-reduce (no-op in one process)."""
-        if self.comm.world_size == 1:
-            return w, b
-        flat = self.comm.all_reduce_sum_(_flat(w, b)[:, 0].contiguous())
-        rw, rb = _unflat(flat.unsqueeze(1), w.shape, b is not None)
-        return rw.contiguous(), (rb.contiguous() if rb is not None else None)
+    def _prox_params_needing_grad(self) -> list[Tensor]:
+        """The ProxProp layers' parameters whose autograd gradient the solver reads (CG and gradient modes)."""
+        if self.config.mode == "exact" or not self.optimizer.grad_rhs:
+            return []
+        return [p for layer in self.layers if all(q.requires_grad for q in layer.module.parameters())
+                for p in layer.module.parameters()]
 
-    # -- prox directions ----------------------------------------------------------------------------------
-    def direction(self, module: nn.Linear | nn.Conv2d, a: Tensor, G: Tensor) -> _Direction:
+    def direction(self, module: nn.Linear | nn.Conv2d, a: Tensor, G: Tensor) -> Direction:
         """θ_old − θ_prox for one layer with input ``a`` and backprop signal ``G`` (the config's solver)."""
-        mode = self.config.mode
-        op = _LinearOperator(module, a)
-        if mode == "gradient":
-            gw, gb = self._reduce_params(*op.adjoint(G))
-            return _Direction(gw, gb, 1.0, 0, 0.0)
-        if mode == "cg":
-            return self._cg_direction(op, G)
-        if isinstance(module, nn.Linear):
-            if self.comm.world_size > 1:
-                return self._exact_linear_gram_reduced(op, G)
-            return self._exact_linear(op, G)
-        return self._exact_unfold(op, G)
-
-    def _exact_linear(self, op: _LinearOperator, G: Tensor) -> _Direction:
-        beta = self._beta
-        a = op.a
-        G2 = G.reshape(-1, G.shape[-1])
-        N, n = a.shape
-        p = n + (1 if op.has_bias else 0)
-        form = self.config.form
-        if form == "auto":
-            form = "push_through" if p > N else "gram"
-        residual = 0.0
-        if form == "push_through":
-            G64 = G2.detach().to(torch.float64)
-            Z, K = push_through_coefficients(a, G64, beta, ones_column=op.has_bias)
-            Zc = Z.to(a.dtype)
-            gw = Zc.T @ a
-            gb = Zc.sum(0) if op.has_bias else None
-            # With KZ = G − βZ (the normal equations): ⟨∇J, g⟩ = ⟨G, KZ⟩, ‖g‖² = ⟨Z, KZ⟩, ‖∇J‖² = ⟨G, KG⟩;
-            # only the last needs an N×N×q product, so the cosine costs far less than a weight gradient.
-            g_flat, z_flat = G64.reshape(-1), Z.reshape(-1)
-            gz = float(torch.dot(g_flat, z_flat))
-            dot = float(torch.dot(g_flat, g_flat)) - beta * gz
-            norm2_dir = gz - beta * float(torch.dot(z_flat, z_flat))
-            norm2_grad = float(torch.dot(g_flat, (K @ G64).reshape(-1))) if self.config.diagnostics else 1.0
-            if self.config.residuals:
-                residual = float((K @ Z + beta * Z - G64).norm() / G64.norm().clamp_min(1e-300))
-            return _Direction(gw, gb, _cosine(dot, norm2_dir, norm2_grad), 0, residual)
-        A_bar = torch.cat([a, a.new_ones(N, 1)], dim=1) if op.has_bias else a
-        grad = A_bar.T @ G2
-        theta = linear_prox_direction(A_bar, G2, beta, form="gram")
-        gw, gb = _LinearColumns.unpack(theta, n, op.has_bias)
-        if self.config.residuals:
-            lhs = A_bar.T @ (A_bar @ theta) + beta * theta
-            residual = float((lhs - grad).norm() / grad.norm().clamp_min(1e-300))
-        cos = _cosine(float((grad * theta).sum()), float((theta * theta).sum()), float((grad * grad).sum()))
-        return _Direction(gw, gb, cos, 0, residual)
-
-    def _exact_linear_gram_reduced(self, op: _LinearOperator, G: Tensor) -> _Direction:
-        """The exact linear solve under data parallelism (METHODS.md §7): every rank forms its shard's ĀᵀĀ and
-        ĀᵀG in float64, one all-reduce sums both, and every rank solves the same (n+1)×(n+1) system. The
-        push-through form needs the whole batch's N×N Gram, so ``form`` is ignored here (always the Gram)."""
-        a = op.a
-        G64 = G.reshape(-1, G.shape[-1]).detach().to(torch.float64)
-        A64 = a.detach().to(torch.float64)
-        if op.has_bias:
-            A64 = torch.cat([A64, A64.new_ones(A64.shape[0], 1)], dim=1)
-        S, R = self._reduce_gram(A64.T @ A64, A64.T @ G64)
-        return self._gram_direction(op, S, R, a.dtype)
-
-    def _reduce_gram(self, S: Tensor, R: Tensor) -> tuple[Tensor, Tensor]:
-        """Σ over ranks of a float64 Gram S and right-hand side R in one all-reduce."""
-        if self.comm.world_size == 1:
-            return S, R
-        p = S.shape[0]
-        flat = self.comm.all_reduce_sum_(torch.cat([S.reshape(-1), R.reshape(-1)]))
-        return flat[: p * p].view(p, p), flat[p * p:].view(R.shape)
-
-    def _gram_direction(self, op: _LinearOperator, S: Tensor, R: Tensor, dtype: torch.dtype) -> _Direction:
-        """θ = (S + βI)⁻¹R for a Linear layer, with the cosine and residual diagnostics from S and R."""
-        theta = spd_ridge_solve(S, R, self._beta)
-        residual = 0.0
-        if self.config.residuals:
-            residual = float((S @ theta + self._beta * theta - R).norm() / R.norm().clamp_min(1e-300))
-        cos = _cosine(float((R * theta).sum()), float((theta * theta).sum()), float((R * R).sum()))
-        assert isinstance(op.module, nn.Linear)
-        gw, gb = _LinearColumns.unpack(theta.to(dtype), op.module.in_features, op.has_bias)
-        return _Direction(gw, gb, cos, 0, residual)
-
-    def _unfold_gram(self, op: _LinearOperator, G: Tensor) -> tuple[Tensor, Tensor]:
-        """PᵀP and PᵀG_flat of a conv layer (float64, accumulated over row chunks; §4.5)."""
-        m = op.module
-        assert isinstance(m, nn.Conv2d)
-        a = op.a
-        N = a.shape[0]
-        out_hw = G.shape[2] * G.shape[3]
-        p = m.in_channels * m.kernel_size[0] * m.kernel_size[1] + (1 if op.has_bias else 0)
-        S = torch.zeros(p, p, dtype=torch.float64, device=a.device)
-        R = torch.zeros(p, m.out_channels, dtype=torch.float64, device=a.device)
-        per_chunk = max(1, self.config.unfold_chunk_rows // max(out_hw, 1))
-        for start in range(0, N, per_chunk):
-            a_c = a[start:start + per_chunk]
-            padding = m.padding if not isinstance(m.padding, str) else 0  # strings are rejected in __init__
-            P = F.unfold(a_c, m.kernel_size, m.dilation, padding, m.stride).transpose(1, 2)
-            P = P.reshape(-1, P.shape[-1]).to(torch.float64)
-            if op.has_bias:
-                P = torch.cat([P, P.new_ones(P.shape[0], 1)], dim=1)
-            G_c = G[start:start + per_chunk].permute(0, 2, 3, 1).reshape(-1, m.out_channels)
-            S += P.T @ P
-            R += P.T @ G_c.to(torch.float64)
-        return S, R
-
-    def _exact_unfold(self, op: _LinearOperator, G: Tensor) -> _Direction:
-        m = op.module
-        assert isinstance(m, nn.Conv2d)
-        S, R = self._reduce_gram(*self._unfold_gram(op, G))
-        theta = spd_ridge_solve(S, R, self._beta)
-        residual = 0.0
-        if self.config.residuals:
-            residual = float((S @ theta + self._beta * theta - R).norm() / R.norm().clamp_min(1e-300))
-        cos = _cosine(float((R * theta).sum()), float((theta * theta).sum()), float((R * R).sum()))
-        nw = theta.shape[0] - (1 if op.has_bias else 0)
-        gw = theta[:nw].T.reshape(m.weight.shape).to(m.weight.dtype)
-        gb = theta[nw].to(m.weight.dtype) if op.has_bias else None
-        return _Direction(gw.contiguous(), gb, cos, 0, residual)
-
-    def _cg_direction(self, op: _LinearOperator, G: Tensor) -> _Direction:
-        beta = self._beta
-        gw, gb = self._reduce_params(*op.adjoint(G))
-        # under data parallelism each rank holds its rows of A: AᵀA v is all-reduced in every iteration, the
-        # CG scalars then act on replicated vectors (METHODS.md §7)
-        reduce = self._reduce
-        apply_M: Callable[[Tensor], Tensor]
-        unpack: Callable[[Tensor], tuple[Tensor, Tensor | None]]
-        if isinstance(op.module, nn.Linear):
-            n = op.module.in_features
-            a = op.a
-            rhs = _LinearColumns.pack(gw, gb)
-
-            def apply_M(v: Tensor) -> Tensor:
-                # AᵀA v + βv on Θ = [Wᵀ; bᵀ] without transposing or concatenating the iterate
-                y = torch.addmm(v[n], a, v[:n]) if op.has_bias else a @ v[:n]
-                out = torch.empty_like(v)
-                torch.mm(a.T, y, out=out[:n])
-                if op.has_bias:
-                    torch.sum(y, 0, out=out[n])
-                if reduce is not None:
-                    reduce(out)
-                return out.add_(v, alpha=beta)
-
-            def unpack(v: Tensor) -> tuple[Tensor, Tensor | None]:
-                return _LinearColumns.unpack(v, n, op.has_bias)
-        else:
-            rhs = _flat(gw, gb)
-            w_shape = op.w_shape
-
-            def apply_M(v: Tensor) -> Tensor:
-                AtAv = _flat(*op.adjoint(op.forward(*_unflat(v, w_shape, op.has_bias))))
-                if reduce is not None:
-                    reduce(AtAv)
-                return AtAv + beta * v
-
-            def unpack(v: Tensor) -> tuple[Tensor, Tensor | None]:
-                w, b = _unflat(v, w_shape, op.has_bias)
-                return w.contiguous(), (b.contiguous() if b is not None else None)
-
-        c = self.config
-        d, iters = block_cg(apply_M, rhs, None if reduce is not None else torch.zeros_like(rhs), c.iterations,
-                            tol=c.cg_tol, eps=c.cg_eps, stop=c.cg_stop)
-        residual = 0.0
-        if c.residuals:
-            residual = float((apply_M(d) - rhs).norm() / rhs.norm().clamp_min(1e-300))
-        cos = _cosine(float((rhs * d).sum()), float((d * d).sum()), float((rhs * rhs).sum()))
-        w, b = unpack(d)
-        return _Direction(w, b, cos, iters, residual)
+        return self.optimizer.solver.direction(module, a, G)
 
     # -- the step -----------------------------------------------------------------------------------------
     def step(self, x: Tensor, y: Tensor, *, idx: Tensor | None = None) -> StepStats:
         self.model.train()
-        with self.block("forward_backward"):
-            loss, signals, explicit = self.backward_signals(x, y)
+        if self.is_chain:
+            with self.block("forward_backward"):
+                loss, signals, explicit = self.backward_signals(x, y)
+        else:
+            with self.block("forward_backward"):
+                loss = self._hooked_backward(x, y)
         loss_value = float(loss)
         if not math.isfinite(loss_value):
+            self.optimizer.zero_grad(set_to_none=True)
             if not bool(torch.isfinite(x).all()):
                 raise ValueError("proxprop: the input batch contains NaN or inf; clean the data")
             return StepStats(loss=loss_value, info={"diverged": 1.0})
-        info: dict[str, float] = {}
-        min_cos = 1.0
-        for layer, (a, G) in zip(self.layers, signals):
-            module = layer.module
-            with self.block(f"prox[{layer.index}]"):
-                d = self.direction(module, a, G)
-            module.weight.grad = d.weight
-            if module.bias is not None:
-                module.bias.grad = d.bias
-            if self.config.diagnostics:
-                min_cos = min(min_cos, d.cos)
-                info[f"cos_{layer.index}"] = d.cos
-            if self.config.mode == "cg":
-                info[f"cg_iters_{layer.index}"] = float(d.iterations)
-            if self.config.residuals:
-                info[f"residual_{layer.index}"] = d.residual
-        for p, g in zip(self._explicit, explicit):
-            p.grad = g
-        if self.config.diagnostics:
-            info["min_cos"] = min_cos
-            info["descent_violation"] = float(min_cos <= 0.0)
-        with self.block("optimizer_step"):
+        if self.is_chain:
+            for p, g in zip(self._explicit, explicit):
+                p.grad = g
+            names = [str(layer.index) for layer in self.layers]
+            self.optimizer.step(signals=[(name, layer.module, a, G)
+                                         for name, layer, (a, G) in zip(names, self.layers, signals)])
+        else:
             self.optimizer.step()
         self.steps_taken += 1
-        return StepStats(loss=loss_value, info=info)
+        return StepStats(loss=loss_value, info=self._step_info())
+
+    def _hooked_backward(self, x: Tensor, y: Tensor) -> Tensor:
+        """Forward and backward of any model; the optimizer's hooks record every ProxProp layer's input and
+        output gradient (the backward is skipped for a non-finite loss)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = evaluate_loss(self.loss, self.model(x), y)
+        if bool(torch.isfinite(loss)):
+            loss.backward()
+        return loss.detach()
+
+    def _step_info(self) -> dict[str, float]:
+        info: dict[str, float] = {}
+        c = self.config
+        min_cos = 1.0
+        for name, stats in self.optimizer.last_stats.items():
+            if c.diagnostics:
+                min_cos = min(min_cos, stats.cos)
+                info[f"cos_{name}"] = stats.cos
+            if c.mode == "cg":
+                info[f"cg_iters_{name}"] = float(stats.iterations)
+            if c.residuals:
+                info[f"residual_{name}"] = stats.residual
+        if c.diagnostics:
+            info["min_cos"] = min_cos
+            info["descent_violation"] = float(min_cos <= 0.0)
+        return info
 
     # -- state --------------------------------------------------------------------------------------------
     def extra_state(self) -> dict[str, Any]:
@@ -600,4 +414,3 @@ class ProxProp(Method):
         if "optimizer" not in state:
             raise ValueError("proxprop state dict has no optimizer state; save it with ProxProp.state_dict()")
         self.optimizer.load_state_dict(state["optimizer"])
-
