@@ -243,6 +243,18 @@ class ProxProp(Method):
     default_batch_size = 100
     supports_data_parallel = True
 
+    @classmethod
+    def preset_values(cls, preset: str, model: nn.Module) -> dict[str, Any]:
+        """``paper``: the published experiments (docs/methods/proxprop.md, Presets): for MLPs SGD with Nesterov
+        momentum 0.95, lr 1 and τ_θ 0.05; for convolutional models Adam, lr 1e-3 and τ_θ 1; both with three
+        iterations of the official code's (aliased) CG. Their batch size, 500, is the trainer's."""
+        if preset != "paper":
+            return {}
+        cg = {"solver": "cg3", "cg_variant": "official"}
+        if any(isinstance(m, nn.Conv2d) for m in model.modules()):
+            return {**cg, "optimizer": "adam", "lr": 1e-3, "tau_theta": 1.0}
+        return {**cg, "optimizer": "sgd", "lr": 1.0, "momentum": 0.95, "nesterov": True, "tau_theta": 0.05}
+
     def __init__(self, model: nn.Module, *, loss: str | None = None, **hparams: Any) -> None:
         super().__init__(model, loss=loss, **hparams)
         c = self.config
