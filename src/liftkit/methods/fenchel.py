@@ -260,10 +260,11 @@ class Fenchel(FenchelWBlocks, Method):
         if preset == "paper":
             common: dict[str, Any] = {"lambdas": 1.0, "rho": 0.0, "alternations": 1, "init": "official"}
             if convs == 0:
-                return {**common, "rho_d": 10.0, "rho_d_output": 100.0, "lbd_coef": (1.0,) * (hidden - 1) + (10.0,)}
+                coef: float | tuple[float, ...] = 10.0 if hidden == 1 else (1.0,) * (hidden - 1) + (10.0,)
+                return {**common, "rho_d": 10.0, "rho_d_output": 100.0, "lbd_coef": coef}
             anchors = tuple(float(f"{1e-4 * 100.0**k:.0e}") for k in range(convs)) + (1.0,) * (linears - 1) + (10.0,)
-            coef = (1.0, 5.0, 1.0, 5.0) if (convs, linears) == (2, 3) else (1.0,)
-            return {**common, "rho_d": anchors, "rho_d_output": 10.0, "lbd_coef": coef, "x_iters": 5}
+            lenet = (1.0, 5.0, 1.0, 5.0) if (convs, linears) == (2, 3) else 1.0
+            return {**common, "rho_d": anchors, "rho_d_output": 10.0, "lbd_coef": lenet, "x_iters": 5}
         if convs == 0:
             return {}
         anchors = tuple(float(f"{1e-6 * 100.0**k:.0e}") for k in range(convs)) + (1e-2,) * (linears - 1) + (10.0,)
