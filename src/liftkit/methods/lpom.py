@@ -73,7 +73,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Container, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -83,7 +83,7 @@ from torch import Tensor, nn
 from liftkit.distributed import Communicator
 from liftkit.methods.base import Method, MethodConfig, StepStats, evaluate_loss, register, targets_for
 from liftkit.methods.lpom_chain import X_SOLVERS, LiftedChain
-from liftkit.methods.lpom_kernels import SPECTRAL_SAFETY, BlockResult, warm_power
+from liftkit.methods.lpom_kernels import SPECTRAL_SAFETY, BlockResult, resolve_solve_dtype, warm_power
 from liftkit.methods.lpom_kernels import PinvApply as _PinvApply  # noqa: F401  (scripts/lpom_cost_model.py)
 from liftkit.methods.lpom_shards import Shards
 
@@ -94,6 +94,7 @@ PINV_KINDS = ("cholesky", "svd")
 W_SIDES = ("auto", "batch", "feature")
 X_INITS = ("forward", "persistent")
 MONITORS = ("off", "basic", "full")
+SOLVE_DTYPES = ("auto", "float64", "float32")
 
 _T = TypeVar("_T")
 
@@ -145,6 +146,9 @@ class LPOMConfig(MethodConfig):
     collapse_tol: float = 1e-2
     #: 'basic': energy after the X-phase, residuals, norms; 'full': also the energy after the W-phase; 'off'
     monitor: str = "basic"
+    #: dtype of the W-step's Gram and Cholesky factor: 'float64', 'float32', or 'auto' (float64 on the CPU; on an
+    #: accelerator float32 unless the model is float64)
+    solve_dtype: str = "auto"
 
     def validate(self) -> None:
         self._positive("mu", "x_tol", "ridge_rel", "ridge_rel_feature", "collapse_tol", "guard_ratio")
@@ -156,6 +160,7 @@ class LPOMConfig(MethodConfig):
         self._choice("pinv", PINV_KINDS)
         self._choice("x_init", X_INITS)
         self._choice("monitor", MONITORS)
+        self._choice("solve_dtype", SOLVE_DTYPES)
         self._int_at_least("x_iters", 1)
         self._int_at_least("x_sweeps", 0)
         self._int_at_least("output_iters", 1)
@@ -206,6 +211,7 @@ class LPOM(Method):
         super().__init__(model, loss=loss, **hparams)
         self.lifted = LiftedChain(model, self.name, self.config.mu, self.loss)
         self.lifted.guard_ratio = self.config.guard_ratio
+        self.lifted.solve_dtype = resolve_solve_dtype(self.config.solve_dtype, self.device, self.dtype)
         c = self.config
         for k in range(1, self.lifted.L):
             solver = self.lifted.resolve_solver(c.x_solver, k)
@@ -368,7 +374,7 @@ class LPOM(Method):
         w_norms: Mapping[int, float],
     ) -> BlockResult:
         """Solve block k from the current values (hidden: the §2.3 solver; k = L: the output update); mutates
-        nothing."""
+        nothing. ``pre[k]`` must be U_k of the current ``xs[k]`` (the sweep keeps it so): the solver starts from it."""
         c = self.config
         lifted = self.lifted
         with self.block(f"x_block[{k}]"):
@@ -376,7 +382,7 @@ class LPOM(Method):
                 return lifted.solve_output(xs[k], pre[k - 1], d, iters=c.output_iters, tol=c.x_tol)
             return lifted.solve_hidden(
                 k, xs[k], pre[k - 1], xs[k + 1], ws[k], bs[k], w_norms[k],
-                solver=lifted.resolve_solver(c.x_solver, k), iters=c.x_iters, tol=c.x_tol,
+                solver=lifted.resolve_solver(c.x_solver, k), iters=c.x_iters, tol=c.x_tol, u0=pre[k],
             )
 
     def refresh_preact(self, k: int, xs: Sequence[Tensor], ws: Sequence[Tensor], bs: Sequence[Tensor | None]) -> Tensor:
@@ -412,6 +418,8 @@ class LPOM(Method):
         groups: Sequence[Sequence[int]],
         *,
         sweeps: int,
+        at_forward: bool = False,
+        owned: Container[int] | None = None,
         after_group: Callable[[int], None] | None = None,
         round_moved: Callable[[float], float] | None = None,
     ) -> XSweep:
@@ -420,25 +428,39 @@ class LPOM(Method):
 
         Per group: every block is solved from the same values (:meth:`map_blocks`), exposed through the
         :attr:`x_momentum` average, and its pre-activation refreshed; then ``after_group(i)`` runs (the layer-
-        parallel boundary exchange). ``round_moved`` turns this process's largest change of a round into the
-        global one (layer parallelism: a maximum over the ranks)."""
+        parallel boundary exchange). Only the ``owned`` blocks are solved here (default: all). ``round_moved``
+        turns this process's largest change of a round into the global one (a maximum over the ranks).
+
+        ``at_forward``: ``xs`` is the forward pass of the current weights. A hidden block whose neighbours still
+        hold their forward values then sits at a minimiser of its subproblem (both of its penalties vanish), so
+        it is skipped (reported with 0 iterations) until a neighbour moves. The bookkeeping follows the whole
+        schedule, so every process of a layer split skips the same blocks."""
         beta_m = self.x_momentum
         lifted = self.lifted
+        clean = set(range(1, lifted.L)) if at_forward else set()
         out = XSweep()
         for _ in range(sweeps):
             moved = 0.0
             with self.block("x_sweep"):
                 for i, group in enumerate(groups):
-                    olds = {k: xs[k] for k in group}
-                    results = self.map_blocks(lambda k: self.solve_x_block(k, xs, pre, d, ws, bs, w_norms), group)
-                    for k, res in zip(group, results):
+                    here = [k for k in group if owned is None or k in owned]
+                    todo = [k for k in here if k not in clean]
+                    for k in here:
+                        if k in clean:
+                            out.last.setdefault(k, BlockResult(xs[k], 0, 0.0))
+                    olds = {k: xs[k] for k in todo}
+                    results = self.map_blocks(lambda k: self.solve_x_block(k, xs, pre, d, ws, bs, w_norms), todo)
+                    for k, res in zip(todo, results):
                         xs[k] = res.value if beta_m == 0.0 else beta_m * olds[k] + (1.0 - beta_m) * res.value
                         out.last[k] = res
                         out.iters += res.iters
                         moved = max(moved, lifted.rel_change(xs[k], olds[k]))
-                    inner = [k for k in group if k < lifted.L]
+                    inner = [k for k in todo if k < lifted.L]
                     for k, u in zip(inner, self.map_blocks(lambda k: self.refresh_preact(k, xs, ws, bs), inner)):
                         pre[k] = u
+                    for k in group:  # a solved block leaves its neighbours off their minimisers
+                        if k not in clean:
+                            clean.difference_update((k - 1, k + 1))
                     if after_group is not None:
                         after_group(i)
             out.rounds += 1
@@ -457,11 +479,15 @@ class LPOM(Method):
         bs: Sequence[Tensor | None],
         info: dict[str, float],
         sweeps: int | None = None,
+        *,
+        at_forward: bool = False,
     ) -> None:
-        """The X-phase of §2.5 on ``xs`` (in place): ``sweeps`` sweeps with early stopping."""
+        """The X-phase of §2.5 on ``xs`` (in place): ``sweeps`` sweeps with early stopping; ``at_forward``: ``xs``
+        is the forward pass of ``ws`` (see :meth:`sweep_x`)."""
         w_norms = self._x_phase_norms(ws, info)
         out = self.sweep_x(
-            xs, pre, d, ws, bs, w_norms, self.x_groups(), sweeps=sweeps if sweeps is not None else self.sweeps
+            xs, pre, d, ws, bs, w_norms, self.x_groups(), sweeps=sweeps if sweeps is not None else self.sweeps,
+            at_forward=at_forward,
         )
         self.report_x_phase(info, out.last, out.iters, out.rounds)
 
@@ -561,7 +587,7 @@ class LPOM(Method):
                 if p > 0:
                     ws, bs = lifted.weights(), lifted.biases()
                     pre = [lifted.preact(xs[j], ws[j], bs[j]) for j in range(lifted.L)]
-                self.x_phase(xs, pre, d, ws, bs, info)
+                self.x_phase(xs, pre, d, ws, bs, info, at_forward=p == 0 and c.x_init == "forward")
                 if c.monitor != "off":
                     info["energy"] = lifted.energy(xs, pre, d)
                 self.commit(self.w_phase(xs, pre, ws, bs))

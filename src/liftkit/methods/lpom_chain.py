@@ -14,7 +14,15 @@ import torch.nn.functional as tF
 from torch import Tensor, nn
 
 from liftkit.activations import Activation
-from liftkit.methods.lpom_kernels import BlockResult, PinvApply, fused_fista, preact, rel_change
+from liftkit.methods.lpom_kernels import (
+    BlockResult,
+    PinvApply,
+    fused_fista,
+    preact,
+    rel_change,
+    step_update,
+    with_ones,
+)
 from liftkit.methods.lpom_shards import Shards
 from liftkit.models import as_chain
 from liftkit.solvers import batch_pinv
@@ -50,6 +58,8 @@ class LiftedChain:
                 if not isinstance(glue, nn.Flatten | nn.Identity):
                     raise ValueError(f"{method} cannot train glue module {type(glue).__name__} between layers")
         self.chain = chain
+        #: dtype of the W-step's Gram and Cholesky factor (LPOMConfig.solve_dtype)
+        self.solve_dtype = torch.float64
         #: names the chain's inner blocks (``gram``) for a profiler; the method sets it to its own ``block``
         self.block: Callable[[str], AbstractContextManager[None]] = _no_block
         self.linears: list[nn.Linear] = [layer.linear for layer in chain]  # type: ignore[misc]
@@ -152,9 +162,11 @@ class LiftedChain:
         tol: float,
         gamma: float = 0.0,
         anchor: Tensor | None = None,
+        u0: Tensor | None = None,
     ) -> BlockResult:
         """Minimise μ_{k−1}ΣB_{φ_{k−1}}(A, X) + μ_kΣB_{φ_k}(XW_kᵀ + b_k, X^{k+1}) [+ (γ/2)‖X − anchor‖²] over
-        X = X^k, warm-started at ``x0``. ``w_norm`` ≥ ‖W_k‖₂ sets the FISTA step.
+        X = X^k, warm-started at ``x0``. ``w_norm`` ≥ ‖W_k‖₂ sets the FISTA step; ``u0`` = x0 W_kᵀ + b_k when the
+        caller holds it (it saves the first iteration's product).
 
         With γ > 0 (async proximal BCD, §2.7) the block, divided by μ_{k−1} + γ, is s·f(X) + ½‖X − A'‖² + c'[…]
         with A' = (μA + γX̄)/(μ + γ), s = μ/(μ + γ), c' = μ_k/(μ + γ): the same solvers with f → s·f."""
@@ -179,7 +191,7 @@ class LiftedChain:
             lip = 1.0 + c * act_out.kappa * w_norm * w_norm
             return fused_fista(
                 act_in, act_out, a, x_next, w, b, c, s, lip, x0, iters, tol,
-                sq_sum=None if self.shards is None else self.shards.sum_,
+                sq_sum=None if self.shards is None else self.shards.sum_, u0=u0,
             )
         if solver != "fixed_point":
             raise ValueError(f"unknown x_solver {solver!r}; choose one of {', '.join(X_SOLVERS)}")
@@ -190,7 +202,8 @@ class LiftedChain:
         damped = False
         it = 0
         while it < iters:
-            y = a - c * (act_out.phi(self.preact(x, w, b)) - x_next) @ w
+            u = u0 if (it == 0 and u0 is not None) else self.preact(x, w, b)
+            y = a - c * (act_out.phi(u) - x_next) @ w
             t_x = act_in.phi(y) if s == 1.0 else act_in.prox_f(y, s)
             x_new = x + 0.5 * (t_x - x) if damped else t_x
             new_res = self.rel_change(x_new, x)
@@ -274,16 +287,17 @@ class LiftedChain:
         act = self.acts[j]
         beta = act.kappa
         has_bias = b is not None
-        x_bar = torch.cat([x_in, torch.ones_like(x_in[:, :1])], dim=1) if has_bias else x_in
-        m = x_bar.shape[0] if self.shards is None else self.shards.rows(x_bar)
+        m = x_in.shape[0] if self.shards is None else self.shards.rows(x_in)
         extra = 0.0
         if gamma > 0.0:
+            x_bar = with_ones(x_in) if has_bias else x_in
             trace = self._global(float(x_bar.pow(2).sum(dtype=torch.float64).item()))
             if trace > 0:
                 extra = (gamma / (beta * self.mu[j])) * m / trace
         with self.block("gram"):
             apply_pinv = self._pinv_operator(
-                x_bar, m, side=side, pinv=pinv, ridge_rel=ridge_rel, ridge_rel_feature=ridge_rel_feature, extra=extra
+                x_in, has_bias, m, side=side, pinv=pinv, ridge_rel=ridge_rel, ridge_rel_feature=ridge_rel_feature,
+                extra=extra,
             )
         # W̄ ← Y − (1/β) Rᵀ(X̄ᵀ)⁺ᵀ, with (X̄ᵀ)⁺ᵀ = (X̄X̄ᵀ + εI)⁻¹X̄ applied to R (see PinvApply).
         w_k, b_k = w, b
@@ -307,26 +321,33 @@ class LiftedChain:
                 base_w, base_b = w_k, b_k
             else:
                 base_w, base_b = w_y, b_y
-            step = apply_pinv(r).div_(beta)
-            w_new = base_w - (step[:, :-1] if has_bias else step)
-            b_new = None if base_b is None else base_b - step[:, -1]
+            if isinstance(apply_pinv, PinvApply):
+                w_new, b_new = apply_pinv.update(r, base_w, base_b, beta)
+            else:
+                w_new, b_new = step_update(apply_pinv(r), base_w, base_b, beta)
             w_prev, b_prev = w_cur, b_cur
             w_cur, b_cur = w_new, b_new
             th_prev, th_cur = th_cur, 0.5 * (math.sqrt(th_cur**4 + 4.0 * th_cur**2) - th_cur**2)
         return w_cur, b_cur
 
     def _pinv_operator(
-        self, x_bar: Tensor, m: int, *, side: str, pinv: str, ridge_rel: float, ridge_rel_feature: float | None,
-        extra: float,
+        self, x_in: Tensor, has_bias: bool, m: int, *, side: str, pinv: str, ridge_rel: float,
+        ridge_rel_feature: float | None, extra: float,
     ) -> Callable[[Tensor], Tensor]:
-        """R ↦ Rᵀ(X̄ᵀ)⁺ᵀ for the batch X̄ (m samples over all shards) with the guard of its layer: a layer whose
-        batch is not small against its inputs (m > guard_ratio·(n_j+1), or a feature-side Gram) gets
+        """R ↦ Rᵀ(X̄ᵀ)⁺ᵀ for the batch X̄ = [X, 1] (m samples over all shards) with the guard of its layer: a
+        layer whose batch is not small against its inputs (m > guard_ratio·(n_j+1), or a feature-side Gram) gets
         ``ridge_rel_feature``; ``extra`` is the async proximal term's addition to the guard."""
-        feature = side == "feature" or (side == "auto" and m > x_bar.shape[1])
-        near = feature or m > self.guard_ratio * x_bar.shape[1]
+        n1 = x_in.shape[1] + int(has_bias)
+        feature = side == "feature" or (side == "auto" and m > n1)
+        near = feature or m > self.guard_ratio * n1
         guard = ridge_rel_feature if (near and ridge_rel_feature is not None) else ridge_rel
         if self.shards is not None:
-            return self.shards.pinv(x_bar, m, side=side, pinv=pinv, guard=guard + extra, rcond=ridge_rel, extra=extra)
+            x_bar = with_ones(x_in) if has_bias else x_in
+            return self.shards.pinv(
+                x_bar, m, side=side, pinv=pinv, guard=guard + extra, rcond=ridge_rel, extra=extra,
+                dtype=self.solve_dtype,
+            )
         if pinv == "svd" and extra == 0.0:
-            return PinvApply(x_bar, batch_pinv(x_bar.t(), side="svd", rcond=ridge_rel))
-        return PinvApply.cholesky(x_bar, side, guard + extra)
+            x_bar = with_ones(x_in) if has_bias else x_in
+            return PinvApply(x_in, has_bias, batch_pinv(x_bar.t(), side="svd", rcond=ridge_rel))
+        return PinvApply.cholesky(x_in, has_bias, side, guard + extra, self.solve_dtype)

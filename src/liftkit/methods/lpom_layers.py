@@ -28,7 +28,7 @@ layer's weights (and its warm power-iteration vector) from an owner.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Container, Mapping, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -83,8 +83,9 @@ class LayerParallelMethod(Protocol):
     def power_vectors(self) -> list[Tensor | None]: ...
     def sweep_x(
         self, xs: list[Tensor], pre: list[Tensor], d: Tensor, ws: Sequence[Tensor], bs: Sequence[Tensor | None],
-        w_norms: Mapping[int, float], groups: Sequence[Sequence[int]], *, sweeps: int,
-        after_group: Callable[[int], None] | None = None, round_moved: Callable[[float], float] | None = None,
+        w_norms: Mapping[int, float], groups: Sequence[Sequence[int]], *, sweeps: int, at_forward: bool = False,
+        owned: Container[int] | None = None, after_group: Callable[[int], None] | None = None,
+        round_moved: Callable[[float], float] | None = None,
     ) -> _XSweepOutcome: ...
     def report_x_phase(self, info: dict[str, float], last: Mapping[int, BlockResult], total: int, sweeps: int) -> None:
         ...
@@ -163,7 +164,7 @@ class LayerParallel:
                     ws, bs = lifted.weights(), lifted.biases()
                     for j in self.layers:
                         pre[j] = lifted.preact(xs[j], ws[j], bs[j])
-                self._x_phase(method, xs, pre, d, ws, bs, info)
+                self._x_phase(method, xs, pre, d, ws, bs, info, at_forward=p == 0)
                 if c.monitor != "off":
                     info["energy"] = self._energy(lifted, xs, pre, d)
                 method.commit_layers({j: method.solve_w_block(j, xs, pre, ws, bs) for j in self.layers})
@@ -190,7 +191,7 @@ class LayerParallel:
 
     def _x_phase(
         self, method: LayerParallelMethod, xs: list[Tensor], pre: list[Tensor], d: Tensor, ws: list[Tensor],
-        bs: list[Tensor | None], info: dict[str, float],
+        bs: list[Tensor | None], info: dict[str, float], *, at_forward: bool,
     ) -> None:
         """Serial LPOM's odd–even sweep restricted to this rank's blocks, with the boundary exchange after every
         phase and the largest block change of a round taken over all ranks."""
@@ -199,7 +200,6 @@ class LayerParallel:
         # the same warm power iterations serial LPOM runs for these blocks' W_k (all owned here)
         w_norms = method.hidden_w_norms(ws, hidden)
         phases = method.x_groups()
-        mine = [[k for k in phase if self.k_lo <= k <= self.k_hi] for phase in phases]
 
         def exchange(i: int) -> None:
             for k in self._exchange(xs, set(phases[i])):
@@ -212,8 +212,8 @@ class LayerParallel:
             return float(self.comm.all_reduce_max_(torch.tensor([moved], dtype=torch.float64, device=d.device))[0])
 
         out = method.sweep_x(
-            xs, pre, d, ws, bs, w_norms, mine, sweeps=method.sweeps, after_group=exchange,
-            round_moved=largest_over_ranks,
+            xs, pre, d, ws, bs, w_norms, phases, sweeps=method.sweeps, at_forward=at_forward, owned=set(self.blocks),
+            after_group=exchange, round_moved=largest_over_ranks,
         )
         method.report_x_phase(info, out.last, out.iters, out.rounds)
         info["x_iters_total"] = self.comm.sum_scalars(float(out.iters))[0]
