@@ -37,7 +37,7 @@ def forward_state(method: LPOM, x, y):
     lifted = method.lifted
     ws, bs = lifted.weights(), lifted.biases()
     xs, pre = lifted.forward(x, ws, bs)
-    x0, d = method.prepare_batch(x, y)
+    _x0, d = method.prepare_batch(x, y)
     return xs, pre, d, ws, bs
 
 
