@@ -142,12 +142,11 @@ def test_solve_dtype_float32_keeps_the_w_step_close_and_bad_values_fail():
         LPOM(chain(widths), solve_dtype="float16")
 
 
-def test_auto_solve_dtype_is_float32_on_an_accelerator_unless_the_model_is_float64():
-    cuda = torch.device("cuda")
-    assert resolve_solve_dtype("auto", cuda, torch.float32) == torch.float32
-    assert resolve_solve_dtype("auto", cuda, torch.float64) == torch.float64
-    assert resolve_solve_dtype("auto", torch.device("cpu"), torch.float32) == torch.float64
-    assert resolve_solve_dtype("float32", torch.device("cpu"), torch.float64) == torch.float32
+def test_auto_solve_dtype_is_float64_on_the_cpu_and_float32_on_cuda():
+    assert resolve_solve_dtype("auto", torch.device("cuda", 0)) == torch.float32  # no CUDA needed to resolve
+    assert resolve_solve_dtype("auto", "cpu") == torch.float64
+    assert resolve_solve_dtype("float32", "cpu") == torch.float32
+    assert resolve_solve_dtype("float64", "cuda") == torch.float64
 
 
 def _imports(path: Path) -> set[str]:

@@ -146,8 +146,8 @@ class LPOMConfig(MethodConfig):
     collapse_tol: float = 1e-2
     #: 'basic': energy after the X-phase, residuals, norms; 'full': also the energy after the W-phase; 'off'
     monitor: str = "basic"
-    #: dtype of the W-step's Gram and Cholesky factor: 'float64', 'float32', or 'auto' (float64 on the CPU; on an
-    #: accelerator float32 unless the model is float64)
+    #: dtype of the W-step's Gram and Cholesky factor: 'float64', 'float32', or 'auto' (float64 on the CPU,
+    #: float32 on CUDA)
     solve_dtype: str = "auto"
 
     def validate(self) -> None:
@@ -211,7 +211,7 @@ class LPOM(Method):
         super().__init__(model, loss=loss, **hparams)
         self.lifted = LiftedChain(model, self.name, self.config.mu, self.loss)
         self.lifted.guard_ratio = self.config.guard_ratio
-        self.lifted.solve_dtype = resolve_solve_dtype(self.config.solve_dtype, self.device, self.dtype)
+        self.lifted.solve_dtype = resolve_solve_dtype(self.config.solve_dtype, self.device)
         c = self.config
         for k in range(1, self.lifted.L):
             solver = self.lifted.resolve_solver(c.x_solver, k)
@@ -325,8 +325,7 @@ class LPOM(Method):
         have = 0 if st.x_seen is None else st.x_seen.shape[0]
         if size <= have:
             return
-        # the cache is dataset-sized, so it lives in host memory whatever the model's device
-        new_seen = torch.zeros(size, dtype=torch.bool, device="cpu")
+        new_seen = torch.zeros(size, dtype=torch.bool, device="cpu")  # a host-resident cache
         if st.x_seen is not None:
             new_seen[:have] = st.x_seen
         caches = []

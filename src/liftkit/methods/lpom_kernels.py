@@ -63,17 +63,17 @@ def with_ones(x: Tensor) -> Tensor:
     return torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
 
 
-def resolve_solve_dtype(choice: str, device: torch.device, dtype: torch.dtype) -> torch.dtype:
-    """The dtype of the W-step's Gram and Cholesky factor: 'float64' or 'float32' as given; 'auto' is float64 on
-    the CPU (the reference tests need it) and, on an accelerator, float32 unless the model itself is float64
-    (float64 is slow on most GPUs)."""
+def resolve_solve_dtype(choice: str, device: torch.device | str) -> torch.dtype:
+    """The dtype of the W-step's Gram and Cholesky factor: 'float64' or 'float32' as named; 'auto' is float64 on
+    the CPU (the reference tests need it) and float32 on CUDA (float64 is slow on most cards). A local copy of
+    the shared resolver (same signature and rule), until LPOM can import it from :mod:`liftkit.solvers`."""
     if choice == "float64":
         return torch.float64
     if choice == "float32":
         return torch.float32
-    if choice != "auto":
-        raise ValueError(f"solve_dtype must be one of auto, float64, float32, got {choice!r}")
-    return torch.float64 if (device.type == "cpu" or dtype == torch.float64) else torch.float32
+    if choice == "auto":
+        return torch.float32 if torch.device(device).type == "cuda" else torch.float64
+    raise ValueError(f"solve_dtype must be one of float64, float32, auto; got {choice!r}")
 
 
 def step_update(step: Tensor, w: Tensor, b: Tensor | None, beta: float) -> tuple[Tensor, Tensor | None]:
@@ -222,7 +222,7 @@ def warm_power(w: Tensor, v: Tensor | None, iters: int) -> tuple[float, Tensor]:
     if v is None:
         gen = torch.Generator(device="cpu").manual_seed(0x5EED)
         # the fixed start is drawn on the CPU, so that every device starts from the same vector
-        v = torch.randn(w.shape[1], generator=gen, dtype=w.dtype, device="cpu").to(w.device)
+        v = torch.randn(w.shape[1], generator=gen, dtype=w.dtype).to(w.device)
         v = v / v.norm()
         iters = max(iters, POWER_COLD_ITERS)
     for _ in range(iters):

@@ -209,7 +209,8 @@ class LayerParallel:
         def largest_over_ranks(moved: float) -> float:
             if self.comm.world_size == 1:
                 return moved
-            return float(self.comm.all_reduce_max_(torch.tensor([moved], dtype=torch.float64, device=d.device))[0])
+            flag = torch.tensor([moved], dtype=torch.float64, device=self.comm.device)
+            return float(self.comm.all_reduce_max_(flag)[0])
 
         out = method.sweep_x(
             xs, pre, d, ws, bs, w_norms, phases, sweeps=method.sweeps, at_forward=at_forward, owned=set(self.blocks),
@@ -253,7 +254,7 @@ class LayerParallel:
             if lin.bias is not None:
                 self.comm.broadcast_(lin.bias.data, src)
             vsrc = self.block_rank(max(j, 1))
-            have = torch.tensor([0.0 if vectors[j] is None else 1.0], device=lin.weight.device)
+            have = torch.tensor([0.0 if vectors[j] is None else 1.0], device=self.comm.device)
             self.comm.broadcast_(have, vsrc)
             if float(have[0]) == 1.0:
                 v = vectors[j] if vectors[j] is not None else lin.weight.new_empty(lin.weight.shape[1])

@@ -341,10 +341,10 @@ class LPOMAsync(LPOM):
             if barrier:  # shuffle within the X-phase and within the W-phase
                 xb = [b for b in seq if b[0] == "x"]
                 wb = [b for b in seq if b[0] == "w"]
-                seq = [xb[i] for i in torch.randperm(len(xb), generator=gen, device="cpu").tolist()]
-                seq += [wb[i] for i in torch.randperm(len(wb), generator=gen, device="cpu").tolist()]
+                seq = [xb[i] for i in torch.randperm(len(xb), generator=gen).tolist()]
+                seq += [wb[i] for i in torch.randperm(len(wb), generator=gen).tolist()]
             else:
-                seq = [seq[i] for i in torch.randperm(len(seq), generator=gen, device="cpu").tolist()]
+                seq = [seq[i] for i in torch.randperm(len(seq), generator=gen).tolist()]
         snapshots: list[tuple[list[Tensor], list[Tensor], list[Tensor | None], list[int], list[int]]] = []
         for block in seq:
             snapshots.append((list(store.xs), list(store.ws), list(store.bs), list(store.ver_x), list(store.ver_w)))

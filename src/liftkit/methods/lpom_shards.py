@@ -63,7 +63,7 @@ class Shards:
         """‖X‖₂ of the row-sharded X by ``iters`` power iterations from serial LPOM's fixed start vector
         (async-LPOM's γ cap): XᵀXv and the final ‖Xv‖² are all-reduced."""
         gen = torch.Generator(device="cpu").manual_seed(0x5EED)
-        v = torch.randn(x.shape[1], generator=gen, dtype=x.dtype, device="cpu").to(x.device)  # serial LPOM's start
+        v = torch.randn(x.shape[1], generator=gen, dtype=x.dtype).to(x.device)
         v = v / v.norm()
         for _ in range(iters):
             z = self.comm.all_reduce_sum_(x.t() @ (x @ v))
@@ -117,7 +117,8 @@ class Shards:
 
     def _gather(self, x: Tensor) -> Tensor:
         """The row-concatenation of every process's ``x`` in rank order (shards may differ in length)."""
-        sizes = [int(s) for s in self.comm.all_gather(torch.tensor([x.shape[0]], dtype=torch.int64, device=x.device))]
+        size = torch.tensor([x.shape[0]], dtype=torch.int64, device=self.comm.device)
+        sizes = [int(s) for s in self.comm.all_gather(size)]
         top = max(sizes)
         padded = x if x.shape[0] == top else torch.cat([x, x.new_zeros(top - x.shape[0], x.shape[1])])
         parts = self.comm.all_gather(padded.contiguous())
