@@ -27,7 +27,9 @@ Per mini-batch (§2.5):
 2. **X-phase**: ``x_sweeps`` sweeps (default L, i.e. the paper's n−1) over the lifted layers, in order
    1 → L (``x_sweep_order='forward'``, the paper's) or L → 1 (``'backward'``), stopping early once every block
    moves by at most ``x_tol`` relative. A forward-ordered sweep from the forward initialisation moves only the
-   output (the hidden blocks already sit at their minimisers), so sweep s first moves X^{L−s+1}.
+   output (the hidden blocks already sit at their minimisers), so sweep s first moves X^{L−s+1}. Those no-op
+   solves are skipped: from the forward initialisation a hidden block is solved only once a neighbour has moved
+   (:meth:`LPOM.sweep_x`), and every solve starts from the cached pre-activation of its warm start.
 
    * Hidden block k (subproblem (24)): divided by μ_{k−1} it is f(X) + S(X) with f = F − x²/2 of φ_{k−1},
      A = X^{k−1}W_{k−1}ᵀ + b, c = μ_k/μ_{k−1} and
@@ -45,8 +47,9 @@ Per mini-batch (§2.5):
      X ← φ(A − (softmax(X) − D)/μ), ``output_iters`` times.
 
 3. **W-phase** (all layers independent; §2.4): ``w_iters`` accelerated steps in the data metric,
-   W̄ ← Y − (1/β)(φ(X̄Ȳᵀ) − X^{j+1})ᵀ(X̄ᵀ)⁺ with β = κ(φ_j) and the pseudo-inverse built from a float64 Cholesky
-   of the m×m batch Gram (``pinv='cholesky'``, guard ε = ``ridge_rel``·tr/m) or an SVD (``'svd'``). When a layer
+   W̄ ← Y − (1/β)(φ(X̄Ȳᵀ) − X^{j+1})ᵀ(X̄ᵀ)⁺ with β = κ(φ_j) and the pseudo-inverse built from a Cholesky of the
+   m×m batch Gram (``pinv='cholesky'``, guard ε = ``ridge_rel``·tr/m; Gram and factor in ``solve_dtype``, float64
+   on the CPU) or an SVD (``'svd'``). When a layer
    has more samples than inputs (m > n_j+1) the Gram is on the feature side and the step is an exact
    least-squares fit of the batch; with m ≥ n_j+1 it interpolates the batch. Near m ≈ n_j+1 either Gram is
    ill-conditioned (the smallest singular value of an m × (n_j+1) matrix vanishes as m/(n_j+1) → 1), so every
@@ -125,7 +128,7 @@ class LPOMConfig(MethodConfig):
     w_iters: int = 1
     #: side of the pseudo-inverse Gram: 'auto' (batch side when m ≤ n_j+1), 'batch' or 'feature'
     w_side: str = "auto"
-    #: pseudo-inverse: float64 Cholesky of the Gram with a relative guard, or float64 SVD
+    #: pseudo-inverse: Cholesky of the Gram (in solve_dtype) with a relative guard, or float64 SVD
     pinv: str = "cholesky"
     #: relative guard ε = ridge_rel·tr(X̄X̄ᵀ)/m of the Cholesky pseudo-inverse (SVD: relative rcond), batch side
     ridge_rel: float = 1e-10

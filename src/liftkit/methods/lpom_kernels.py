@@ -51,9 +51,8 @@ class BlockResult:
 
 
 def rel_change(new: Tensor, old: Tensor) -> float:
-    """‖new − old‖/‖old‖ (0 when both vanish, inf when only ``old`` does)."""
-    d = float((new - old).norm().item())
-    o = float(old.norm().item())
+    """‖new − old‖/‖old‖ (0 when both vanish, inf when only ``old`` does); one host synchronisation."""
+    d, o = step_change_norms(new - old, old)
     return d / o if o > 0 else (0.0 if d == 0 else math.inf)
 
 
