@@ -37,7 +37,7 @@ ALLOWED = {
     # Seeded start vectors of power iterations come from a private CPU generator, so the estimate is the same
     # on every device; the vector is moved to the weights' device in the same expression.
     "solvers.py:_start_vector": "CPU generator for device-independent reproducibility, then .to(device)",
-    "methods/lpom.py:_warm_power": "CPU generator for device-independent reproducibility, then .to(device)",
+    "methods/lpom_kernels.py:warm_power": "CPU generator for device-independent reproducibility, then .to(device)",
     "methods/lpom_shards.py:row_spectral_norm": "CPU generator for device-independent reproducibility, then .to()",
     # Seeded shuffles of Python lists of blocks: the permutation becomes a list at once (.tolist()).
     "methods/lpom_parallel.py:_simulate": "host-side permutation of a Python list of blocks",

@@ -27,7 +27,9 @@ Per mini-batch (§2.5):
 2. **X-phase**: ``x_sweeps`` sweeps (default L, i.e. the paper's n−1) over the lifted layers, in order
    1 → L (``x_sweep_order='forward'``, the paper's) or L → 1 (``'backward'``), stopping early once every block
    moves by at most ``x_tol`` relative. A forward-ordered sweep from the forward initialisation moves only the
-   output (the hidden blocks already sit at their minimisers), so sweep s first moves X^{L−s+1}.
+   output (the hidden blocks already sit at their minimisers), so sweep s first moves X^{L−s+1}. Those no-op
+   solves are skipped: from the forward initialisation a hidden block is solved only once a neighbour has moved
+   (:meth:`LPOM.sweep_x`), and every solve starts from the cached pre-activation of its warm start.
 
    * Hidden block k (subproblem (24)): divided by μ_{k−1} it is f(X) + S(X) with f = F − x²/2 of φ_{k−1},
      A = X^{k−1}W_{k−1}ᵀ + b, c = μ_k/μ_{k−1} and
@@ -45,8 +47,9 @@ Per mini-batch (§2.5):
      X ← φ(A − (softmax(X) − D)/μ), ``output_iters`` times.
 
 3. **W-phase** (all layers independent; §2.4): ``w_iters`` accelerated steps in the data metric,
-   W̄ ← Y − (1/β)(φ(X̄Ȳᵀ) − X^{j+1})ᵀ(X̄ᵀ)⁺ with β = κ(φ_j) and the pseudo-inverse built from a float64 Cholesky
-   of the m×m batch Gram (``pinv='cholesky'``, guard ε = ``ridge_rel``·tr/m) or an SVD (``'svd'``). When a layer
+   W̄ ← Y − (1/β)(φ(X̄Ȳᵀ) − X^{j+1})ᵀ(X̄ᵀ)⁺ with β = κ(φ_j) and the pseudo-inverse built from a Cholesky of the
+   m×m batch Gram (``pinv='cholesky'``, guard ε = ``ridge_rel``·tr/m; Gram and factor in ``solve_dtype``, float64
+   on the CPU) or an SVD (``'svd'``). When a layer
    has more samples than inputs (m > n_j+1) the Gram is on the feature side and the step is an exact
    least-squares fit of the batch; with m ≥ n_j+1 it interpolates the batch. Near m ≈ n_j+1 either Gram is
    ill-conditioned (the smallest singular value of an m × (n_j+1) matrix vanishes as m/(n_j+1) → 1), so every
@@ -73,33 +76,31 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Container, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
-import torch.nn.functional as tF
 from torch import Tensor, nn
 
-from liftkit.activations import Activation
 from liftkit.distributed import Communicator
 from liftkit.methods.base import Method, MethodConfig, StepStats, evaluate_loss, register, targets_for
+from liftkit.methods.lpom_chain import X_SOLVERS, LiftedChain
+from liftkit.methods.lpom_kernels import SPECTRAL_SAFETY, BlockResult, warm_power
+from liftkit.methods.lpom_kernels import PinvApply as _PinvApply  # noqa: F401  (scripts/lpom_cost_model.py)
 from liftkit.methods.lpom_shards import Shards
-from liftkit.models import as_chain
-from liftkit.solvers import batch_pinv, guarded_cholesky, step_change_norms
+from liftkit.solvers import resolve_solve_dtype
 
-__all__ = ["LPOM", "LPOMConfig", "LPOMState", "LiftedChain"]
+__all__ = ["LPOM", "BlockResult", "LPOMConfig", "LPOMState", "LiftedChain", "XSweep"]
 
-X_SOLVERS = ("auto", "fista", "fixed_point", "fista_prox")
 SWEEP_ORDERS = ("forward", "backward")
 PINV_KINDS = ("cholesky", "svd")
 W_SIDES = ("auto", "batch", "feature")
 X_INITS = ("forward", "persistent")
 MONITORS = ("off", "basic", "full")
+SOLVE_DTYPES = ("auto", "float64", "float32")
 
-_IDENTITY = Activation("identity")
-_POWER_COLD_ITERS = 20
-_SPECTRAL_SAFETY = 1.05
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -128,7 +129,7 @@ class LPOMConfig(MethodConfig):
     w_iters: int = 1
     #: side of the pseudo-inverse Gram: 'auto' (batch side when m ≤ n_j+1), 'batch' or 'feature'
     w_side: str = "auto"
-    #: pseudo-inverse: float64 Cholesky of the Gram with a relative guard, or float64 SVD
+    #: pseudo-inverse: Cholesky of the Gram (in solve_dtype) with a relative guard, or float64 SVD
     pinv: str = "cholesky"
     #: relative guard ε = ridge_rel·tr(X̄X̄ᵀ)/m of the Cholesky pseudo-inverse (SVD: relative rcond), batch side
     ridge_rel: float = 1e-10
@@ -149,6 +150,9 @@ class LPOMConfig(MethodConfig):
     collapse_tol: float = 1e-2
     #: 'basic': energy after the X-phase, residuals, norms; 'full': also the energy after the W-phase; 'off'
     monitor: str = "basic"
+    #: dtype of the W-step's Gram and Cholesky factor: 'float64', 'float32', or 'auto' (float64 on the CPU,
+    #: float32 on CUDA)
+    solve_dtype: str = "auto"
 
     def validate(self) -> None:
         self._positive("mu", "x_tol", "ridge_rel", "ridge_rel_feature", "collapse_tol", "guard_ratio")
@@ -160,6 +164,7 @@ class LPOMConfig(MethodConfig):
         self._choice("pinv", PINV_KINDS)
         self._choice("x_init", X_INITS)
         self._choice("monitor", MONITORS)
+        self._choice("solve_dtype", SOLVE_DTYPES)
         self._int_at_least("x_iters", 1)
         self._int_at_least("x_sweeps", 0)
         self._int_at_least("output_iters", 1)
@@ -178,423 +183,12 @@ class LPOMState:
 
 
 @dataclass
-class BlockResult:
-    """The outcome of one block solve: the new block value, inner iterations and the final relative change."""
+class XSweep:
+    """What an X-phase did: every block's last solve, the inner iterations in all and the rounds run."""
 
-    value: Tensor
-    iters: int
-    residual: float
-
-
-def _rel_change(new: Tensor, old: Tensor) -> float:
-    d = float((new - old).norm().item())
-    o = float(old.norm().item())
-    return d / o if o > 0 else (0.0 if d == 0 else math.inf)
-
-
-class LiftedChain:
-    """The lifted view of a chain of linear layers: block solvers and the LPOM energy.
-
-    Shared by serial, sync and async LPOM. Every solver is a function of explicit tensors (weights, neighbours,
-    anchors), so the parallel variants can call it on snapshots; nothing here mutates its inputs.
-
-    ``shards`` (data parallelism, :mod:`liftkit.methods.lpom_shards`): set when the batch rows are split over
-    processes; the stopping norms, energies and W-step sums then go through it.
-    """
-
-    shards: Shards | None = None
-
-    def __init__(self, model: nn.Module, method: str, mu: float | Sequence[float], loss: str) -> None:
-        chain = as_chain(model, method=method, allow_conv=False)
-        for layer in chain[1:]:
-            for glue in layer.pre:
-                if not isinstance(glue, nn.Flatten | nn.Identity):
-                    raise ValueError(f"{method} cannot train glue module {type(glue).__name__} between layers")
-        self.chain = chain
-        self.linears: list[nn.Linear] = [layer.linear for layer in chain]  # type: ignore[misc]
-        self.acts: list[Activation] = [layer.activation or _IDENTITY for layer in chain]
-        self.output_is_bare = chain[-1].activation is None
-        self.L = len(chain)
-        mus = (mu,) * self.L if isinstance(mu, int | float) else tuple(float(m) for m in mu)
-        if len(mus) != self.L:
-            raise ValueError(
-                f"mu has {len(mus)} values but the model has {self.L} linear layers; give one value or {self.L}"
-            )
-        self.mu: tuple[float, ...] = tuple(float(m) for m in mus)
-        self.loss = loss
-        #: W-steps of layers with m > guard_ratio·(n_j+1) use the ``ridge_rel_feature`` guard (LPOMConfig)
-        self.guard_ratio = 1.0
-        self.kappa = [a.kappa for a in self.acts]
-        self.widths = [self.linears[0].in_features] + [lin.out_features for lin in self.linears]
-        for j in range(1, self.L):
-            if self.linears[j].in_features != self.linears[j - 1].out_features:
-                raise ValueError(
-                    f"{method}: layer {j} expects {self.linears[j].in_features} inputs but layer {j - 1} "
-                    f"gives {self.linears[j - 1].out_features}"
-                )
-        if loss == "mse" and self.acts[-1].name == "elu" and self.kappa[-1] > 1:
-            raise ValueError(f"{method}: an ELU output with alpha > 1 makes the output block nonconvex")
-
-    # -- parameters ---------------------------------------------------------------------------------------
-    def weights(self) -> list[Tensor]:
-        return [lin.weight.detach() for lin in self.linears]
-
-    def biases(self) -> list[Tensor | None]:
-        return [None if lin.bias is None else lin.bias.detach() for lin in self.linears]
-
-    @staticmethod
-    def preact(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-        return x @ w.t() if b is None else torch.addmm(b, x, w.t())
-
-    def forward(
-        self, x0: Tensor, ws: Sequence[Tensor], bs: Sequence[Tensor | None]
-    ) -> tuple[list[Tensor], list[Tensor]]:
-        """Forward-pass initialisation: X (X⁰..X^L) and the pre-activations U_j = X^j W_jᵀ + b_j."""
-        xs = [x0]
-        pre: list[Tensor] = []
-        for j in range(self.L):
-            u = self.preact(xs[-1], ws[j], bs[j])
-            pre.append(u)
-            xs.append(self.acts[j].phi(u))
-        return xs, pre
-
-    def rel_change(self, new: Tensor, old: Tensor) -> float:
-        """‖new − old‖/‖old‖ of a block over the whole (possibly sharded) batch."""
-        return _rel_change(new, old) if self.shards is None else self.shards.rel_change(new, old)
-
-    def _global(self, value: float) -> float:
-        return value if self.shards is None else self.shards.sum_float(value)
-
-    # -- objective -----------------------------------------------------------------------------------------
-    def data_loss(self, out: Tensor, d: Tensor) -> float:
-        return self._global(self._data_loss(out, d))
-
-    def _data_loss(self, out: Tensor, d: Tensor) -> float:
-        if self.loss == "ce":
-            return float(-(d * tF.log_softmax(out, dim=1)).sum(dtype=torch.float64).item())
-        return 0.5 * float((out - d).pow(2).sum(dtype=torch.float64).item())
-
-    def energy(self, xs: Sequence[Tensor], pre: Sequence[Tensor], d: Tensor) -> float:
-        """E = ℓ(X^L, D) + Σ_j μ_j Σ B_{φ_j}(U_j, X^{j+1}), with the given pre-activations U_j."""
-        total = self._data_loss(xs[self.L], d)
-        for j in range(self.L):
-            total += self.mu[j] * self.acts[j].penalty_sum(pre[j], xs[j + 1])
-        return self._global(total)
-
-    # -- X blocks ------------------------------------------------------------------------------------------
-    def resolve_solver(self, x_solver: str, k: int) -> str:
-        if x_solver != "auto":
-            return x_solver
-        return "fista" if self.acts[k - 1].cheap_prox else "fista_prox"
-
-    def rho(self, k: int, w: Tensor) -> float:
-        """Theorem 2's contraction bound ρ = cκ_{k−1}κ_k sqrt(‖M‖₁‖M‖_∞), M = |W_k|ᵀ|W_k| (symmetric, so
-        ‖M‖₁ = ‖M‖_∞ = max(|W|ᵀ(|W|1)), computed without forming M)."""
-        c = self.mu[k] / self.mu[k - 1]
-        a = w.abs()
-        m_norm = float((a.t() @ a.sum(dim=1)).max().item())
-        return c * self.kappa[k - 1] * self.kappa[k] * m_norm
-
-    def solve_hidden(
-        self,
-        k: int,
-        x0: Tensor,
-        a: Tensor,
-        x_next: Tensor,
-        w: Tensor,
-        b: Tensor | None,
-        w_norm: float,
-        *,
-        solver: str,
-        iters: int,
-        tol: float,
-        gamma: float = 0.0,
-        anchor: Tensor | None = None,
-    ) -> BlockResult:
-        """Minimise μ_{k−1}ΣB_{φ_{k−1}}(A, X) + μ_kΣB_{φ_k}(XW_kᵀ + b_k, X^{k+1}) [+ (γ/2)‖X − anchor‖²] over
-        X = X^k, warm-started at ``x0``. ``w_norm`` ≥ ‖W_k‖₂ sets the FISTA step.
-
-        With γ > 0 (async proximal BCD, §2.7) the block, divided by μ_{k−1} + γ, is s·f(X) + ½‖X − A'‖² + c'[…]
-        with A' = (μA + γX̄)/(μ + γ), s = μ/(μ + γ), c' = μ_k/(μ + γ): the same solvers with f → s·f."""
-        mu_prev, mu_k = self.mu[k - 1], self.mu[k]
-        if gamma > 0.0:
-            if anchor is None:
-                raise ValueError("a proximal X-block needs its anchor")
-            scale = mu_prev + gamma
-            a = (mu_prev * a + gamma * anchor) / scale
-            s = mu_prev / scale
-            c = mu_k / scale
-        else:
-            s, c = 1.0, mu_k / mu_prev
-        act_in, act_out = self.acts[k - 1], self.acts[k]
-
-        if solver in ("fista", "fista_prox"):
-            if solver == "fista" and not act_in.cheap_prox:
-                raise ValueError(
-                    f"x_solver='fista' needs a closed-form prox, which {act_in.name} lacks; "
-                    "use x_solver='fista_prox' or 'fixed_point'"
-                )
-            lip = 1.0 + c * act_out.kappa * w_norm * w_norm
-            return _fused_fista(
-                act_in, act_out, a, x_next, w, b, c, s, lip, x0, iters, tol,
-                sq_sum=None if self.shards is None else self.shards.sum_,
-            )
-        if solver != "fixed_point":
-            raise ValueError(f"unknown x_solver {solver!r}; choose one of {', '.join(X_SOLVERS)}")
-        # The paper's (26): a unit-step forward-backward iteration; damped once its residual grows 3 times in a row.
-        x = x0
-        res = math.nan
-        growth = 0
-        damped = False
-        it = 0
-        while it < iters:
-            y = a - c * (act_out.phi(self.preact(x, w, b)) - x_next) @ w
-            t_x = act_in.phi(y) if s == 1.0 else act_in.prox_f(y, s)
-            x_new = x + 0.5 * (t_x - x) if damped else t_x
-            new_res = self.rel_change(x_new, x)
-            growth = growth + 1 if (math.isfinite(res) and new_res > res) else 0
-            if growth >= 3:
-                damped = True
-            res = new_res
-            x = x_new
-            it += 1
-            if res <= tol:
-                break
-        return BlockResult(x, it, res)
-
-    def solve_output(
-        self,
-        x0: Tensor,
-        a: Tensor,
-        d: Tensor,
-        *,
-        iters: int,
-        tol: float,
-        gamma: float = 0.0,
-        anchor: Tensor | None = None,
-    ) -> BlockResult:
-        """Minimise ℓ(X, D) + μ_{L−1}ΣB_φ(A, X) [+ (γ/2)‖X − anchor‖²] over the output X = X^L.
-
-        MSE (closed form, exact): X = prox_{tf}((D + μA + γX̄)/(1 + μ + γ)), t = μ/(1 + μ + γ).
-        CE: the forward-backward iteration (29), X ← prox_{sf}((μA + γX̄ − (softmax(X) − D))/(μ + γ)),
-        s = μ/(μ + γ) (= φ(A − (softmax(X) − D)/μ) when γ = 0)."""
-        mu = self.mu[-1]
-        act = self.acts[-1]
-        g_anchor = gamma * anchor if (gamma > 0.0 and anchor is not None) else None
-        if gamma > 0.0 and anchor is None:
-            raise ValueError("a proximal output block needs its anchor")
-        if self.loss == "mse":
-            y = d + mu * a
-            if g_anchor is not None:
-                y = y + g_anchor
-            denom = 1.0 + mu + gamma
-            x = act.prox_f(y / denom, mu / denom)
-            return BlockResult(x, 1, 0.0)
-        base = mu * a if g_anchor is None else mu * a + g_anchor
-        denom = mu + gamma
-        s = mu / denom
-        x = x0
-        res = math.nan
-        it = 0
-        while it < iters:
-            y = (base - (torch.softmax(x, dim=1) - d)) / denom
-            x_new = act.phi(y) if s == 1.0 else act.prox_f(y, s)
-            res = self.rel_change(x_new, x)
-            x = x_new
-            it += 1
-            if res <= tol:
-                break
-        return BlockResult(x, it, res)
-
-    # -- W blocks -------------------------------------------------------------------------------------------
-    def solve_w(
-        self,
-        j: int,
-        x_in: Tensor,
-        x_out: Tensor,
-        w: Tensor,
-        b: Tensor | None,
-        u0: Tensor | None,
-        *,
-        iters: int,
-        side: str,
-        pinv: str,
-        ridge_rel: float,
-        gamma: float = 0.0,
-        ridge_rel_feature: float | None = None,
-    ) -> tuple[Tensor, Tensor | None]:
-        """``iters`` APG steps on Φ_j(W̄) = ΣF*(X̄W̄ᵀ) − ⟨X^{j+1}, X̄W̄ᵀ⟩ in the metric ‖X̄(W̄ − Y)ᵀ‖ (§2.4):
-        W̄ ← Y − (1/β)Rᵀ(X̄ᵀ)⁺ᵀ, R = φ(X̄Yᵀ) − X^{j+1}, β = κ(φ_j). ``u0`` = X̄W̄ᵀ if already computed.
-
-        With γ > 0 (async, §2.7) each step minimises the linearisation plus (γ/2μ_j)‖W̄ − W̄ᵏ‖² in addition to
-        the metric: W̄⁺ = W̄ᵏ − (1/β)(R − βX̄(Y − W̄ᵏ)ᵀ)ᵀ(X̄X̄ᵀ + (γ/(βμ_j))I)⁻¹X̄ (Woodbury, m×m solve).
-        Returns new tensors (W, b); the inputs are left untouched."""
-        act = self.acts[j]
-        beta = act.kappa
-        has_bias = b is not None
-        x_bar = torch.cat([x_in, torch.ones_like(x_in[:, :1])], dim=1) if has_bias else x_in
-        m = x_bar.shape[0] if self.shards is None else self.shards.rows(x_bar)
-        extra = 0.0
-        if gamma > 0.0:
-            trace = self._global(float(x_bar.pow(2).sum(dtype=torch.float64).item()))
-            if trace > 0:
-                extra = (gamma / (beta * self.mu[j])) * m / trace
-        apply_pinv: Callable[[Tensor], Tensor]
-        if self.shards is not None:
-            feature = side == "feature" or (side == "auto" and m > x_bar.shape[1])
-            near = feature or m > self.guard_ratio * x_bar.shape[1]
-            guard = ridge_rel_feature if (near and ridge_rel_feature is not None) else ridge_rel
-            apply_pinv = self.shards.pinv(
-                x_bar, m, side=side, pinv=pinv, guard=guard + extra, rcond=ridge_rel, extra=extra
-            )
-        elif pinv == "svd" and extra == 0.0:
-            apply_pinv = _PinvApply(x_bar, batch_pinv(x_bar.t(), side="svd", rcond=ridge_rel))
-        else:
-            feature = side == "feature" or (side == "auto" and m > x_bar.shape[1])
-            near = feature or m > self.guard_ratio * x_bar.shape[1]
-            guard = ridge_rel_feature if (near and ridge_rel_feature is not None) else ridge_rel
-            apply_pinv = _PinvApply.cholesky(x_bar, side, guard + extra)
-        # W̄ ← Y − (1/β) Rᵀ(X̄ᵀ)⁺ᵀ, with (X̄ᵀ)⁺ᵀ = (X̄X̄ᵀ + εI)⁻¹X̄ applied to R (see _PinvApply).
-        w_k, b_k = w, b
-        w_prev, b_prev = w, b
-        w_cur, b_cur = w, b
-        th_prev = th_cur = 1.0
-        for t in range(iters):
-            if t == 0:
-                w_y, b_y = w_cur, b_cur
-                u = u0 if u0 is not None else self.preact(x_in, w_y, b_y)
-            else:
-                mom = th_cur * (1.0 / th_prev - 1.0)
-                w_y = w_cur + mom * (w_cur - w_prev)
-                b_y = None if b_cur is None or b_prev is None else b_cur + mom * (b_cur - b_prev)
-                u = self.preact(x_in, w_y, b_y)
-            r = act.phi(u) - x_out
-            if extra > 0.0 and t > 0:
-                # proximal form: the momentum away from the anchor enters through the data metric
-                dw = w_y - w_k
-                r = r - beta * self.preact(x_in, dw, None if b_y is None or b_k is None else b_y - b_k)
-                base_w, base_b = w_k, b_k
-            else:
-                base_w, base_b = w_y, b_y
-            step = apply_pinv(r).div_(beta)
-            w_new = base_w - (step[:, :-1] if has_bias else step)
-            b_new = None if base_b is None else base_b - step[:, -1]
-            w_prev, b_prev = w_cur, b_cur
-            w_cur, b_cur = w_new, b_new
-            th_prev, th_cur = th_cur, 0.5 * (math.sqrt(th_cur**4 + 4.0 * th_cur**2) - th_cur**2)
-        return w_cur, b_cur
-
-
-class _PinvApply:
-    """R ↦ Rᵀ(X̄ᵀ)⁺ᵀ, the W-step direction (out × (n_j+1)), for a fixed batch X̄ (m × (n_j+1)).
-
-    Cholesky form (METHODS.md §2.4, §0.4): only the Gram and its factor are float64. Batch side (m ≤ n_j+1):
-    (K + εI)⁻¹ with K = X̄X̄ᵀ (m×m) is applied to R (out right-hand sides, not the n_j+1 of an explicit
-    pseudo-inverse), then Zᵀ X̄ in the working dtype. Feature side: (X̄ᵀX̄ + εI)⁻¹ applied to X̄ᵀR. The guard
-    ε = ridge_rel·tr(X̄ᵀX̄)/m is that of :func:`liftkit.solvers.batch_pinv`, which provides the SVD form.
-    """
-
-    def __init__(self, x_bar: Tensor, pinv: Tensor | None = None) -> None:
-        self.x_bar = x_bar
-        self.pinv = pinv  # explicit (X̄ᵀ)⁺ (m × (n_j+1)), SVD form
-        self.factor: Tensor | None = None
-        self.batch_side = True
-
-    @classmethod
-    def cholesky(cls, x_bar: Tensor, side: str, ridge_rel: float) -> _PinvApply:
-        out = cls(x_bar)
-        m, n1 = x_bar.shape
-        out.batch_side = side == "batch" or (side == "auto" and m <= n1)
-        x64 = x_bar.to(torch.float64)
-        gram = x64 @ x64.t() if out.batch_side else x64.t() @ x64
-        trace = float(gram.diagonal().sum().item())
-        if trace == 0.0:
-            out.pinv = torch.zeros_like(x_bar)
-            return out
-        out.factor = guarded_cholesky(gram, ridge_rel * trace / m, trace)
-        return out
-
-    def __call__(self, r: Tensor) -> Tensor:
-        if self.pinv is not None:
-            return r.t() @ self.pinv
-        assert self.factor is not None
-        if self.batch_side:
-            z = torch.cholesky_solve(r.to(torch.float64), self.factor).to(r.dtype)
-            return z.t() @ self.x_bar
-        rhs = (self.x_bar.t() @ r).to(torch.float64)
-        return torch.cholesky_solve(rhs, self.factor).to(r.dtype).t()
-
-
-def _fused_fista(
-    act_in: Activation,
-    act_out: Activation,
-    a: Tensor,
-    x_next: Tensor,
-    w: Tensor,
-    b: Tensor | None,
-    c: float,
-    s: float,
-    lip: float,
-    x0: Tensor,
-    iters: int,
-    tol: float,
-    sq_sum: Callable[[Tensor], Tensor] | None = None,
-) -> BlockResult:
-    """Projected/proximal FISTA on s·f(X) + S(X), S(X) = ½‖X − A‖² + c[ΣF*(XWᵀ + b) − ⟨X^{k+1}, XWᵀ + b⟩]
-    (METHODS.md §2.3), with the gradient step folded into one affine update per iteration:
-
-        V − ∇S(V)/L = (1 − 1/L)V + A/L − (c/L)(φ(VWᵀ + b) − X^{k+1})W .
-
-    The same iterates as :func:`liftkit.solvers.projected_fista` with ∇S (tested against it), but about half
-    the element-wise passes over the m × n_k block: the X-phase of a wide layer is bound by those passes, not
-    by its thin (n_k × n_{k+1}) products, and with several threads each pass also pays a synchronisation."""
-    if not (lip > 0.0 and math.isfinite(lip)):
-        raise ValueError(f"lpom: the FISTA Lipschitz bound must be positive and finite, got {lip} (non-finite W?)")
-    step = 1.0 / lip
-    step_a = a * step
-    lo, hi = act_in.domain
-    projection = act_in.name in ("relu", "hardtanh", "identity")
-    t = step * s
-    x = x0
-    v = x0
-    theta = 1.0
-    rel = math.nan
-    it = 0
-    while it < iters:
-        r = act_out.phi(LiftedChain.preact(v, w, b)).sub_(x_next)
-        y = torch.add(step_a, v, alpha=1.0 - step).addmm_(r, w, alpha=-step * c)
-        if projection:
-            if lo != -math.inf or hi != math.inf:
-                y.clamp_(min=None if lo == -math.inf else lo, max=None if hi == math.inf else hi)
-            x_new = y
-        else:
-            x_new = act_in.prox_f(y, t)
-        theta_new = 0.5 * (1.0 + math.sqrt(1.0 + 4.0 * theta * theta))
-        dx = x_new - x
-        v = torch.add(x_new, dx, alpha=(theta - 1.0) / theta_new)
-        dnorm, xnorm = step_change_norms(dx, x, sq_sum)
-        x, theta = x_new, theta_new
-        it += 1
-        rel = dnorm / xnorm if xnorm > 0.0 else (0.0 if dnorm == 0.0 else math.inf)
-        if dnorm <= tol * xnorm:
-            break
-    return BlockResult(x, it, rel)
-
-
-def _warm_power(w: Tensor, v: Tensor | None, iters: int) -> tuple[float, Tensor]:
-    """‖W‖₂ by power iteration on WᵀW, warm-started from the previous right singular vector estimate."""
-    if v is None:
-        gen = torch.Generator(device="cpu").manual_seed(0x5EED)
-        v = torch.randn(w.shape[1], generator=gen, dtype=w.dtype).to(w.device)
-        v = v / v.norm()
-        iters = max(iters, _POWER_COLD_ITERS)
-    for _ in range(iters):
-        z = w.t() @ (w @ v)
-        nz = float(z.norm().item())
-        if nz == 0.0 or not math.isfinite(nz):
-            break
-        v = z / nz
-    return float((w @ v).norm().item()), v
+    last: dict[int, BlockResult] = field(default_factory=dict)
+    iters: int = 0
+    rounds: int = 0
 
 
 @register
@@ -621,6 +215,7 @@ class LPOM(Method):
         super().__init__(model, loss=loss, **hparams)
         self.lifted = LiftedChain(model, self.name, self.config.mu, self.loss)
         self.lifted.guard_ratio = self.config.guard_ratio
+        self.lifted.solve_dtype = resolve_solve_dtype(self.config.solve_dtype, self.device)
         c = self.config
         for k in range(1, self.lifted.L):
             solver = self.lifted.resolve_solver(c.x_solver, k)
@@ -629,6 +224,7 @@ class LPOM(Method):
                     f"x_solver='fista' needs a closed-form prox, which {self.lifted.acts[k - 1].name} (layer "
                     f"{k - 1}) lacks; use x_solver='fista_prox', 'fixed_point' or 'auto'"
                 )
+        self.lifted.block = self.block  # the chain names its inner blocks (gram, power_iteration) through the hook
         self.state = LPOMState(power_vectors=[None] * self.lifted.L)
         self._warned: set[str] = set()
 
@@ -660,7 +256,13 @@ class LPOM(Method):
             )
         return x0.to(self.dtype)
 
-    def _check_finite_input(self, x0: Tensor, loss: float) -> None:
+    def prepare_batch(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """The checked input batch X⁰ (m × n₀, the method's dtype) and the targets D (m × n_L)."""
+        x0 = self._input(x)
+        return x0, self._targets(y, x0.shape[0])
+
+    def check_finite_input(self, x0: Tensor, loss: float) -> None:
+        """Raise a clear error when the batch holds NaN or inf (checked only when ``loss`` is not finite)."""
         # A NaN/inf input makes the forward loss non-finite, so the (costly) element scan runs only then.
         if not math.isfinite(loss) and not bool(torch.isfinite(x0).all()):
             raise ValueError(f"{self.name}: the input batch contains NaN or inf values; clean the data")
@@ -685,11 +287,20 @@ class LPOM(Method):
 
     def _w_norms(self, ws: Sequence[Tensor], layers: Sequence[int], iters: int) -> dict[int, float]:
         out: dict[int, float] = {}
-        for j in layers:
-            sigma, v = _warm_power(ws[j], self.state.power_vectors[j], iters)
-            self.state.power_vectors[j] = v
-            out[j] = sigma
+        with self.block("power_iteration"):
+            for j in layers:
+                sigma, v = warm_power(ws[j], self.state.power_vectors[j], iters)
+                self.state.power_vectors[j] = v
+                out[j] = sigma
         return out
+
+    def monitored_w_norms(self, ws: Sequence[Tensor], layers: Sequence[int]) -> dict[int, float]:
+        """‖W_j‖₂ of the given layers for the diagnostics (one more warm power iteration each)."""
+        return self._w_norms(ws, layers, 1)
+
+    def power_vectors(self) -> list[Tensor | None]:
+        """The warm power-iteration vectors, one per layer (the list itself: callers may replace entries)."""
+        return self.state.power_vectors
 
     # -- initialisation ----------------------------------------------------------------------------------------
     def _init_x(
@@ -736,10 +347,51 @@ class LPOM(Method):
         assert self.state.x_seen is not None
         self.state.x_seen[idx] = True
 
-    # -- phases ---------------------------------------------------------------------------------------------
+    # -- the X-phase: one sweep engine for the serial, sync and layer-parallel schedules -------------------------
     def _block_order(self) -> list[int]:
         blocks = list(range(1, self.lifted.L + 1))
         return blocks[::-1] if self.config.x_sweep_order == "backward" else blocks
+
+    def x_groups(self) -> list[list[int]]:
+        """The X-blocks of one sweep as groups run in order; the blocks of a group are solved from the same
+        values (no two are neighbours). Serial LPOM: one block per group, in the sweep order."""
+        return [[k] for k in self._block_order()]
+
+    @property
+    def x_momentum(self) -> float:
+        """β_m of the moving average X̂ ← β_mX̂ + (1 − β_m)X_new exposed after a block update (0: none)."""
+        return 0.0
+
+    def map_blocks(self, fn: Callable[[int], _T], items: Sequence[int]) -> list[_T]:
+        """``[fn(k) for k in items]``; the parallel variants run independent blocks on a thread pool."""
+        return [fn(k) for k in items]
+
+    def solve_x_block(
+        self,
+        k: int,
+        xs: Sequence[Tensor],
+        pre: Sequence[Tensor],
+        d: Tensor,
+        ws: Sequence[Tensor],
+        bs: Sequence[Tensor | None],
+        w_norms: Mapping[int, float],
+    ) -> BlockResult:
+        """Solve block k from the current values (hidden: the §2.3 solver; k = L: the output update); mutates
+        nothing. ``pre[k]`` must be U_k of the current ``xs[k]`` (the sweep keeps it so): the solver starts from it."""
+        c = self.config
+        lifted = self.lifted
+        with self.block(f"x_block[{k}]"):
+            if k == lifted.L:
+                return lifted.solve_output(xs[k], pre[k - 1], d, iters=c.output_iters, tol=c.x_tol)
+            return lifted.solve_hidden(
+                k, xs[k], pre[k - 1], xs[k + 1], ws[k], bs[k], w_norms[k],
+                solver=lifted.resolve_solver(c.x_solver, k), iters=c.x_iters, tol=c.x_tol, u0=pre[k],
+            )
+
+    def refresh_preact(self, k: int, xs: Sequence[Tensor], ws: Sequence[Tensor], bs: Sequence[Tensor | None]) -> Tensor:
+        """U_k = X^k W_kᵀ + b_k after block k moved (the anchor of block k + 1 and the first W_k-step's U)."""
+        with self.block(f"preact[{k}]"):
+            return self.lifted.preact(xs[k], ws[k], bs[k])
 
     def update_x_block(
         self,
@@ -752,19 +404,74 @@ class LPOM(Method):
         w_norms: Mapping[int, float],
     ) -> BlockResult:
         """Solve block k in place in ``xs``, refreshing the cached pre-activation U_k it feeds."""
-        c = self.config
-        lifted = self.lifted
-        if k == lifted.L:
-            res = lifted.solve_output(xs[k], pre[k - 1], d, iters=c.output_iters, tol=c.x_tol)
-        else:
-            res = lifted.solve_hidden(
-                k, xs[k], pre[k - 1], xs[k + 1], ws[k], bs[k], w_norms[k],
-                solver=lifted.resolve_solver(c.x_solver, k), iters=c.x_iters, tol=c.x_tol,
-            )
+        res = self.solve_x_block(k, xs, pre, d, ws, bs, w_norms)
         xs[k] = res.value
-        if k < lifted.L:
-            pre[k] = lifted.preact(xs[k], ws[k], bs[k])
+        if k < self.lifted.L:
+            pre[k] = self.refresh_preact(k, xs, ws, bs)
         return res
+
+    def sweep_x(
+        self,
+        xs: list[Tensor],
+        pre: list[Tensor],
+        d: Tensor,
+        ws: Sequence[Tensor],
+        bs: Sequence[Tensor | None],
+        w_norms: Mapping[int, float],
+        groups: Sequence[Sequence[int]],
+        *,
+        sweeps: int,
+        at_forward: bool = False,
+        owned: Container[int] | None = None,
+        after_group: Callable[[int], None] | None = None,
+        round_moved: Callable[[float], float] | None = None,
+    ) -> XSweep:
+        """Up to ``sweeps`` rounds over ``groups`` on ``xs`` and ``pre`` (in place), stopping after the first round
+        in which no block moved by more than ``x_tol`` relative.
+
+        Per group: every block is solved from the same values (:meth:`map_blocks`), exposed through the
+        :attr:`x_momentum` average, and its pre-activation refreshed; then ``after_group(i)`` runs (the layer-
+        parallel boundary exchange). Only the ``owned`` blocks are solved here (default: all). ``round_moved``
+        turns this process's largest change of a round into the global one (a maximum over the ranks).
+
+        ``at_forward``: ``xs`` is the forward pass of the current weights. A hidden block whose neighbours still
+        hold their forward values then sits at a minimiser of its subproblem (both of its penalties vanish), so
+        it is skipped (reported with 0 iterations) until a neighbour moves. The bookkeeping follows the whole
+        schedule, so every process of a layer split skips the same blocks."""
+        beta_m = self.x_momentum
+        lifted = self.lifted
+        clean = set(range(1, lifted.L)) if at_forward else set()
+        out = XSweep()
+        for _ in range(sweeps):
+            moved = 0.0
+            with self.block("x_sweep"):
+                for i, group in enumerate(groups):
+                    here = [k for k in group if owned is None or k in owned]
+                    todo = [k for k in here if k not in clean]
+                    for k in here:
+                        if k in clean:
+                            out.last.setdefault(k, BlockResult(xs[k], 0, 0.0))
+                    olds = {k: xs[k] for k in todo}
+                    results = self.map_blocks(lambda k: self.solve_x_block(k, xs, pre, d, ws, bs, w_norms), todo)
+                    for k, res in zip(todo, results):
+                        xs[k] = res.value if beta_m == 0.0 else beta_m * olds[k] + (1.0 - beta_m) * res.value
+                        out.last[k] = res
+                        out.iters += res.iters
+                        moved = max(moved, lifted.rel_change(xs[k], olds[k]))
+                    inner = [k for k in todo if k < lifted.L]
+                    for k, u in zip(inner, self.map_blocks(lambda k: self.refresh_preact(k, xs, ws, bs), inner)):
+                        pre[k] = u
+                    for k in group:  # a solved block leaves its neighbours off their minimisers
+                        if k not in clean:
+                            clean.difference_update((k - 1, k + 1))
+                    if after_group is not None:
+                        after_group(i)
+            out.rounds += 1
+            if round_moved is not None:
+                moved = round_moved(moved)
+            if moved <= self.config.x_tol:
+                break
+        return out
 
     def x_phase(
         self,
@@ -775,39 +482,35 @@ class LPOM(Method):
         bs: Sequence[Tensor | None],
         info: dict[str, float],
         sweeps: int | None = None,
+        *,
+        at_forward: bool = False,
     ) -> None:
-        """The X-phase of §2.5 on ``xs`` (in place): ``sweeps`` sweeps with early stopping."""
-        c = self.config
+        """The X-phase of §2.5 on ``xs`` (in place): ``sweeps`` sweeps with early stopping; ``at_forward``: ``xs``
+        is the forward pass of ``ws`` (see :meth:`sweep_x`)."""
         w_norms = self._x_phase_norms(ws, info)
-        total = 0
-        last: dict[int, BlockResult] = {}
-        done = 0
-        for _ in range(sweeps if sweeps is not None else self.sweeps):
-            moved = 0.0
-            for k in self._block_order():
-                old = xs[k]
-                res = self.update_x_block(k, xs, pre, d, ws, bs, w_norms)
-                last[k] = res
-                total += res.iters
-                moved = max(moved, self.lifted.rel_change(xs[k], old))
-            done += 1
-            if moved <= c.x_tol:
-                break
-        self._report_x_phase(info, last, total, done)
+        out = self.sweep_x(
+            xs, pre, d, ws, bs, w_norms, self.x_groups(), sweeps=sweeps if sweeps is not None else self.sweeps,
+            at_forward=at_forward,
+        )
+        self.report_x_phase(info, out.last, out.iters, out.rounds)
+
+    def hidden_w_norms(self, ws: Sequence[Tensor], blocks: Sequence[int]) -> dict[int, float]:
+        """Safety-scaled ‖W_k‖₂ of hidden blocks k (their FISTA steps), by warm-started power iterations."""
+        return {k: s * SPECTRAL_SAFETY for k, s in self._w_norms(ws, blocks, self.config.power_iters).items()}
 
     def _x_phase_norms(self, ws: Sequence[Tensor], info: dict[str, float]) -> dict[int, float]:
-        """Safety-scaled ‖W^k‖₂ of the hidden blocks (their FISTA steps); logs Theorem 2's ρ_k when a block uses
-        the paper's fixed point, whose contraction it decides."""
+        """:meth:`hidden_w_norms` of every hidden block; logs Theorem 2's ρ_k when a block uses the paper's fixed
+        point, whose contraction it decides."""
         c = self.config
         lifted = self.lifted
         hidden = list(range(1, lifted.L))
-        w_norms = {k: s * _SPECTRAL_SAFETY for k, s in self._w_norms(ws, hidden, c.power_iters).items()}
+        w_norms = self.hidden_w_norms(ws, hidden)
         if any(lifted.resolve_solver(c.x_solver, k) == "fixed_point" for k in hidden):
             for k in hidden:
                 info[f"rho_{k}"] = lifted.rho(k, ws[k])
         return w_norms
 
-    def _report_x_phase(self, info: dict[str, float], last: dict[int, BlockResult], total: int, sweeps: int) -> None:
+    def report_x_phase(self, info: dict[str, float], last: Mapping[int, BlockResult], total: int, sweeps: int) -> None:
         """Log the X-phase's sweeps, iterations and final residuals, and flag (once, with the fix) a hidden
         solver that ended above ``collapse_tol``: the silent-collapse trap of METHODS.md §2.3."""
         c = self.config
@@ -835,23 +538,33 @@ class LPOM(Method):
                 f"{c.collapse_tol:g}; training may collapse: {fix}",
             )
 
-    def w_phase(
-        self, xs: Sequence[Tensor], pre: Sequence[Tensor], ws: Sequence[Tensor], bs: Sequence[Tensor | None]
-    ) -> list[tuple[Tensor, Tensor | None]]:
-        """All W-blocks (independent given X); returns the new (W, b) of every layer."""
+    # -- the W-phase ---------------------------------------------------------------------------------------------
+    def solve_w_block(
+        self, j: int, xs: Sequence[Tensor], pre: Sequence[Tensor], ws: Sequence[Tensor], bs: Sequence[Tensor | None]
+    ) -> tuple[Tensor, Tensor | None]:
+        """The APG W-steps of layer j (§2.4) given X; returns its new (W, b)."""
         c = self.config
-        return [
-            self.lifted.solve_w(
+        with self.block(f"w_block[{j}]"):
+            return self.lifted.solve_w(
                 j, xs[j], xs[j + 1], ws[j], bs[j], pre[j],
                 iters=c.w_iters, side=c.w_side, pinv=c.pinv, ridge_rel=c.ridge_rel,
                 ridge_rel_feature=c.ridge_rel_feature,
             )
-            for j in range(self.lifted.L)
-        ]
+
+    def w_phase(
+        self, xs: Sequence[Tensor], pre: Sequence[Tensor], ws: Sequence[Tensor], bs: Sequence[Tensor | None]
+    ) -> list[tuple[Tensor, Tensor | None]]:
+        """All W-blocks (independent given X); returns the new (W, b) of every layer."""
+        return [self.solve_w_block(j, xs, pre, ws, bs) for j in range(self.lifted.L)]
 
     def commit(self, new: Sequence[tuple[Tensor, Tensor | None]]) -> None:
+        self.commit_layers(dict(enumerate(new)))
+
+    def commit_layers(self, new: Mapping[int, tuple[Tensor, Tensor | None]]) -> None:
+        """Copy the new (W_j, b_j) of the given layers into the model."""
         with torch.no_grad():
-            for lin, (w, b) in zip(self.lifted.linears, new):
+            for j, (w, b) in new.items():
+                lin = self.lifted.linears[j]
                 lin.weight.copy_(w)
                 if lin.bias is not None and b is not None:
                     lin.bias.copy_(b)
@@ -861,12 +574,12 @@ class LPOM(Method):
         c = self.config
         lifted = self.lifted
         with torch.no_grad():
-            x0 = self._input(x)
-            d = self._targets(y, x0.shape[0])
+            x0, d = self.prepare_batch(x, y)
             ws, bs = lifted.weights(), lifted.biases()
-            xs, pre, out = self._init_x(x0, idx, ws, bs)
+            with self.block("forward"):
+                xs, pre, out = self._init_x(x0, idx, ws, bs)
             loss = float(evaluate_loss(self.loss, out, y.to(out.device)))
-            self._check_finite_input(x0, loss)
+            self.check_finite_input(x0, loss)
             info: dict[str, float] = {}
             if c.monitor != "off":
                 # At the forward initialisation every penalty vanishes (tested), so E = ℓ there.
@@ -877,7 +590,7 @@ class LPOM(Method):
                 if p > 0:
                     ws, bs = lifted.weights(), lifted.biases()
                     pre = [lifted.preact(xs[j], ws[j], bs[j]) for j in range(lifted.L)]
-                self.x_phase(xs, pre, d, ws, bs, info)
+                self.x_phase(xs, pre, d, ws, bs, info, at_forward=p == 0 and c.x_init == "forward")
                 if c.monitor != "off":
                     info["energy"] = lifted.energy(xs, pre, d)
                 self.commit(self.w_phase(xs, pre, ws, bs))
@@ -893,7 +606,7 @@ class LPOM(Method):
             pre = [lifted.preact(xs[j], ws[j], bs[j]) for j in range(lifted.L)]
             info["energy_w"] = lifted.energy(xs, pre, d)
         if c.monitor != "off":
-            for j, sigma in self._w_norms(ws, range(lifted.L), 1).items():
+            for j, sigma in self.monitored_w_norms(ws, range(lifted.L)).items():
                 info[f"w_norm_{j}"] = sigma
                 if not math.isfinite(sigma):
                     self._warn_once(

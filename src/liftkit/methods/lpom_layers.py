@@ -28,19 +28,71 @@ layer's weights (and its warm power-iteration vector) from an owner.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Container, Mapping, Sequence
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
 from liftkit.distributed import Communicator, shard_bounds
 from liftkit.methods.base import StepStats, evaluate_loss
-from liftkit.methods.lpom import _SPECTRAL_SAFETY, BlockResult
+from liftkit.methods.lpom_chain import LiftedChain
+from liftkit.methods.lpom_kernels import BlockResult
 
-if TYPE_CHECKING:
-    from liftkit.methods.lpom_parallel import LPOMSync
+__all__ = ["LayerParallel", "LayerParallelMethod"]
 
-__all__ = ["LayerParallel"]
+
+class _XSweepOutcome(Protocol):
+    @property
+    def last(self) -> Mapping[int, BlockResult]: ...
+    @property
+    def iters(self) -> int: ...
+    @property
+    def rounds(self) -> int: ...
+
+
+class _Settings(Protocol):
+    @property
+    def monitor(self) -> str: ...
+    @property
+    def outer_passes(self) -> int: ...
+    @property
+    def w_iters(self) -> int: ...
+
+
+class LayerParallelMethod(Protocol):
+    """What :class:`LayerParallel` needs from the method it schedules (``lpom-sync`` implements it): the lifted
+    chain, the batch checks, and the X-sweep, W-block and bookkeeping steps of serial LPOM."""
+
+    steps_taken: int
+
+    @property
+    def loss(self) -> str: ...
+    @property
+    def config(self) -> _Settings: ...
+    @property
+    def lifted(self) -> LiftedChain: ...
+    @property
+    def sweeps(self) -> int: ...
+
+    def prepare_batch(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]: ...
+    def check_finite_input(self, x0: Tensor, loss: float) -> None: ...
+    def x_groups(self) -> list[list[int]]: ...
+    def hidden_w_norms(self, ws: Sequence[Tensor], blocks: Sequence[int]) -> dict[int, float]: ...
+    def monitored_w_norms(self, ws: Sequence[Tensor], layers: Sequence[int]) -> dict[int, float]: ...
+    def power_vectors(self) -> list[Tensor | None]: ...
+    def sweep_x(
+        self, xs: list[Tensor], pre: list[Tensor], d: Tensor, ws: Sequence[Tensor], bs: Sequence[Tensor | None],
+        w_norms: Mapping[int, float], groups: Sequence[Sequence[int]], *, sweeps: int, at_forward: bool = False,
+        owned: Container[int] | None = None, after_group: Callable[[int], None] | None = None,
+        round_moved: Callable[[float], float] | None = None,
+    ) -> _XSweepOutcome: ...
+    def report_x_phase(self, info: dict[str, float], last: Mapping[int, BlockResult], total: int, sweeps: int) -> None:
+        ...
+    def solve_w_block(
+        self, j: int, xs: Sequence[Tensor], pre: Sequence[Tensor], ws: Sequence[Tensor], bs: Sequence[Tensor | None]
+    ) -> tuple[Tensor, Tensor | None]: ...
+    def commit_layers(self, new: Mapping[int, tuple[Tensor, Tensor | None]]) -> None: ...
 
 
 class LayerParallel:
@@ -91,29 +143,19 @@ class LayerParallel:
         return received
 
     # -- the step ----------------------------------------------------------------------------------------------
-    def step(self, method: LPOMSync, x: Tensor, y: Tensor) -> StepStats:
+    def step(self, method: LayerParallelMethod, x: Tensor, y: Tensor) -> StepStats:
         c = method.config
         lifted = method.lifted
         L = self.L
         last = self.rank == self.world - 1
         with torch.no_grad():
-            x0 = method._input(x)
-            d = method._targets(y, x0.shape[0])
+            x0, d = method.prepare_batch(x, y)
             ws, bs = lifted.weights(), lifted.biases()
-            m = x0.shape[0]
-            xs: list[Tensor] = [x0] + [x0.new_zeros(m, lifted.widths[k]) for k in range(1, L + 1)]
-            pre: list[Tensor] = [x0.new_zeros(m, lifted.widths[j + 1]) for j in range(L)]
-            if self.left is not None:
-                xs[self.left] = self.comm.recv(xs[self.left], self.rank - 1)
-            for j in self.layers:
-                pre[j] = lifted.preact(xs[j], ws[j], bs[j])
-                xs[j + 1] = lifted.acts[j].phi(pre[j])
-            if self.right is not None:
-                self.comm.send(xs[self.k_hi].contiguous(), self.rank + 1)
+            xs, pre = self._forward(lifted, x0, ws, bs)
             loss = float(evaluate_loss(method.loss, xs[L], y.to(x0.device))) if last else 0.0
-            method._check_finite_input(x0, loss if last else 0.0)
+            method.check_finite_input(x0, loss if last else 0.0)
             info: dict[str, float] = {}
-            data_init = lifted._data_loss(xs[L], d) if last else 0.0
+            data_init = lifted.local_data_loss(xs[L], d) if last else 0.0
             loss, data_init = self.comm.sum_scalars(loss, data_init)
             if c.monitor != "off":
                 info["energy_init"] = data_init
@@ -122,83 +164,70 @@ class LayerParallel:
                     ws, bs = lifted.weights(), lifted.biases()
                     for j in self.layers:
                         pre[j] = lifted.preact(xs[j], ws[j], bs[j])
-                self._x_phase(method, xs, pre, d, ws, bs, info)
+                self._x_phase(method, xs, pre, d, ws, bs, info, at_forward=p == 0)
                 if c.monitor != "off":
-                    info["energy"] = self._energy(method, xs, pre, d)
-                new = {
-                    j: lifted.solve_w(
-                        j, xs[j], xs[j + 1], ws[j], bs[j], pre[j], iters=c.w_iters, side=c.w_side, pinv=c.pinv,
-                        ridge_rel=c.ridge_rel, ridge_rel_feature=c.ridge_rel_feature,
-                    )
-                    for j in self.layers
-                }
-                with torch.no_grad():
-                    for j, (w, b) in new.items():
-                        lifted.linears[j].weight.copy_(w)
-                        if lifted.linears[j].bias is not None and b is not None:
-                            lifted.linears[j].bias.copy_(b)
+                    info["energy"] = self._energy(lifted, xs, pre, d)
+                method.commit_layers({j: method.solve_w_block(j, xs, pre, ws, bs) for j in self.layers})
             self._finish(method, xs, d, info)
         method.steps_taken += 1
         return StepStats(loss=loss, info=info)
 
+    def _forward(
+        self, lifted: LiftedChain, x0: Tensor, ws: Sequence[Tensor], bs: Sequence[Tensor | None]
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """The pipelined forward initialisation: X^{k_lo−1} from the left neighbour, this rank's layers (and its
+        boundary layer), X^{k_hi} to the right neighbour. Blocks held elsewhere stay zero."""
+        m = x0.shape[0]
+        xs: list[Tensor] = [x0] + [x0.new_zeros(m, lifted.widths[k]) for k in range(1, self.L + 1)]
+        pre: list[Tensor] = [x0.new_zeros(m, lifted.widths[j + 1]) for j in range(self.L)]
+        if self.left is not None:
+            xs[self.left] = self.comm.recv(xs[self.left], self.rank - 1)
+        for j in self.layers:
+            pre[j] = lifted.preact(xs[j], ws[j], bs[j])
+            xs[j + 1] = lifted.acts[j].phi(pre[j])
+        if self.right is not None:
+            self.comm.send(xs[self.k_hi].contiguous(), self.rank + 1)
+        return xs, pre
+
     def _x_phase(
-        self, method: LPOMSync, xs: list[Tensor], pre: list[Tensor], d: Tensor, ws: list[Tensor],
-        bs: list[Tensor | None], info: dict[str, float],
+        self, method: LayerParallelMethod, xs: list[Tensor], pre: list[Tensor], d: Tensor, ws: list[Tensor],
+        bs: list[Tensor | None], info: dict[str, float], *, at_forward: bool,
     ) -> None:
-        c = method.config
+        """Serial LPOM's odd–even sweep restricted to this rank's blocks, with the boundary exchange after every
+        phase and the largest block change of a round taken over all ranks."""
         lifted = method.lifted
-        L = self.L
-        hidden = [k for k in self.blocks if k < L]
+        hidden = [k for k in self.blocks if k < self.L]
         # the same warm power iterations serial LPOM runs for these blocks' W_k (all owned here)
-        w_norms = {k: s * _SPECTRAL_SAFETY for k, s in method._w_norms(ws, hidden, c.power_iters).items()}
-        beta_m = c.momentum
-        last_res: dict[int, BlockResult] = {}
-        total = 0
-        rounds = 0
-        for _ in range(method.sweeps):
-            moved = 0.0
-            for phase in method.phases():
-                mine = [k for k in phase if self.k_lo <= k <= self.k_hi]
-                olds = {k: xs[k] for k in mine}
+        w_norms = method.hidden_w_norms(ws, hidden)
+        phases = method.x_groups()
 
-                def solve(k: int) -> BlockResult:
-                    if k == L:
-                        return lifted.solve_output(xs[k], pre[k - 1], d, iters=c.output_iters, tol=c.x_tol)
-                    return lifted.solve_hidden(
-                        k, xs[k], pre[k - 1], xs[k + 1], ws[k], bs[k], w_norms[k],
-                        solver=lifted.resolve_solver(c.x_solver, k), iters=c.x_iters, tol=c.x_tol,
-                    )
+        def exchange(i: int) -> None:
+            for k in self._exchange(xs, set(phases[i])):
+                if k == self.left:  # the input of this rank's first layer changed
+                    pre[k] = lifted.preact(xs[k], ws[k], bs[k])
 
-                for k, res in zip(mine, method.pool.map(solve, mine)):
-                    xs[k] = res.value if beta_m == 0.0 else beta_m * olds[k] + (1.0 - beta_m) * res.value
-                    last_res[k] = res
-                    total += res.iters
-                    moved = max(moved, lifted.rel_change(xs[k], olds[k]))
-                for k in mine:
-                    if k < L:
-                        pre[k] = lifted.preact(xs[k], ws[k], bs[k])
-                for k in self._exchange(xs, set(phase)):
-                    if k == self.left:  # the input of this rank's first layer changed
-                        pre[k] = lifted.preact(xs[k], ws[k], bs[k])
-            rounds += 1
-            if self.comm.world_size > 1:
-                flag = torch.tensor([moved], dtype=torch.float64, device=self.comm.device)
-                moved = float(self.comm.all_reduce_max_(flag)[0])
-            if moved <= c.x_tol:
-                break
-        method._report_x_phase(info, last_res, total, rounds)
-        info["x_iters_total"] = self.comm.sum_scalars(float(total))[0]
+        def largest_over_ranks(moved: float) -> float:
+            if self.comm.world_size == 1:
+                return moved
+            flag = torch.tensor([moved], dtype=torch.float64, device=self.comm.device)
+            return float(self.comm.all_reduce_max_(flag)[0])
 
-    def _energy(self, method: LPOMSync, xs: list[Tensor], pre: list[Tensor], d: Tensor) -> float:
+        out = method.sweep_x(
+            xs, pre, d, ws, bs, w_norms, phases, sweeps=method.sweeps, at_forward=at_forward, owned=set(self.blocks),
+            after_group=exchange, round_moved=largest_over_ranks,
+        )
+        method.report_x_phase(info, out.last, out.iters, out.rounds)
+        info["x_iters_total"] = self.comm.sum_scalars(float(out.iters))[0]
+
+    def _energy(self, lifted: LiftedChain, xs: list[Tensor], pre: list[Tensor], d: Tensor) -> float:
         """E summed over ranks: each rank adds the penalties of the layers into its blocks (the boundary layer
         counts on its right rank only), the last rank the data term."""
-        lifted = method.lifted
-        part = lifted._data_loss(xs[self.L], d) if self.rank == self.world - 1 else 0.0
+        part = lifted.local_data_loss(xs[self.L], d) if self.rank == self.world - 1 else 0.0
         for k in self.blocks:
             part += lifted.mu[k - 1] * lifted.acts[k - 1].penalty_sum(pre[k - 1], xs[k])
         return self.comm.sum_scalars(part)[0]
 
-    def _finish(self, method: LPOMSync, xs: list[Tensor], d: Tensor, info: dict[str, float]) -> None:
+    def _finish(self, method: LayerParallelMethod, xs: list[Tensor], d: Tensor, info: dict[str, float]) -> None:
         c = method.config
         lifted = method.lifted
         ws, bs = lifted.weights(), lifted.biases()
@@ -206,19 +235,19 @@ class LayerParallel:
             pre = [xs[0].new_zeros(0)] * self.L
             for j in self.layers:
                 pre[j] = lifted.preact(xs[j], ws[j], bs[j])
-            info["energy_w"] = self._energy(method, xs, pre, d)
+            info["energy_w"] = self._energy(lifted, xs, pre, d)
         if c.monitor != "off":
-            for j, sigma in method._w_norms(ws, self.layers, 1).items():
+            for j, sigma in method.monitored_w_norms(ws, self.layers).items():
                 info[f"w_norm_{j}"] = sigma
             info["w_iters"] = float(c.w_iters)
 
     # -- after an epoch ----------------------------------------------------------------------------------------
-    def synchronize(self, method: LPOMSync) -> None:
+    def synchronize(self, method: LayerParallelMethod) -> None:
         """Every layer's weights from the rank of the block it feeds, its warm power vector from the rank that
         used it in the X-phase (the rank of block max(j, 1)), so that every rank holds the single-process
         model and state."""
         lifted = method.lifted
-        vectors = method.state.power_vectors
+        vectors = method.power_vectors()
         for j, lin in enumerate(lifted.linears):
             src = self.block_rank(j + 1)
             self.comm.broadcast_(lin.weight.data, src)

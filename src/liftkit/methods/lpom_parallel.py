@@ -3,7 +3,7 @@ r"""Parallel LPOM on one machine: synchronous odd–even (``lpom-sync``) and asy
 
 Li, Xiao, Fang, Dai, Xu, Lin, "Training Neural Networks by Lifted Proximal Operator Machines", IEEE TPAMI 2021,
 §§ on sync-LPOM (Algorithm 3) and async-LPOM (eqs. 37–38, Theorem 5); METHODS.md §2.6–§2.7. The block solvers
-are serial LPOM's (:class:`liftkit.methods.lpom.LiftedChain`); only the schedule differs.
+are serial LPOM's (:class:`liftkit.methods.lpom_chain.LiftedChain`); only the schedule differs.
 
 **lpom-sync** (per mini-batch, after the forward initialisation; §2.6). X^k is coupled only to X^{k−1} and
 X^{k+1}, so each of ``x_sweeps`` rounds (default L) updates all blocks of one parity at once, then the other:
@@ -36,22 +36,18 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
 
 from liftkit.distributed import Communicator
 from liftkit.methods.base import Method, StepStats, evaluate_loss, register
-from liftkit.methods.lpom import (
-    _POWER_COLD_ITERS,
-    _SPECTRAL_SAFETY,
-    LPOM,
-    BlockResult,
-    LPOMConfig,
-    _warm_power,
-)
+from liftkit.methods.lpom import LPOM, LPOMConfig
+from liftkit.methods.lpom_kernels import POWER_COLD_ITERS, warm_power
 from liftkit.methods.lpom_layers import LayerParallel
+
+_T = TypeVar("_T")
 
 __all__ = ["LPOMAsync", "LPOMAsyncConfig", "LPOMSync", "LPOMSyncConfig"]
 
@@ -63,7 +59,7 @@ class _Pool:
         self.workers = workers
         self._executor: ThreadPoolExecutor | None = None
 
-    def map(self, fn: Callable[[int], Any], items: Sequence[int]) -> list[Any]:
+    def map(self, fn: Callable[[int], _T], items: Sequence[int]) -> list[_T]:
         if self.workers == 1 or len(items) <= 1:
             return [fn(i) for i in items]
         if self._executor is None:
@@ -160,69 +156,23 @@ class LPOMSync(LPOM):
         blocks = range(1, self.lifted.L + 1)
         return [[k for k in blocks if k % 2 == 0], [k for k in blocks if k % 2 == 1]]
 
-    def x_phase(
-        self,
-        xs: list[Tensor],
-        pre: list[Tensor],
-        d: Tensor,
-        ws: Sequence[Tensor],
-        bs: Sequence[Tensor | None],
-        info: dict[str, float],
-        sweeps: int | None = None,
-    ) -> None:
-        c = self.config
-        lifted = self.lifted
-        w_norms = self._x_phase_norms(ws, info)
-        beta_m = c.momentum
-        last: dict[int, BlockResult] = {}
-        total = 0
-        rounds = 0
-        for _ in range(sweeps if sweeps is not None else self.sweeps):
-            moved = 0.0
-            for phase in self.phases():
-                olds = {k: xs[k] for k in phase}
+    def x_groups(self) -> list[list[int]]:
+        """An odd–even round: the two :meth:`phases`, each solved at once."""
+        return self.phases()
 
-                def solve(k: int) -> BlockResult:
-                    if k == lifted.L:
-                        return lifted.solve_output(xs[k], pre[k - 1], d, iters=c.output_iters, tol=c.x_tol)
-                    return lifted.solve_hidden(
-                        k, xs[k], pre[k - 1], xs[k + 1], ws[k], bs[k], w_norms[k],
-                        solver=lifted.resolve_solver(c.x_solver, k), iters=c.x_iters, tol=c.x_tol,
-                    )
+    @property
+    def x_momentum(self) -> float:
+        return self.config.momentum
 
-                results = self.pool.map(solve, phase)
-                for k, res in zip(phase, results):
-                    xs[k] = res.value if beta_m == 0.0 else beta_m * olds[k] + (1.0 - beta_m) * res.value
-                    last[k] = res
-                    total += res.iters
-                    moved = max(moved, lifted.rel_change(xs[k], olds[k]))
-
-                def refresh(k: int) -> Tensor:
-                    return lifted.preact(xs[k], ws[k], bs[k])
-
-                inner = [k for k in phase if k < lifted.L]
-                for k, u in zip(inner, self.pool.map(refresh, inner)):
-                    pre[k] = u
-            rounds += 1
-            if moved <= c.x_tol:
-                break
-        self._report_x_phase(info, last, total, rounds)
+    def map_blocks(self, fn: Callable[[int], _T], items: Sequence[int]) -> list[_T]:
+        return self.pool.map(fn, items)
 
     def w_phase(
         self, xs: Sequence[Tensor], pre: Sequence[Tensor], ws: Sequence[Tensor], bs: Sequence[Tensor | None]
     ) -> list[tuple[Tensor, Tensor | None]]:
-        c = self.config
-
-        def solve(j: int) -> tuple[Tensor, Tensor | None]:
-            return self.lifted.solve_w(
-                j, xs[j], xs[j + 1], ws[j], bs[j], pre[j],
-                iters=c.w_iters, side=c.w_side, pinv=c.pinv, ridge_rel=c.ridge_rel,
-                ridge_rel_feature=c.ridge_rel_feature,
-            )
-
         # largest blocks first, so that the big first-layer solve overlaps the others
         order = sorted(range(self.lifted.L), key=lambda j: -ws[j].numel())
-        results = dict(zip(order, self.pool.map(solve, order)))
+        results = dict(zip(order, self.pool.map(lambda j: self.solve_w_block(j, xs, pre, ws, bs), order)))
         return [results[j] for j in range(self.lifted.L)]
 
 
@@ -387,7 +337,7 @@ class LPOMAsync(LPOM):
         delay = self.delta
         barrier = self.config.w_barrier
         if self.config.order == "random":
-            gen = torch.Generator().manual_seed(self.config.seed + self.steps_taken)
+            gen = torch.Generator(device="cpu").manual_seed(self.config.seed + self.steps_taken)
             if barrier:  # shuffle within the X-phase and within the W-phase
                 xb = [b for b in seq if b[0] == "x"]
                 wb = [b for b in seq if b[0] == "w"]
@@ -464,12 +414,12 @@ class LPOMAsync(LPOM):
         c = self.config
         lifted = self.lifted
         with torch.no_grad():
-            x0 = self._input(x)
-            d = self._targets(y, x0.shape[0])
+            x0, d = self.prepare_batch(x, y)
             ws0, bs0 = lifted.weights(), lifted.biases()
-            xs, pre, out = self._init_x(x0, idx, ws0, bs0)
+            with self.block("forward"):
+                xs, pre, out = self._init_x(x0, idx, ws0, bs0)
             loss = float(evaluate_loss(self.loss, out, y.to(out.device)))
-            self._check_finite_input(x0, loss)
+            self.check_finite_input(x0, loss)
             info: dict[str, float] = {"gamma": self.gamma}
             start = lifted.energy(xs, pre, d)
             info["energy_init"] = start
@@ -477,8 +427,7 @@ class LPOMAsync(LPOM):
                 ws, bs = lifted.weights(), lifted.biases()
                 if _ > 0:
                     pre = [lifted.preact(xs[j], ws[j], bs[j]) for j in range(lifted.L)]
-                hidden = list(range(1, lifted.L))
-                w_norms = {k: s * _SPECTRAL_SAFETY for k, s in self._w_norms(ws, hidden, c.power_iters).items()}
+                w_norms = self.hidden_w_norms(ws, list(range(1, lifted.L)))
                 store = _Store(xs, list(ws), list(bs), pre)
                 seq = self.sequence()
                 if c.mode == "simulate":
@@ -501,11 +450,11 @@ class LPOMAsync(LPOM):
         """γ ← γ·growth, capped at Theorem 5's L·sqrt(Δ(Δ+1)) (never lowered by the cap)."""
         lifted = self.lifted
         beta = max(lifted.kappa)
-        sq = [_warm_power(w, None, 1)[0] ** 2 for w in ws[1:]]
+        sq = [warm_power(w, None, 1)[0] ** 2 for w in ws[1:]]
         if lifted.shards is None:
-            sq += [_warm_power(x, None, 1)[0] ** 2 for x in xs[: lifted.L]]
+            sq += [warm_power(x, None, 1)[0] ** 2 for x in xs[: lifted.L]]
         else:
-            sq += [lifted.shards.row_spectral_norm(x, _POWER_COLD_ITERS) ** 2 for x in xs[: lifted.L]]
+            sq += [lifted.shards.row_spectral_norm(x, POWER_COLD_ITERS) ** 2 for x in xs[: lifted.L]]
         delta = self.delta
         cap = beta * max(sq, default=0.0) * math.sqrt(delta * (delta + 1))
         self.gamma = max(self.gamma, min(self.gamma * self.config.gamma_growth, cap))

@@ -75,9 +75,11 @@ class Shards:
 
     # -- the W-step's pseudo-inverse ------------------------------------------------------------------------------
     def pinv(
-        self, x_bar: Tensor, m_global: int, *, side: str, pinv: str, guard: float, rcond: float, extra: float
+        self, x_bar: Tensor, m_global: int, *, side: str, pinv: str, guard: float, rcond: float, extra: float,
+        dtype: torch.dtype = torch.float64,
     ) -> Callable[[Tensor], Tensor]:
-        """R ↦ Rᵀ(X̄ᵀ)⁺ᵀ of the global batch (out × (n_j+1), replicated), for this process's rows R."""
+        """R ↦ Rᵀ(X̄ᵀ)⁺ᵀ of the global batch (out × (n_j+1), replicated), for this process's rows R; the Gram
+        and its factor in ``dtype``."""
         n1 = x_bar.shape[1]
         if pinv == "svd" and extra == 0.0:
             full = self._gather(x_bar)
@@ -85,11 +87,11 @@ class Shards:
             return self._batch_apply(rows, x_bar.dtype)
         batch_side = side == "batch" or (side == "auto" and m_global <= n1)
         if batch_side:
-            full = self._gather(x_bar).to(torch.float64)
+            full = self._gather(x_bar).to(dtype)
             gram = full @ full.t()
         else:
-            x64 = x_bar.to(torch.float64)
-            gram = self.comm.all_reduce_sum_(x64.t() @ x64)
+            xd = x_bar.to(dtype)
+            gram = self.comm.all_reduce_sum_(xd.t() @ xd)
         trace = float(gram.diagonal().sum().item())
         if trace == 0.0:
             return lambda r: r.new_zeros(r.shape[1], n1)
@@ -99,13 +101,13 @@ class Shards:
             return self._batch_apply(rows, x_bar.dtype)
 
         def feature_apply(r: Tensor) -> Tensor:
-            rhs = self.comm.all_reduce_sum_(x_bar.t() @ r).to(torch.float64)
+            rhs = self.comm.all_reduce_sum_(x_bar.t() @ r).to(dtype)
             return torch.cholesky_solve(rhs, factor).to(r.dtype).t()
 
         return feature_apply
 
     def _batch_apply(self, rows: Tensor, dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
-        # P_r in the working dtype, as serial LPOM applies (K + εI)⁻¹R in float64 and multiplies by X̄ in it
+        # P_r in the working dtype, as serial LPOM applies (K + εI)⁻¹R in the solve dtype and multiplies by X̄ in it
         rows = rows.to(dtype)
 
         def apply(r: Tensor) -> Tensor:
