@@ -1,5 +1,6 @@
 """Cost model of LPOM on several machines: time per epoch against the number of machines R, data-parallel
-(METHODS.md §7) and layer-parallel sync-LPOM (§2.6), for MNIST 784-2048-2048-2048-10 at batch 100.
+(docs/methods/distributed.md) and layer-parallel sync-LPOM (docs/methods/lpom.md §6.2), for MNIST 784-2048-2048-2048-10
+at batch 100.
 
 Two parts:
 

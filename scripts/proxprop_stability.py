@@ -1,4 +1,4 @@
-"""Step-size stability of ProxProp vs backprop: the experiment of the paper's Table 1 (METHODS.md §4.9).
+"""Step-size stability of ProxProp vs backprop: the experiment of the paper's Table 1 (docs/methods/proxprop.md §6.4).
 
 For every step size τ (the optimizer's lr) and every method (backprop = ProxProp's ``gradient`` mode, and
 ProxProp cg1/cg3/cg5/exact), train an MLP from the same initial weights with SGD, Nesterov momentum 0.95, and
@@ -6,7 +6,8 @@ report the full-batch training loss (eval mode, mean CE over the whole training 
 A run whose loss becomes non-finite is stopped and shown as "–". Writes ``stability.md`` (the table),
 ``stability.png`` (loss against τ) and ``stability.json`` into ``--out``.
 
-Defaults: MNIST 784-500-10, batch 500, τ_θ = 1 (the assumption of §9 for Table 1), 3 epochs, τ over the
+Defaults: MNIST 784-500-10, batch 500, τ_θ = 1 (the assumption of docs/methods/proxprop.md §6.4 for Table 1), 3 epochs,
+τ over the
 paper's grid 50 … 5e-4. Example::
 
     PYTHONPATH=src python scripts/proxprop_stability.py --epochs 3 --out docs/results/proxprop-stability

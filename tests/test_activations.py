@@ -1,4 +1,5 @@
-"""Tests for liftkit.activations: the §1.1 activation table and the §1.2 Fenchel–Young penalty."""
+"""Tests for liftkit.activations: the activation table (docs/methods/conventions.md §5) and the Fenchel–Young penalty
+(docs/methods/conventions.md §6)."""
 
 from __future__ import annotations
 

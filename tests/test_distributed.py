@@ -1,6 +1,6 @@
-"""Data-parallel training over torch.distributed (METHODS.md §7): the communicator, the trainer's sharding, the
-equality of a 2-process gloo run with the 1-process run on the same global batch, the refusal of methods that
-are not data-parallel yet, and the fault path (a killed peer stops the survivor; resume finishes the run).
+"""Data-parallel training over torch.distributed (docs/methods/distributed.md): the communicator, the trainer's
+sharding, the equality of a 2-process gloo run with the 1-process run on the same global batch, the refusal of methods
+that are not data-parallel yet, and the fault path (a killed peer stops the survivor; resume finishes the run).
 
 The multi-process tests start real processes on 127.0.0.1 (this file doubles as their worker script) and are
 skipped only where this PyTorch build has no gloo backend.

@@ -1,4 +1,5 @@
-"""Fenchel lifted networks (METHODS.md §3.8 oracles): penalty, lower bound, block solvers, adjoints, errors."""
+"""Fenchel lifted networks (docs/methods/fenchel.md §8 oracles): penalty, lower bound, block solvers, adjoints,
+errors."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Serial LPOM against the unit-test oracles of METHODS.md §2.10 (float64, tiny problems)."""
+"""Serial LPOM against the unit-test oracles of docs/methods/lpom.md §11 (float64, tiny problems)."""
 
 from __future__ import annotations
 
@@ -475,7 +475,8 @@ def test_fused_fista_equals_generic_projected_fista(act, gamma):
 
 
 def test_model_from_spec_ends_in_the_hidden_activation():
-    """METHODS.md §2.2: the output layer applies φ too, so --activation reaches the output of an LPOM model."""
+    """docs/methods/lpom.md §2.1: the output layer applies φ too, so --activation reaches the output of an LPOM
+    model."""
     from liftkit.models import build_model
 
     for act in ("sigmoid", "tanh", "relu", "identity"):

@@ -1,4 +1,4 @@
-"""sync-LPOM and async-LPOM: schedules against their sequential references (METHODS.md §2.10 oracle 9)."""
+"""sync-LPOM and async-LPOM: schedules against their sequential references (docs/methods/lpom.md §11, oracle 9)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""ProxProp against its references (METHODS.md §4.10): autograd, dense solves, closed forms and limits."""
+"""ProxProp against its references (docs/methods/proxprop.md §8): autograd, dense solves, closed forms and limits."""
 
 from __future__ import annotations
 

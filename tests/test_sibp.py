@@ -1,4 +1,4 @@
-"""SIBP (METHODS.md §5): the unit-test oracles of §5.8 against autograd, closed forms and dense solves."""
+"""SIBP: the unit-test oracles of docs/methods/sibp.md §8 against autograd, closed forms and dense solves."""
 
 from __future__ import annotations
 
@@ -206,7 +206,7 @@ def test_hidden_prox_gradient_matches_autograd() -> None:
     assert prox_objective(zd, T, W.detach(), W_old, lam, relu=True) == pytest.approx(obj.item(), rel=1e-14)
 
 
-# -- oracle 6: identity hidden activation = the linear prox of §1.3 ------------------------------------------
+# -- oracle 6: identity hidden activation = the linear prox of docs/methods/conventions.md §7 --------------------------
 
 
 @pytest.mark.parametrize("hidden", ["gn_exact", "gn_cg", "fr_cg"])

@@ -1,4 +1,5 @@
-"""Dense-reference tests for liftkit.solvers (METHODS.md §1.3, §1.4, §2.3, §2.4, §4.5, §4.6)."""
+"""Dense-reference tests for liftkit.solvers (docs/methods/conventions.md §7, §8; docs/methods/lpom.md §3, §4;
+docs/methods/proxprop.md §4)."""
 
 from __future__ import annotations
 
@@ -121,7 +122,8 @@ def test_ridge_push_through_equals_gram_ill_conditioned() -> None:
 
 
 def test_ridge_small_beta_is_minimal_change_least_squares() -> None:
-    # §4.10 oracle 6: β → 0 gives Θ₀ + A⁺(T − AΘ₀) (A of full row rank, so the push-through Gram is regular)
+    # docs/methods/proxprop.md §8 oracle 6: β → 0 gives Θ₀ + A⁺(T − AΘ₀) (A of full row rank, so the push-through Gram
+    # is regular)
     A = with_singular_values(10, 25, [3.0, 2.5, 2.0, 1.5, 1.0, 0.8, 0.6, 0.5, 0.4, 0.3], seed=11)
     T, th0 = randn(10, 2, seed=12), randn(25, 2, seed=13)
     got = ridge_solve(A, T, 1e-10, th0)

@@ -1,4 +1,4 @@
-"""TIAM / AM: block updates against references (METHODS.md §6.7 oracles), invariants and errors."""
+"""TIAM / AM: block updates against references (docs/methods/tiam.md §8 oracles), invariants and errors."""
 
 from __future__ import annotations
 
@@ -647,7 +647,7 @@ def test_mdlam_init_draws_normal_weights() -> None:
     assert abs(float(w.std()) - 0.1) < 0.01 and abs(float(w.mean())) < 0.01
 
 
-# -- FISTA-like inertia schedule (METHODS.md §6.6 sweep alternative) -----------------------------------------------
+# -- FISTA-like inertia schedule (docs/methods/tiam.md §4.4) -----------------------------------------------
 
 
 def test_fista_schedule_follows_the_t_recursion() -> None:

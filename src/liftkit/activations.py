@@ -1,6 +1,6 @@
 r"""Monotone activations and the Fenchel–Young penalty shared by LPOM and Fenchel lifted networks.
 
-This module implements the activation table of METHODS.md §1.1 and the penalty of §1.2 once, for every method.
+This module implements the activation table and the penalty of docs/methods/conventions.md §5–§6 once, for every method.
 
 For a non-decreasing activation :math:`\varphi` the lifted methods use the convex pair (TPAMI eq. 20)
 
@@ -170,7 +170,7 @@ def _softplus_F_star(u: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class Activation:
-    r"""One row of the METHODS.md §1.1 activation table together with its Fenchel–Young penalty (§1.2).
+    r"""One row of the activation table together with its Fenchel–Young penalty (docs/methods/conventions.md §5, §6).
 
     ``alpha`` is the leaky-ReLU slope (default 0.01, must lie in (0, 1)) or the ELU scale (default 1.0, must
     be > 0); it must be ``None`` for the other activations. Construct via :func:`get_activation` or directly.
@@ -375,7 +375,7 @@ class Activation:
         r"""Element-wise Fenchel–Young gap B_φ(u, x) = F(x) + F*(u) − x·u ≥ 0, zero iff x = φ(u).
 
         ``u`` is the pre-activation (LPOM: W̄^{i−1}X̄^{i−1}), ``x`` the lifted output; +inf where x ∉ dom F.
-        Fenchel's ReLU term neo(V, U) equals 2·B_ReLU(U, V) (METHODS.md §1.2).
+        Fenchel's ReLU term neo(V, U) equals 2·B_ReLU(U, V) (docs/methods/conventions.md §6).
         """
         return self.F(x) + self.F_star(u) - x * u
 
@@ -403,7 +403,7 @@ class Activation:
         return torch.clamp(x, lo, hi)
 
     def prox_f(self, y: Tensor, t: float) -> Tensor:
-        r"""prox_{t f}(y) = argminₓ t f(x) + ½(x − y)² for LPOM's f = F − x²/2 (METHODS.md §2.3).
+        r"""prox_{t f}(y) = argminₓ t f(x) + ½(x − y)² for LPOM's f = F − x²/2 (docs/methods/conventions.md §5.2).
 
         * identity: y; ReLU, hardtanh: the projection onto dom F (f is its indicator);
         * leaky ReLU: y (y ≥ 0), y / (1 + t(1/α − 1)) (y < 0);

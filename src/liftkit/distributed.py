@@ -1,4 +1,4 @@
-"""A small communicator over ``torch.distributed`` for data-parallel training (METHODS.md §7).
+"""A small communicator over ``torch.distributed`` for data-parallel training (docs/methods/distributed.md).
 
 Methods never import ``torch.distributed``: they talk to ``self.comm``, a :class:`Communicator`. The
 single-process :class:`LocalComm` makes every collective a no-op (an all-reduce of one process's sum is that
@@ -97,7 +97,7 @@ class Communicator(ABC):
     # -- collectives ------------------------------------------------------------------------------------------
     def all_reduce_sum_(self, tensor: torch.Tensor, *, float64: bool = False, op: str = "all_reduce") -> torch.Tensor:
         """Sum ``tensor`` over all ranks, in place; returns it. ``float64=True`` accumulates in float64 (Gram
-        sums, METHODS.md §7) and casts the sum back to the tensor's dtype. ``op`` is the label the byte
+        sums, docs/methods/distributed.md §1) and casts the sum back to the tensor's dtype. ``op`` is the label the byte
         counter files the call under."""
         if not self.distributed:
             return tensor

@@ -8,7 +8,7 @@ Spec strings (what ``--model`` takes):
 
 * ``"784-500-10"``: an MLP (``Flatten``, then ``Linear``/activation pairs, the last ``Linear`` bare unless
   ``output_activation`` is given);
-* ``"lenet5"``: LeNet-5 with average pooling (METHODS.md §3.4);
+* ``"lenet5"``: LeNet-5 with average pooling (docs/methods/fenchel.md §3);
 * ``"ae:784-1000-500-250-30"``: the mirrored autoencoder 784-1000-500-250-30-250-500-1000-784;
 * ``"resnet8"``: a small residual network with BatchNorm (:func:`resnet8`).
 """
@@ -38,7 +38,7 @@ __all__ = [
 ]
 
 # Modules that are linear and parameter-free, so a lifted method can fold them into the next layer's linear map
-# (e.g. LeNet-5's average pooling, METHODS.md §3.4).
+# (e.g. LeNet-5's average pooling, docs/methods/fenchel.md §3).
 _LINEAR_GLUE = (nn.Flatten, nn.AvgPool2d, nn.ZeroPad2d, nn.Identity)
 
 
@@ -67,7 +67,7 @@ def mlp(spec: str | Sequence[int], activation: str = "relu", output_activation: 
     ``spec`` is ``"784-500-10"`` or a list of widths. ``activation`` names the hidden activation (one of
     :data:`liftkit.activations.ACTIVATIONS`). The output is bare logits unless ``output_activation`` is given;
     ``output_activation="hidden"`` repeats ``activation`` there (LPOM's papers apply the activation at the output
-    too, METHODS.md §2.2).
+    too, docs/methods/lpom.md §2.1).
     """
     widths = _parse_widths(spec, "mlp") if isinstance(spec, str) else list(spec)
     if len(widths) < 2:
@@ -93,7 +93,7 @@ def _dense_stack(widths: Sequence[int], activation: str, output_activation: str 
 def lenet5(
     in_channels: int = 1, input_size: int = 28, num_classes: int = 10, activation: str = "relu"
 ) -> nn.Sequential:
-    """LeNet-5 with average pooling, as in the Fenchel lifted networks code (METHODS.md §3.4).
+    """LeNet-5 with average pooling, as in the Fenchel lifted networks code (docs/methods/fenchel.md §3).
 
     ``28x28`` inputs are zero-padded to ``32x32``; conv 6@5x5 -> act -> avgpool2 -> conv 16@5x5 -> act ->
     avgpool2 -> flatten (400) -> 120 -> act -> 84 -> act -> ``num_classes`` logits.
@@ -129,7 +129,7 @@ def autoencoder(
 
     Every layer, the code layer included, applies ``activation`` so that each layer is a (linear map,
     activation) pair a lifted method can handle; the reconstruction passes through ``output_activation``
-    (sigmoid by default, since pixels lie in [0, 1]; METHODS.md §8.5).
+    (sigmoid by default, since pixels lie in [0, 1]; docs/methods/conventions.md §9.4).
     """
     enc = _parse_widths(spec, "autoencoder") if isinstance(spec, str) else list(spec)
     return _dense_stack(enc + enc[-2::-1], activation, output_activation)
@@ -244,7 +244,7 @@ class ChainLayer:
     """One (linear map, activation) pair of a :func:`as_chain` view.
 
     The layer computes ``act(linear(pre(x)))``. ``pre`` holds parameter-free linear glue (flatten, average
-    pooling, zero padding) that a lifted method folds into the layer's linear operator (METHODS.md §3.4).
+    pooling, zero padding) that a lifted method folds into the layer's linear operator (docs/methods/fenchel.md §3).
     ``activation`` is ``None`` for a bare output layer (logits).
     """
 
@@ -343,7 +343,7 @@ def as_chain(
 def proxprop_convnet(
     in_channels: int = 3, input_size: int = 32, num_classes: int = 10, *, third_pool: bool = False
 ) -> nn.Sequential:
-    """The ProxProp ConvNet (METHODS.md §4.8): three 5x5 convolutions with padding 2 (channels
+    """The ProxProp ConvNet (docs/methods/proxprop.md §6.3): three 5x5 convolutions with padding 2 (channels
     in -> 16 -> 20 -> 20), each followed by ReLU, max-pooling (2) after the first two, then one Linear to the
     logits (20*8*8 = 1280 inputs on 32x32 images): the official code's model (spec ``proxprop-convnet``).
     ``third_pool=True`` adds the paper's third max-pool (FC 320 -> 10 on CIFAR-10; spec

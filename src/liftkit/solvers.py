@@ -1,15 +1,18 @@
-r"""Shared numerical primitives (METHODS.md §1.3, §1.4, §2.3, §2.4, §4.5, §4.6).
+r"""Shared numerical primitives (docs/methods/conventions.md §7, §8; docs/methods/lpom.md §3, §4;
+docs/methods/proxprop.md §4).
 
 Every function is pure (no global RNG, no in-place change of its inputs) and has a dense reference test.
-Grams and Cholesky factors are built in float64 and results are cast back to the input dtype (§0.4).
+Grams and Cholesky factors are built in float64 and results are cast back to the input dtype
+(docs/methods/conventions.md §4).
 
 * :func:`spectral_norm`, :func:`spectral_norm_op`: power-iteration estimates of ‖·‖₂ for FISTA step sizes.
-* :func:`ridge_solve`, :func:`linear_prox_direction`: the linear-layer prox of §1.3/§4.5 (Gram or
-  push-through); :func:`push_through_coefficients` and :func:`spd_ridge_solve` expose its two halves for
-  callers that form Āᵀ(·) or the Gram themselves (ProxProp's chunked conv Gram).
-* :func:`block_cg`: ProxProp's per-column conjugate gradients as implemented officially (§4.6).
-* :func:`projected_fista`: the X-block solver of LPOM (§2.3) and Fenchel (§3.5).
-* :func:`batch_pinv`: the Moore–Penrose pseudo-inverse for LPOM's W-step (§2.4).
+* :func:`ridge_solve`, :func:`linear_prox_direction`: the linear-layer prox of docs/methods/conventions.md §7 and
+  docs/methods/proxprop.md §4.1 (Gram or push-through); :func:`push_through_coefficients` and :func:`spd_ridge_solve`
+  expose its two halves for callers that form Āᵀ(·) or the Gram themselves (ProxProp's chunked conv Gram).
+* :func:`block_cg`: ProxProp's per-column conjugate gradients as implemented officially (docs/methods/proxprop.md §4.3).
+* :func:`projected_fista`: the X-block solver of LPOM (docs/methods/lpom.md §3.2) and Fenchel
+  (docs/methods/fenchel.md §4.1).
+* :func:`batch_pinv`: the Moore–Penrose pseudo-inverse for LPOM's W-step (docs/methods/lpom.md §4.3).
 """
 
 from __future__ import annotations
@@ -92,8 +95,8 @@ def spectral_norm_op(
     ``apply`` maps a tensor of shape ``shape_in`` to the output space and ``apply_t`` is its adjoint (e.g. a
     conv and its ``conv_transpose``). Starting from a fixed pseudo-random v₀ (of the given dtype and device;
     the global RNG is untouched), ``iters`` steps of v ← AᵀAv/‖AᵀAv‖ are run and σ ≈ ‖Av‖ is returned times
-    ``safety``. Power iteration approaches σ_max from below, so the factor (1.05 in §2.3/§3.5) turns it into a
-    step-size-safe upper estimate. A zero operator gives 0.0.
+    ``safety``. Power iteration approaches σ_max from below, so the factor (1.05, docs/methods/conventions.md §4) turns
+    it into a step-size-safe upper estimate. A zero operator gives 0.0.
 
     ``out_sum`` (data parallelism): when A's output rows are sharded over processes (A = the stacked per-process
     maps), ``apply_t`` must already sum over the processes and ``out_sum`` sums the final squared norm, so
@@ -115,7 +118,7 @@ def spectral_norm_op(
 
 def spectral_norm(W: Tensor, iters: int = 20, safety: float = 1.05) -> float:
     """Power-iteration estimate of the spectral norm ‖W‖₂ of a 2-D ``W``, times ``safety`` (see
-    :func:`spectral_norm_op`). LPOM uses it on W^i without its bias column (§2.3)."""
+    :func:`spectral_norm_op`). LPOM uses it on W^i without its bias column (docs/methods/lpom.md §3.2)."""
     if W.ndim != 2:
         raise ValueError(f"spectral_norm: W must be 2-D, got shape {tuple(W.shape)}")
     if W.numel() == 0:
@@ -154,13 +157,14 @@ def _shifted_solve(S64: Tensor, R64: Tensor, beta: float) -> Tensor:
 
 
 def linear_prox_direction(A_bar: Tensor, G: Tensor, beta: float, *, form: str = "auto") -> Tensor:
-    r"""ProxProp's direction g = (ĀᵀĀ + βI)⁻¹ĀᵀG = Āᵀ(ĀĀᵀ + βI_N)⁻¹G (METHODS.md §1.3, §4.5).
+    r"""ProxProp's direction g = (ĀᵀĀ + βI)⁻¹ĀᵀG = Āᵀ(ĀĀᵀ + βI_N)⁻¹G (docs/methods/conventions.md §7;
+    docs/methods/proxprop.md §4.1).
 
     Row-major: ``A_bar`` is N×p (Ā = [a, 1] for a linear layer), ``G`` is N×q (or a length-N vector), and
     the result is p×q (or length p); for ProxProp, W.grad = g[:n]ᵀ and b.grad = g[n]. ``form="gram"``
     factors the p×p matrix ĀᵀĀ + βI, ``"push_through"`` the N×N matrix ĀĀᵀ + βI_N (cheaper when N < p;
-    single process only, §7), and ``"auto"`` picks push-through when N < p. Both are float64 Cholesky
-    solves; β > 0. This is the residual form of :func:`ridge_solve`, which calls it.
+    single process only, docs/methods/distributed.md §1), and ``"auto"`` picks push-through when N < p. Both are float64
+    Cholesky solves; β > 0. This is the residual form of :func:`ridge_solve`, which calls it.
     """
     beta = _check_beta(beta)
     if A_bar.ndim != 2:
@@ -182,7 +186,7 @@ def linear_prox_direction(A_bar: Tensor, G: Tensor, beta: float, *, form: str = 
 
 
 def ridge_solve(A: Tensor, T: Tensor, beta: float, theta0: Tensor, *, form: str = "auto") -> Tensor:
-    r"""Θ⁺ = argmin_Θ ½‖AΘ − T‖² + (β/2)‖Θ − Θ₀‖² (METHODS.md §1.3), row-major.
+    r"""Θ⁺ = argmin_Θ ½‖AΘ − T‖² + (β/2)‖Θ − Θ₀‖² (docs/methods/conventions.md §7), row-major.
 
     ``A`` is N×p, ``T`` is N×q and ``theta0`` is p×q (or T, Θ₀ vectors of length N, p). Computed in the
     residual form Θ⁺ = Θ₀ − (AᵀA + βI)⁻¹Aᵀ(AΘ₀ − T) (``form="gram"``) or its push-through equivalent
@@ -217,7 +221,8 @@ def block_cg(
     variant: str = "textbook",
     quadratic: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, int]:
-    r"""Independent conjugate gradients on every column of M X = rhs, as in ProxProp's official code (§4.6).
+    r"""Independent conjugate gradients on every column of M X = rhs, as in ProxProp's official code
+    (docs/methods/proxprop.md §4.3).
 
     ``apply_M`` maps a (p, k) tensor to (p, k) and must act column by column (e.g. X ↦ AᵀAX + βX), ``rhs`` and
     ``x0`` are (p, k) (``x0=None``: zero, without the product M·0, which under data parallelism would cost a
@@ -235,8 +240,8 @@ def block_cg(
     exactly ``maxit`` iterations are run. If the initial residual is exactly zero nothing is left to do and 0
     iterations are run (unless ``stop="fixed"``). Arithmetic is in the dtype of ``rhs`` (CG is matrix-free).
 
-    ``col_sum`` (data parallelism, METHODS.md §7): when the rows of x are sharded over processes, a hook that
-    sums a length-k vector of per-column partial sums over the processes (an all-reduce); every column inner
+    ``col_sum`` (data parallelism, docs/methods/distributed.md §1): when the rows of x are sharded over processes, a
+    hook that sums a length-k vector of per-column partial sums over the processes (an all-reduce); every column inner
     product goes through it, so all processes take the same α, β and stopping decision.
 
     ``variant="official"`` reproduces ProxProp's published code, whose search direction aliases the residual
@@ -307,8 +312,8 @@ def step_change_norms(
 ) -> tuple[float, float]:
     """(‖dx‖, ‖x‖) with one host synchronisation: the stopping test of the FISTA solvers.
 
-    With ``sq_sum`` (data parallelism, METHODS.md §7) the squared norms are summed over the processes first, so
-    every process sees the norms of the whole batch and stops at the same iteration."""
+    With ``sq_sum`` (data parallelism, docs/methods/distributed.md §1) the squared norms are summed over the processes
+    first, so every process sees the norms of the whole batch and stops at the same iteration."""
     if sq_sum is None:
         dnorm, xnorm = torch.stack([dx.norm(), x.norm()]).tolist()
         return float(dnorm), float(xnorm)
@@ -326,10 +331,11 @@ def projected_fista(
     tol: float = 1e-4,
     sq_sum: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, int, float]:
-    r"""FISTA on f + S with step 1/L (METHODS.md §2.3): the X-block solver of LPOM and Fenchel.
+    r"""FISTA on f + S with step 1/L (docs/methods/lpom.md §3.2; docs/methods/conventions.md §8): the X-block solver of
+    LPOM and Fenchel.
 
     ``grad`` is ∇S, L ≥ Lip(∇S), and ``prox(y, t)`` is prox_{t f} (the projection onto dom F, or the
-    leaky-ReLU prox of §2.3), called with t = 1/L. From X = V = x0, s = 1::
+    leaky-ReLU prox of docs/methods/conventions.md §5.2), called with t = 1/L. From X = V = x0, s = 1::
 
         X_new = prox(V − ∇S(V)/L, 1/L)
         s_new = (1 + sqrt(1 + 4 s²)) / 2
@@ -340,8 +346,8 @@ def projected_fista(
     where the relative change is ‖ΔX‖/‖X‖ of the last iteration (0 if both vanish, inf if only ‖X‖ does, NaN
     if ``maxit == 0``).
 
-    ``sq_sum`` (data parallelism, METHODS.md §7): when the columns of x (samples) are sharded over processes
-    and ∇S, prox act column by column, a hook that sums the 2-vector (‖ΔX‖², ‖X‖²) over the processes, so
+    ``sq_sum`` (data parallelism, docs/methods/distributed.md §1): when the columns of x (samples) are sharded over
+    processes and ∇S, prox act column by column, a hook that sums the 2-vector (‖ΔX‖², ‖X‖²) over the processes, so
     every process stops at the same iteration.
     """
     L = float(L)
@@ -375,7 +381,8 @@ def projected_fista(
 
 
 def batch_pinv(X: Tensor, *, side: str = "auto", ridge_rel: float = 1e-10, rcond: float = 1e-10) -> Tensor:
-    r"""Moore–Penrose pseudo-inverse X⁺ (cols × rows) of a 2-D X (rows × cols), for LPOM's W-step (§2.4).
+    r"""Moore–Penrose pseudo-inverse X⁺ (cols × rows) of a 2-D X (rows × cols), for LPOM's W-step
+    (docs/methods/lpom.md §4.3).
 
     Orientation follows LPOM's col-major layout: X = X̄ⁱ is (n_i+1) × m, **rows = features (with the ones row),
     columns = batch samples**, and X⁺ is m × (n_i+1), used as W̄ ← Y − (1/β)(φ(YX̄) − X^{i+1})X̄⁺.
@@ -386,8 +393,8 @@ def batch_pinv(X: Tensor, *, side: str = "auto", ridge_rel: float = 1e-10, rcond
     * ``side="auto"``: batch when m ≤ rows (m = cols, e.g. m = 100 ≤ 785), else feature;
     * ``side="svd"``: ``torch.linalg.pinv`` in float64 with relative singular-value cutoff ``rcond``.
 
-    The guard is ε = ridge_rel·tr(XᵀX)/m on either side (assumption, §2.4); it keeps rank-deficient batches
-    (duplicate samples, dead ReLU columns) factorisable while perturbing directions with σ² ≫ ε by a relative
+    The guard is ε = ridge_rel·tr(XᵀX)/m on either side (assumption, docs/methods/lpom.md §4.3); it keeps rank-deficient
+    batches (duplicate samples, dead ReLU columns) factorisable while perturbing directions with σ² ≫ ε by a relative
     ε/σ². Where the chosen Gram is singular (rank-deficient X, or the non-auto side) rounding limits the result
     to about eps·λ_max(K)/ε ≈ 1e-6 relative accuracy; ``"svd"`` is the accurate reference. Never
     ``torch.linalg.lstsq``: on CUDA it silently mishandles rank deficiency. A zero X gives zeros.
@@ -420,13 +427,14 @@ def batch_pinv(X: Tensor, *, side: str = "auto", ridge_rel: float = 1e-10, rcond
 def push_through_coefficients(
     A: Tensor, G: Tensor, beta: float, *, ones_column: bool = False
 ) -> tuple[Tensor, Tensor]:
-    r"""The N×N half of the push-through prox (METHODS.md §1.3, §4.5): Z = (ĀĀᵀ + βI_N)⁻¹G and K = ĀĀᵀ.
+    r"""The N×N half of the push-through prox (docs/methods/conventions.md §7; docs/methods/proxprop.md §4.1): Z = (ĀĀᵀ
+    + βI_N)⁻¹G and K = ĀĀᵀ.
 
     Ā is ``A`` (N×n), or [A, 1] with ``ones_column=True`` (then ĀĀᵀ = AAᵀ + 11ᵀ, without materialising Ā).
     ``linear_prox_direction(A_bar, G, beta, form="push_through")`` equals ``A_bar.T @ Z``. Callers that apply
     the final Āᵀ themselves (ProxProp does it in the model's dtype, writing W.grad = Zᵀa directly) or need
-    K for cheap diagnostics (⟨∇J, g⟩ = ⟨G, KZ⟩, ‖∇J‖² = ⟨G, KG⟩) use this. K and Z are float64 (§0.4); β > 0.
-    Single process only (§7).
+    K for cheap diagnostics (⟨∇J, g⟩ = ⟨G, KZ⟩, ‖∇J‖² = ⟨G, KG⟩) use this. K and Z are float64
+    (docs/methods/conventions.md §4); β > 0. Single process only (docs/methods/distributed.md §1).
     """
     beta = float(beta)
     if not beta > 0.0:
@@ -447,7 +455,7 @@ def push_through_coefficients(
 
 def spd_ridge_solve(S: Tensor, R: Tensor, beta: float) -> Tensor:
     r"""X = (S + βI)⁻¹R for a symmetric positive semi-definite Gram S that the caller accumulated itself
-    (e.g. ProxProp's chunked unfold Gram PᵀP of a convolution, METHODS.md §4.5). Cholesky in float64; the
+    (e.g. ProxProp's chunked unfold Gram PᵀP of a convolution, docs/methods/proxprop.md §4.2). Cholesky in float64; the
     result has R's dtype; β > 0."""
     beta = _check_beta(beta)
     if S.ndim != 2 or S.shape[0] != S.shape[1] or R.shape[0] != S.shape[0]:
@@ -460,9 +468,9 @@ def spd_ridge_solve(S: Tensor, R: Tensor, beta: float) -> Tensor:
 def guarded_cholesky(
     gram: Tensor, eps: float, trace: float, *, who: str = "lpom", fix: str = "lower mu or raise ridge_rel"
 ) -> Tensor:
-    """Cholesky factor of ``gram + eps·I`` for LPOM's W-step (§2.4) and TIAM's Gram metric; when rounding leaves
-    a nearly singular Gram indefinite, grow the guard (×100, at least 1e-14·trace) up to 8 times, then raise a
-    ValueError naming ``who`` and the ``fix``."""
+    """Cholesky factor of ``gram + eps·I`` for LPOM's W-step (docs/methods/lpom.md §4.3) and TIAM's Gram metric; when
+    rounding leaves a nearly singular Gram indefinite, grow the guard (×100, at least 1e-14·trace) up to 8 times, then
+    raise a ValueError naming ``who`` and the ``fix``."""
     eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
     factor, info = torch.linalg.cholesky_ex(gram + eps * eye)
     tries = 0

@@ -191,7 +191,7 @@ def evaluate_loss(kind: str, output: torch.Tensor, y: torch.Tensor, reduction: s
 
     ``"ce"``: softmax cross-entropy (mean over samples). ``"mse"``: squared error to the one-hot (or float)
     targets, summed over output units and averaged over samples. Methods that optimise a summed or halved
-    variant (METHODS.md §0.3) keep that scaling internally; this is the one number every report shows.
+    variant (docs/methods/conventions.md §3) keep that scaling internally; this is the one number every report shows.
     """
     out = output.reshape(output.shape[0], -1)
     if kind == "ce":
@@ -218,14 +218,14 @@ class Method(ABC):
     #: spec string for this method. ``None``: bare logits; ``"hidden"``: the model's hidden activation (LPOM
     #: applies the same φ at the output too).
     model_output_activation: ClassVar[str | None] = None
-    #: name shown in reports (with the METHODS.md §0.1 suffix where a default is an assumption)
+    #: name shown in reports (with the suffix of docs/methods/conventions.md §1.3 where a default is an assumption)
     reporting_name: ClassVar[str] = ""
     #: paper reference for docs and ``liftkit methods``
     paper: ClassVar[str] = ""
     #: default batch size when the caller does not give one (``0``: the whole training set, full batch)
     default_batch_size: ClassVar[int] = 100
     #: whether ``step`` reproduces the single-process update when the global batch is split over the ranks of
-    #: ``self.comm`` (METHODS.md §7); methods without it refuse a communicator with more than one process
+    #: ``self.comm`` (docs/methods/distributed.md); methods without it refuse a communicator with more than one process
     supports_data_parallel: ClassVar[bool] = False
 
     #: the size of the global mini-batch this rank's shard belongs to; the trainer sets it before every
@@ -316,7 +316,7 @@ class Method(ABC):
         """Attach (or with ``None`` detach) the hook that :meth:`block` calls. One hook at a time."""
         self._block_hook = hook
 
-    # -- data parallelism (METHODS.md §7) ----------------------------------------------------------------------
+    # -- data parallelism (docs/methods/distributed.md) ----------------------------------------------------------------
     @property
     def comm(self) -> Communicator:
         """The communicator the method reduces over: :class:`~liftkit.distributed.LocalComm` (a no-op) unless
@@ -371,8 +371,8 @@ class Method(ABC):
         self._global_batch = size
 
     def global_batch_size(self, local_size: int) -> int:
-        """m_global, the size of the global batch that a mean must divide by (METHODS.md §7): the size the
-        trainer announced, else, in one process, ``local_size``, else the all-reduced sum of local sizes."""
+        """m_global, the size of the global batch that a mean must divide by (docs/methods/distributed.md §1): the size
+        the trainer announced, else, in one process, ``local_size``, else the all-reduced sum of local sizes."""
         if self._global_batch is not None:
             return self._global_batch
         if self.comm.world_size == 1:

@@ -1,7 +1,7 @@
 """Backprop baselines through the common interface: SGD (momentum, Nesterov), Adam and L-BFGS.
 
 They use the same trainer, data pipeline, initial weights and loss as the lifted methods, so every
-comparison is like for like (METHODS.md §8).
+comparison is like for like (docs/methods/conventions.md §9).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from liftkit.methods.base import Method, MethodConfig, StepStats, evaluate_loss,
 class _TorchOptimizerMethod(Method):
     """A method that is one ``torch.optim`` step on the declared loss per mini-batch.
 
-    Data-parallel (METHODS.md §7): each rank back-propagates the sum of its shard's losses divided by the
+    Data-parallel (docs/methods/baselines.md §3): each rank back-propagates the sum of its shard's losses divided by the
     global batch size, and one all-reduce sums the gradients, so every rank holds the gradient of the global
     batch mean and takes the single-process step.
     """
@@ -150,7 +150,7 @@ class Adam(_TorchOptimizerMethod):
 @dataclass
 class LBFGSConfig(MethodConfig):
     """L-BFGS hyperparameters: ``max_iter`` inner iterations per ``step`` (one step per full batch in the
-    full-batch protocol of METHODS.md §8.4), strong-Wolfe line search."""
+    full-batch protocol of docs/methods/conventions.md §9.3), strong-Wolfe line search."""
 
     lr: float = 1.0
     max_iter: int = 1

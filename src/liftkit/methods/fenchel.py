@@ -1,7 +1,7 @@
 r"""Fenchel lifted networks (Gu, Askari, El Ghaoui, AISTATS 2020), in the form the official code optimises.
 
-METHODS.md §3 (row-major). ``X_0`` is the input batch (m samples), layers ``l = 0..L-1`` are activation layers and
-layer ``L`` is affine and produces the logits. The lifted variables ``X_1..X_L`` are the layer *inputs*, stored
+docs/methods/fenchel.md (row-major). ``X_0`` is the input batch (m samples), layers ``l = 0..L-1`` are activation layers
+and layer ``L`` is affine and produces the logits. The lifted variables ``X_1..X_L`` are the layer *inputs*, stored
 before any parameter-free glue of the next layer (LeNet-5 keeps them un-pooled): with ``𝒜_l`` the linear operator
 of layer ``l`` (glue such as zero padding / average pooling / flatten, then the bias-free Linear or Conv2d) and
 ``U_l = 𝒜_l(X_l) + b_l``, the relaxed (lifted) objective is
@@ -12,11 +12,11 @@ of layer ``l`` (glue such as zero padding / average pooling / flatten, then the 
     \qquad X_l \in \operatorname{dom} F,
 
 where :math:`B_\varphi(u, x) = F(x) + F^*(u) - xu \ge 0` is the Fenchel–Young gap of :mod:`liftkit.activations`
-(for ReLU, ``2B`` is the official code's ``neo(X, U) = Σ(X² − 2U⊙X + (U)_+²)``, METHODS.md §1.2). ``J`` is zero
-penalty and equal to the ordinary summed cross-entropy at the forward pass, so for fixed weights
+(for ReLU, ``2B`` is the official code's ``neo(X, U) = Σ(X² − 2U⊙X + (U)_+²)``, docs/methods/conventions.md §6). ``J``
+is zero penalty and equal to the ordinary summed cross-entropy at the forward pass, so for fixed weights
 ``min_X J(W, X) <= CE_sum(W)``: the relaxation is a lower bound (paper).
 
-Per mini-batch (official code, §3.3):
+Per mini-batch (official code, docs/methods/fenchel.md §5):
 
 1. ``X_l`` re-initialised by a forward pass; the proximal anchor ``(W⁰, b⁰)`` set to the current weights;
 2. ``alternations`` times: the backward X-sweep ``l = L .. 1``, each block
@@ -30,11 +30,12 @@ Per mini-batch (official code, §3.3):
      (the output block has ``CE_sum`` in place of the penalty).
 
 ``c_l`` (``lbd_coef``) weights the downstream term of the X-objectives only; with ``c != 1`` the block steps no
-longer minimise one common objective (§3.2). Loss scaling follows the official code (summed CE, penalty ``2B``;
-§0.3), so ``λ``, ``ρ_d`` and ``c`` are tied to the batch size (500 by default).
+longer minimise one common objective (docs/methods/fenchel.md §2.3). Loss scaling follows the official code (summed CE,
+penalty ``2B``; docs/methods/conventions.md §3), so ``λ``, ``ρ_d`` and ``c`` are tied to the batch size (500 by
+default).
 
-Solvers (assumption, METHODS.md §3.5; the official code uses SciPy L-BFGS-B / L-BFGS, so results are reported as
-"Fenchel (PyTorch solvers)"):
+Solvers (assumption, docs/methods/fenchel.md §4; the official code uses SciPy L-BFGS-B / L-BFGS, so results are reported
+as "Fenchel (PyTorch solvers)"):
 
 * X-blocks: projected FISTA (:func:`liftkit.solvers.projected_fista`) with step ``1/L_x``,
   ``L_x = 2λ_{l-1}·sup F'' + 2c_lλ_l κ ‖𝒜_l‖₂²`` (``+ (c_L/2)‖𝒜_L‖₂²`` for the CE block, whose Hessian in the logits
@@ -44,12 +45,12 @@ Solvers (assumption, METHODS.md §3.5; the official code uses SciPy L-BFGS-B / L
   (``P̄`` the glued layer input with a ones column, unfolded for convolutions; ``a`` bounds the data term's
   curvature), i.e. FISTA with unit step in the ``H``-norm, ``w_iters`` iterations (5). Each step minimises a
   quadratic upper bound of the block, so it never increases the block objective, and it is invariant to the input
-  scaling that makes plain gradient steps crawl (``‖P̄‖₂²`` is ~10⁴ for a 500-image MNIST batch). The §3.5 default,
-  ``torch.optim.LBFGS`` (strong Wolfe, history 10, stop at ``‖∇‖_∞ <= w_tol·max(1, ‖∇₀‖_∞)``), is
-  ``'lbfgs'``; a plain accelerated gradient with step ``1/L`` is ``'fista'``. A prototype on the 2-core CPU
-  measured, after a quarter epoch of MNIST 784-300-10 at the official settings, 92.4 % validation accuracy for
-  ``mm`` with 5 iterations, 92.9 % for ``lbfgs`` with 10 and 91.0 % for ``fista`` with 10, at roughly 1/2, 1 and
-  1/3 of L-BFGS's time per epoch (docs/results/fenchel.md).
+  scaling that makes plain gradient steps crawl (``‖P̄‖₂²`` is ~10⁴ for a 500-image MNIST batch). The specification's
+  default (docs/methods/fenchel.md §4.2), ``torch.optim.LBFGS`` (strong Wolfe, history 10, stop at ``‖∇‖_∞ <=
+  w_tol·max(1, ‖∇₀‖_∞)``), is ``'lbfgs'``; a plain accelerated gradient with step ``1/L`` is ``'fista'``. A prototype on
+  the 2-core CPU measured, after a quarter epoch of MNIST 784-300-10 at the official settings, 92.4 % validation
+  accuracy for ``mm`` with 5 iterations, 92.9 % for ``lbfgs`` with 10 and 91.0 % for ``fista`` with 10, at roughly 1/2,
+  1 and 1/3 of L-BFGS's time per epoch (docs/results/fenchel.md).
 
 Cost (none of this changes what a block solves beyond rounding): within a step, the forward pass's pre-activations
 feed the X-blocks' ``U_{l-1}`` and the final monitor; an ``mm`` metric and its factorisation are kept while the
@@ -61,8 +62,8 @@ step's vectors (``power_iters_warm``; kept in :meth:`Fenchel.extra_state`); ReLU
 projected FISTA (:func:`liftkit.methods.fenchel_ops.box_fista`). ``solve_dtype`` (``auto``: float64 on the CPU,
 float32 on CUDA) is the dtype of the ``mm`` factorisations; the products run in the model's dtype.
 
-Data parallelism (METHODS.md §7): the lifted X_l are per sample and stay on each process's shard; the X-blocks
-are column-separable given the replicated weights and step 1/L_x, so only the FISTA/PGD stopping norms are
+Data parallelism (docs/methods/fenchel.md §7): the lifted X_l are per sample and stay on each process's shard; the
+X-blocks are column-separable given the replicated weights and step 1/L_x, so only the FISTA/PGD stopping norms are
 all-reduced. W-blocks: ``mm`` all-reduces the Gram P̄ᵀP̄ (in ``solve_dtype``) once and the (W, b) data gradient
 at every iteration (the sample-space form, whose m × m kernel spans the global batch, is single-process only);
 ``fista`` the power iteration of ‖P̄‖₂ and the gradient; ``lbfgs`` the gradient and (float64) the value of every
@@ -132,7 +133,7 @@ def _extended_F_prime(act: Activation, x: Tensor) -> Tensor:
 
 @dataclass
 class FenchelConfig(MethodConfig):
-    """Hyperparameters of Fenchel lifted networks (METHODS.md §3.2, §3.5, §3.6).
+    """Hyperparameters of Fenchel lifted networks (docs/methods/fenchel.md §2, §4, §6).
 
     Per-layer values are one number for every layer or a comma list: ``lambdas`` has one value per activation
     layer (``L``), ``rho_d`` one per weight layer (``L+1``, output last), ``lbd_coef`` one per layer that
@@ -149,8 +150,8 @@ class FenchelConfig(MethodConfig):
     * ``x_solver``: ``fista`` (default), ``pgd`` or ``scipy_lbfgsb`` (official L-BFGS-B; CPU float64, slow).
     * ``x_iters`` / ``x_tol``: per-block iteration cap and relative-change stop ‖ΔX‖ <= x_tol‖X‖.
     * ``w_solver``: ``mm`` (default: accelerated majorize–minimize in the data metric, see
-      :meth:`Fenchel._w_block_mm`), ``lbfgs`` (torch.optim.LBFGS, strong Wolfe, history 10; the §3.5 default)
-      or ``fista`` (plain accelerated gradient, step 1/L).
+      :meth:`Fenchel._w_block_mm`), ``lbfgs`` (torch.optim.LBFGS, strong Wolfe, history 10; the specification's default,
+      docs/methods/fenchel.md §4.2) or ``fista`` (plain accelerated gradient, step 1/L).
     * ``w_iters`` / ``w_tol``: per-block iteration cap; stop at ‖Δθ‖ <= w_tol‖θ‖ (``mm``, ``fista``) or at the
       gradient test above (``lbfgs``).
     * ``power_iters``: power iterations for the operator norms in the FISTA steps (×1.05 safety), from a fixed
@@ -310,7 +311,7 @@ class Fenchel(FenchelWBlocks, Method):
         if c.init == "official":
             self._official_init()
 
-    # -- data parallelism (METHODS.md §7) ---------------------------------------------------------------------------
+    # -- data parallelism (docs/methods/fenchel.md §7) -----------------------------------------------------------------
     def single_process_only(self) -> str | None:
         if self.config.x_solver == "scipy_lbfgsb":
             return (

@@ -178,7 +178,8 @@ class FenchelWBlocks:
     def _w_block_lbfgs(
         self, op: LayerOperator, value_grad: Callable[[Tensor, Tensor, bool], tuple[float, Tensor, Tensor]]
     ) -> int:
-        """torch.optim.LBFGS on (W, b) (strong Wolfe, history 10), the §3.5 default W-solver."""
+        """torch.optim.LBFGS on (W, b) (strong Wolfe, history 10), the specification's default W-solver
+        (docs/methods/fenchel.md §4.2)."""
         c = self.config
         lin = op.linear
         assert lin.bias is not None
@@ -333,7 +334,7 @@ class FenchelWBlocks:
         with self.block("gram"):
             H = gram(P_bar, dtype).mul_(curvature)
             if self._reduce is not None:
-                self._reduce(H)  # the Gram of the global batch (METHODS.md §7)
+                self._reduce(H)  # the Gram of the global batch (docs/methods/fenchel.md §7)
         shift = 2.0 * (self.rho_d[l] + self.config.rho)
         # without an anchor or ridge H can be singular; a relative jitter keeps the majorizer (it only grows H)
         rel = 1e-10 if dtype == torch.float64 else 1e-6
@@ -383,7 +384,8 @@ class FenchelWBlocks:
                 G2 = weight * act.grad_u(P_bar @ theta.T, T2)
                 g = G2.T @ P_bar
                 if self._reduce is not None:
-                    self._reduce(g)  # the data term is a sum over samples (METHODS.md §7), as in value_grad
+                    # the data term is a sum over samples (docs/methods/fenchel.md §7), as in value_grad
+                    self._reduce(g)
                 g = g + (2.0 * self.rho_d[l]) * (theta - theta0)
                 if c.rho:
                     g = g + (2.0 * c.rho) * theta * ridge_mask

@@ -2,14 +2,14 @@ r"""LPOM: lifted proximal operator machines (serial block coordinate descent).
 
 Li, Fang, Lin, "Lifted Proximal Operator Machines", AAAI 2019 (arXiv 1811.01501), and Li, Xiao, Fang, Dai, Xu,
 Lin, "Training Neural Networks by Lifted Proximal Operator Machines", IEEE TPAMI 2021
-(DOI 10.1109/TPAMI.2020.3048430). Specification: METHODS.md §2. No official code exists; where the papers are
+(DOI 10.1109/TPAMI.2020.3048430). Specification: docs/methods/lpom.md. No official code exists; where the papers are
 silent the choices below are (assumption)s, each switchable through :class:`LPOMConfig`, and results carry the
 reporting name ``LPOM (reconstructed schedule)``.
 
 Model (row-major here, the PyTorch layout; the papers are column-major). The network is a chain of L linear
 layers, layer j computing ``X^{j+1} = φ_j(X^j W_jᵀ + 1 b_jᵀ)``; X⁰ is the flattened input batch (m × n₀). The
 lifted variables are X¹..X^L (the output X^L included: the papers apply φ at the output). LPOM minimises, per
-mini-batch (everything summed, METHODS.md §0.3),
+mini-batch (everything summed, docs/methods/conventions.md §3),
 
 .. math::
 
@@ -20,7 +20,7 @@ mini-batch (everything summed, METHODS.md §0.3),
 with ℓ = ½‖X^L − D‖² (one-hot D, or float targets for autoencoders) or, as an option, summed softmax
 cross-entropy. B is the Fenchel–Young gap of φ (``liftkit.activations``); it vanishes exactly at the forward pass.
 
-Per mini-batch (§2.5):
+Per mini-batch (docs/methods/lpom.md §5):
 
 1. **Initialise** X by a forward pass (``x_init='forward'``), or from a per-sample cache kept across epochs
    (``'persistent'``, needs ``idx``).
@@ -37,16 +37,17 @@ Per mini-batch (§2.5):
      ∇S(X) = X − A + c(φ_k(XW_kᵀ + b_k) − X^{k+1})W_k, Lipschitz with L_S = 1 + cκ_k‖W_k‖₂².
      ``x_solver='fista'``: projected FISTA with step 1/L_S and prox_{f/L_S} (a projection for ReLU, identity,
      hardtanh; closed form for leaky ReLU) — the default for these φ, because the paper's iteration collapses
-     training once cκ‖W‖₂² grows past 1 (PROTOTYPES.md). ``'fixed_point'``: the paper's φ-only iteration (26),
-     X ← φ_{k−1}(A − c(φ_k(XW_kᵀ + b_k) − X^{k+1})W_k), with Theorem 2's ρ logged and a damping safeguard
+     training once cκ‖W‖₂² grows past 1 (docs/methods/lpom.md §3.3). ``'fixed_point'``: the paper's φ-only iteration
+     (26), X ← φ_{k−1}(A − c(φ_k(XW_kᵀ + b_k) − X^{k+1})W_k), with Theorem 2's ρ logged and a damping safeguard
      (selectable for every φ). ``'fista_prox'``: FISTA with the exact element-wise prox (bisection) for any φ —
      the default for sigmoid, tanh, ELU and softplus, because (26) diverged for tanh in the unit tests here
-     (METHODS.md §2.3 names (26) as that default; it is an (assumption) and this is the switch).
+     (an early version of the specification named (26) as that default, docs/methods/lpom.md §3.3; it is an (assumption)
+     and this is the switch).
    * Output block: MSE has the closed form X^L = prox_{t f}((D + μA)/(1 + μ)), t = μ/(1 + μ) (for ReLU
      max(0, (μA + D)/(μ + 1)); for a bare output layer (μA + D)/(μ + 1)); cross-entropy iterates (29),
      X ← φ(A − (softmax(X) − D)/μ), ``output_iters`` times.
 
-3. **W-phase** (all layers independent; §2.4): ``w_iters`` accelerated steps in the data metric,
+3. **W-phase** (all layers independent; docs/methods/lpom.md §4): ``w_iters`` accelerated steps in the data metric,
    W̄ ← Y − (1/β)(φ(X̄Ȳᵀ) − X^{j+1})ᵀ(X̄ᵀ)⁺ with β = κ(φ_j) and the pseudo-inverse built from a Cholesky of the
    m×m batch Gram (``pinv='cholesky'``, guard ε = ``ridge_rel``·tr/m; Gram and factor in ``solve_dtype``, float64
    on the CPU) or an SVD (``'svd'``). When a layer
@@ -105,8 +106,8 @@ _T = TypeVar("_T")
 
 @dataclass
 class LPOMConfig(MethodConfig):
-    """LPOM hyperparameters (METHODS.md §2.8). Defaults: μ = 5, 5 FISTA iterations, L sweeps, one W step — the
-    best setting of the PROTOTYPES.md sweep on MNIST 784-500-10 at batch 100 (μ ∈ {2, 5, 20, 50},
+    """LPOM hyperparameters (docs/methods/lpom.md §9). Defaults: μ = 5, 5 FISTA iterations, L sweeps, one W step — the
+    best setting of a prototype sweep on MNIST 784-500-10 at batch 100 (μ ∈ {2, 5, 20, 50},
     T_x ∈ {5, 10, 20}, T_w ∈ {1, 3}), T_x re-tuned on the validation split; results in docs/results/lpom.md."""
 
     #: penalty weight μ, one value for every layer or one per linear layer (μ_j weighs layer j's penalty)
@@ -193,15 +194,15 @@ class XSweep:
 
 @register
 class LPOM(Method):
-    """Serial LPOM (METHODS.md §2.2–§2.5): forward init, X sweeps, then one APG W-phase per mini-batch."""
+    """Serial LPOM (docs/methods/lpom.md §2–§5): forward init, X sweeps, then one APG W-phase per mini-batch."""
 
     name = "lpom"
     Config = LPOMConfig
     config: LPOMConfig
     default_loss = "mse"
     supported_losses = ("mse", "ce")
-    # The papers apply φ at the output too (METHODS.md §2.2): a model built from a spec string ends in the same
-    # activation as its hidden layers (ReLU by default).
+    # The papers apply φ at the output too (docs/methods/lpom.md §2.1): a model built from a spec string ends in the
+    # same activation as its hidden layers (ReLU by default).
     model_output_activation = "hidden"
     reporting_name = "LPOM (reconstructed schedule)"
     paper = (
@@ -229,7 +230,7 @@ class LPOM(Method):
         self._warned: set[str] = set()
 
     def set_comm(self, comm: Communicator) -> None:
-        """Data-parallel LPOM (METHODS.md §7, :mod:`liftkit.methods.lpom_shards`): X stays on the shard, the
+        """Data-parallel LPOM (docs/methods/lpom.md §10, :mod:`liftkit.methods.lpom_shards`): X stays on the shard, the
         stopping norms, energies and W-step Gram/right-hand sides are all-reduced."""
         super().set_comm(comm)
         self.lifted.shards = Shards(comm) if comm.world_size > 1 else None
@@ -376,8 +377,9 @@ class LPOM(Method):
         bs: Sequence[Tensor | None],
         w_norms: Mapping[int, float],
     ) -> BlockResult:
-        """Solve block k from the current values (hidden: the §2.3 solver; k = L: the output update); mutates
-        nothing. ``pre[k]`` must be U_k of the current ``xs[k]`` (the sweep keeps it so): the solver starts from it."""
+        """Solve block k from the current values (hidden: the docs/methods/lpom.md §3 solver; k = L: the output update);
+        mutates nothing. ``pre[k]`` must be U_k of the current ``xs[k]`` (the sweep keeps it so): the solver starts from
+        it."""
         c = self.config
         lifted = self.lifted
         with self.block(f"x_block[{k}]"):
@@ -485,8 +487,8 @@ class LPOM(Method):
         *,
         at_forward: bool = False,
     ) -> None:
-        """The X-phase of §2.5 on ``xs`` (in place): ``sweeps`` sweeps with early stopping; ``at_forward``: ``xs``
-        is the forward pass of ``ws`` (see :meth:`sweep_x`)."""
+        """The X-phase of docs/methods/lpom.md §5 on ``xs`` (in place): ``sweeps`` sweeps with early stopping;
+        ``at_forward``: ``xs`` is the forward pass of ``ws`` (see :meth:`sweep_x`)."""
         w_norms = self._x_phase_norms(ws, info)
         out = self.sweep_x(
             xs, pre, d, ws, bs, w_norms, self.x_groups(), sweeps=sweeps if sweeps is not None else self.sweeps,
@@ -512,7 +514,7 @@ class LPOM(Method):
 
     def report_x_phase(self, info: dict[str, float], last: Mapping[int, BlockResult], total: int, sweeps: int) -> None:
         """Log the X-phase's sweeps, iterations and final residuals, and flag (once, with the fix) a hidden
-        solver that ended above ``collapse_tol``: the silent-collapse trap of METHODS.md §2.3."""
+        solver that ended above ``collapse_tol``: the silent-collapse trap of docs/methods/lpom.md §3.3."""
         c = self.config
         lifted = self.lifted
         info["sweeps"] = float(sweeps)
@@ -542,7 +544,7 @@ class LPOM(Method):
     def solve_w_block(
         self, j: int, xs: Sequence[Tensor], pre: Sequence[Tensor], ws: Sequence[Tensor], bs: Sequence[Tensor | None]
     ) -> tuple[Tensor, Tensor | None]:
-        """The APG W-steps of layer j (§2.4) given X; returns its new (W, b)."""
+        """The APG W-steps of layer j (docs/methods/lpom.md §4) given X; returns its new (W, b)."""
         c = self.config
         with self.block(f"w_block[{j}]"):
             return self.lifted.solve_w(

@@ -168,8 +168,8 @@ class LiftedChain:
         X = X^k, warm-started at ``x0``. ``w_norm`` ≥ ‖W_k‖₂ sets the FISTA step; ``u0`` = x0 W_kᵀ + b_k when the
         caller holds it (it saves the first iteration's product).
 
-        With γ > 0 (async proximal BCD, §2.7) the block, divided by μ_{k−1} + γ, is s·f(X) + ½‖X − A'‖² + c'[…]
-        with A' = (μA + γX̄)/(μ + γ), s = μ/(μ + γ), c' = μ_k/(μ + γ): the same solvers with f → s·f."""
+        With γ > 0 (async proximal BCD, docs/methods/lpom.md §7.1) the block, divided by μ_{k−1} + γ, is s·f(X) + ½‖X −
+        A'‖² + c'[…] with A' = (μA + γX̄)/(μ + γ), s = μ/(μ + γ), c' = μ_k/(μ + γ): the same solvers with f → s·f."""
         mu_prev, mu_k = self.mu[k - 1], self.mu[k]
         if gamma > 0.0:
             if anchor is None:
@@ -278,11 +278,12 @@ class LiftedChain:
         gamma: float = 0.0,
         ridge_rel_feature: float | None = None,
     ) -> tuple[Tensor, Tensor | None]:
-        """``iters`` APG steps on Φ_j(W̄) = ΣF*(X̄W̄ᵀ) − ⟨X^{j+1}, X̄W̄ᵀ⟩ in the metric ‖X̄(W̄ − Y)ᵀ‖ (§2.4):
-        W̄ ← Y − (1/β)Rᵀ(X̄ᵀ)⁺ᵀ, R = φ(X̄Yᵀ) − X^{j+1}, β = κ(φ_j). ``u0`` = X̄W̄ᵀ if already computed.
+        """``iters`` APG steps on Φ_j(W̄) = ΣF*(X̄W̄ᵀ) − ⟨X^{j+1}, X̄W̄ᵀ⟩ in the metric ‖X̄(W̄ − Y)ᵀ‖
+        (docs/methods/lpom.md §4.2): W̄ ← Y − (1/β)Rᵀ(X̄ᵀ)⁺ᵀ, R = φ(X̄Yᵀ) − X^{j+1}, β = κ(φ_j). ``u0`` = X̄W̄ᵀ if
+        already computed.
 
-        With γ > 0 (async, §2.7) each step minimises the linearisation plus (γ/2μ_j)‖W̄ − W̄ᵏ‖² in addition to
-        the metric: W̄⁺ = W̄ᵏ − (1/β)(R − βX̄(Y − W̄ᵏ)ᵀ)ᵀ(X̄X̄ᵀ + (γ/(βμ_j))I)⁻¹X̄ (Woodbury, m×m solve).
+        With γ > 0 (async, docs/methods/lpom.md §7.1) each step minimises the linearisation plus (γ/2μ_j)‖W̄ − W̄ᵏ‖² in
+        addition to the metric: W̄⁺ = W̄ᵏ − (1/β)(R − βX̄(Y − W̄ᵏ)ᵀ)ᵀ(X̄X̄ᵀ + (γ/(βμ_j))I)⁻¹X̄ (Woodbury, m×m solve).
         Returns new tensors (W, b); the inputs are left untouched."""
         act = self.acts[j]
         beta = act.kappa

@@ -73,10 +73,10 @@ def step_update(step: Tensor, w: Tensor, b: Tensor | None, beta: float) -> tuple
 class PinvApply:
     """R ↦ Rᵀ(X̄ᵀ)⁺ᵀ, the W-step direction (out × (n_j+1)), for a fixed batch X̄ = [X, 1] (m × (n_j+1)).
 
-    Cholesky form (METHODS.md §2.4, §0.4): only the Gram and its factor are in the solve dtype (float64 by
-    default). Batch side (m ≤ n_j+1): (K + εI)⁻¹ with K = X̄X̄ᵀ = XXᵀ + 11ᵀ (m×m; the ones column is never
-    materialised) is applied to R (out right-hand sides, not the n_j+1 of an explicit pseudo-inverse), then
-    Zᵀ X̄ in the working dtype; :meth:`update` fuses that product with the subtraction from W. Feature side:
+    Cholesky form (docs/methods/lpom.md §4.3; docs/methods/conventions.md §4): only the Gram and its factor are in the
+    solve dtype (float64 by default). Batch side (m ≤ n_j+1): (K + εI)⁻¹ with K = X̄X̄ᵀ = XXᵀ + 11ᵀ (m×m; the ones
+    column is never materialised) is applied to R (out right-hand sides, not the n_j+1 of an explicit pseudo-inverse),
+    then Zᵀ X̄ in the working dtype; :meth:`update` fuses that product with the subtraction from W. Feature side:
     (X̄ᵀX̄ + εI)⁻¹ applied to X̄ᵀR. The guard ε = ridge_rel·tr(X̄ᵀX̄)/m is that of
     :func:`liftkit.solvers.batch_pinv`, which provides the SVD form.
     """
@@ -156,7 +156,7 @@ def fused_fista(
     u0: Tensor | None = None,
 ) -> BlockResult:
     """Projected/proximal FISTA on s·f(X) + S(X), S(X) = ½‖X − A‖² + c[ΣF*(XWᵀ + b) − ⟨X^{k+1}, XWᵀ + b⟩]
-    (METHODS.md §2.3), with the gradient step folded into one affine update per iteration:
+    (docs/methods/lpom.md §3.2), with the gradient step folded into one affine update per iteration:
 
         V − ∇S(V)/L = (1 − 1/L)V + A/L − (c/L)(φ(VWᵀ + b) − X^{k+1})W .
 

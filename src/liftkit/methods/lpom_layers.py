@@ -1,4 +1,4 @@
-r"""Layer-parallel sync-LPOM over ``torch.distributed`` (METHODS.md §2.6, step 2 of its implementation order).
+r"""Layer-parallel sync-LPOM over ``torch.distributed`` (docs/methods/lpom.md §6.2).
 
 ``lpom-sync`` with ``parallel=layers`` under ``torchrun``: every process holds the whole mini-batch and a
 contiguous group of the lifted blocks X^k (k = 1..L, as even a split as possible, rank order = layer order),

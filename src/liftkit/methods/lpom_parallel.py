@@ -2,18 +2,18 @@ r"""Parallel LPOM on one machine: synchronous odd–even (``lpom-sync``) and asy
 (``lpom-async``), on a pool of worker threads (torch releases the GIL inside its kernels).
 
 Li, Xiao, Fang, Dai, Xu, Lin, "Training Neural Networks by Lifted Proximal Operator Machines", IEEE TPAMI 2021,
-§§ on sync-LPOM (Algorithm 3) and async-LPOM (eqs. 37–38, Theorem 5); METHODS.md §2.6–§2.7. The block solvers
+§§ on sync-LPOM (Algorithm 3) and async-LPOM (eqs. 37–38, Theorem 5); docs/methods/lpom.md §6–§7. The block solvers
 are serial LPOM's (:class:`liftkit.methods.lpom_chain.LiftedChain`); only the schedule differs.
 
-**lpom-sync** (per mini-batch, after the forward initialisation; §2.6). X^k is coupled only to X^{k−1} and
-X^{k+1}, so each of ``x_sweeps`` rounds (default L) updates all blocks of one parity at once, then the other:
-first the paper's odd layers i = k + 1 ∈ {3, 5, …} (k even), then the even ones (k odd), each phase's blocks
+**lpom-sync** (per mini-batch, after the forward initialisation; docs/methods/lpom.md §6.1). X^k is coupled only to
+X^{k−1} and X^{k+1}, so each of ``x_sweeps`` rounds (default L) updates all blocks of one parity at once, then the
+other: first the paper's odd layers i = k + 1 ∈ {3, 5, …} (k even), then the even ones (k odd), each phase's blocks
 running in parallel on ``workers`` threads. After a block update the exposed value is the moving average
 X̂^k ← β_m X̂^k + (1 − β_m) X^k_new (``momentum`` = β_m, default 0: no momentum (assumption)). Then all W-blocks
 run in parallel. The result does not depend on ``workers`` (blocks of one phase are independent): tested
 against ``workers=1``, the sequential execution of the same schedule.
 
-**lpom-async** (§2.7). Every block z (X^1..X^L, then W_0..W_{L−1}) is updated by the proximal step
+**lpom-async** (docs/methods/lpom.md §7). Every block z (X^1..X^L, then W_0..W_{L−1}) is updated by the proximal step
 z⁺ = argmin E(…, z, …) + (γ/2)‖z − zᵏ‖², reading the latest — possibly stale — values of its neighbours. Per
 mini-batch the block sequence is serial LPOM's (``x_sweeps`` sweeps over the X blocks, then the W blocks);
 ``workers`` threads take the next block of the sequence that is not in flight, and an update whose neighbours
@@ -92,7 +92,7 @@ class LPOMSyncConfig(LPOMConfig):
 
     workers: int = 2
     momentum: float = 0.0
-    #: under torchrun: 'data' splits every batch over the processes (METHODS.md §7); 'layers' gives each
+    #: under torchrun: 'data' splits every batch over the processes (docs/methods/lpom.md §10); 'layers' gives each
     #: process a group of layers and the whole batch (odd–even boundary exchange, liftkit.methods.lpom_layers)
     parallel: str = "data"
 
@@ -107,7 +107,7 @@ class LPOMSyncConfig(LPOMConfig):
 
 @register
 class LPOMSync(LPOM):
-    """sync-LPOM: odd–even parallel X rounds and parallel W blocks (TPAMI Algorithm 3, METHODS.md §2.6)."""
+    """sync-LPOM: odd–even parallel X rounds and parallel W blocks (TPAMI Algorithm 3, docs/methods/lpom.md §6.1)."""
 
     name = "lpom-sync"
     Config = LPOMSyncConfig
@@ -185,7 +185,7 @@ ORDERS = ("cyclic", "random")
 
 @dataclass
 class LPOMAsyncConfig(LPOMConfig):
-    """Serial LPOM's hyperparameters plus the asynchronous ones (METHODS.md §2.7)."""
+    """Serial LPOM's hyperparameters plus the asynchronous ones (docs/methods/lpom.md §7)."""
 
     #: worker threads (mode='threads'); 1 runs the sequence in order (deterministic)
     workers: int = 1

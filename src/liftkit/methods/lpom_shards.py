@@ -1,4 +1,4 @@
-r"""Data-parallel LPOM (METHODS.md §7): what crosses the wire when the batch's columns are sharded.
+r"""Data-parallel LPOM (docs/methods/lpom.md §10): what crosses the wire when the batch's columns are sharded.
 
 Each process holds its slice of every global mini-batch and of every lifted variable X^k (rows here, the
 row-major layout; the papers' columns). The weights are replicated. Given W, every X-block solver (projected

@@ -3,7 +3,8 @@ r"""ProxProp: proximal backpropagation (Frerix, Möllenhoff, Moeller, Cremers; I
 Backprop is a sequence of explicit gradient steps on a penalty formulation of the network (paper, Prop. 1);
 ProxProp makes the parameter step of every hidden linear map implicit. For a hidden Linear or Conv2d layer
 with saved input ``a``, output ``z`` and backprop signal ``G = ∂J/∂z`` (J the **mean** loss over the batch),
-the layer solves the linear-layer prox (METHODS.md §1.3, §4.3–§4.5; row-major, Ā = [a, 1], Θ = [Wᵀ; bᵀ])
+the layer solves the linear-layer prox (docs/methods/conventions.md §7; docs/methods/proxprop.md §3–§4; row-major, Ā =
+[a, 1], Θ = [Wᵀ; bᵀ])
 
 .. math::
 
@@ -13,11 +14,11 @@ the layer solves the linear-layer prox (METHODS.md §1.3, §4.3–§4.5; row-maj
     \Theta_{\mathrm{old}} - \Theta_{\mathrm{prox}} = (\bar A^\top\bar A + \beta I)^{-1}\nabla_\Theta J
         = \bar A^\top(\bar A\bar A^\top + \beta I_N)^{-1} G ,\quad \beta = 1/\tau_\theta ,
 
-where the data term is an unnormalised **sum** over the batch while G comes from the mean loss (§0.3). The
-difference is written into the parameters' ``.grad`` and the wrapped ``torch.optim`` optimizer steps with
-``lr = τ``; with plain SGD this is θ ← θ − τ M⁻¹∇J, M = I/τ_θ + (∇φ)(∇φ)* (paper, Prop. 2). The last
-Linear/Conv2d layer keeps the explicit gradient (the CE prox has no closed form), and the backward signal
-stays exactly backprop's: autograd computes ``grad_input`` with the old weights, and the solve replaces the
+where the data term is an unnormalised **sum** over the batch while G comes from the mean loss
+(docs/methods/conventions.md §3). The difference is written into the parameters' ``.grad`` and the wrapped
+``torch.optim`` optimizer steps with ``lr = τ``; with plain SGD this is θ ← θ − τ M⁻¹∇J, M = I/τ_θ + (∇φ)(∇φ)* (paper,
+Prop. 2). The last Linear/Conv2d layer keeps the explicit gradient (the CE prox has no closed form), and the backward
+signal stays exactly backprop's: autograd computes ``grad_input`` with the old weights, and the solve replaces the
 ProxProp layers' weight gradients (the exact solver never forms them; CG and gradient modes start from them).
 
 Solvers (``solver``):
@@ -28,8 +29,8 @@ Solvers (``solver``):
   Conv2d layers: one shared Gram of the unfolded input, PᵀP + βI, accumulated in float64 over row chunks, one
   right-hand side per output channel. This conv solve is our addition (derived; in neither paper nor code) and
   is reported as ``ProxProp (exact-unfold)``.
-* ``cg`` (with ``cg_iters``), or ``cgN`` as a shorthand: the official block CG (§4.6): one CG per output
-  neuron of a Linear layer, and one CG per Conv2d layer over all its parameters flattened into one vector.
+* ``cg`` (with ``cg_iters``), or ``cgN`` as a shorthand: the official block CG (docs/methods/proxprop.md §4.3): one CG
+  per output neuron of a Linear layer, and one CG per Conv2d layer over all its parameters flattened into one vector.
   Solved in difference form d = θ_old − θ from d₀ = 0 (the official warm start x₀ = θ_old, shifted).
   ``cg_variant="textbook"`` (default) is conjugate gradients proper and converges to the exact prox; its
   iterates equal the official code's for the first iteration only, because the published code's search
@@ -45,7 +46,7 @@ the module index in a Sequential, else the qualified module name) the cosine bet
 (``cos_i``, positive), CG iterations (``cg_iters_i``) and, with ``residuals=True``, the relative residual of
 the normal equations (``residual_i``). A non-finite batch loss returns ``loss=nan`` with the parameters left unchanged.
 
-Data parallelism (METHODS.md §7): J is the global batch's mean (the shard's loss sum over m_global), so a
+Data parallelism (docs/methods/proxprop.md §7): J is the global batch's mean (the shard's loss sum over m_global), so a
 rank's a, z and G are its rows of the single-process ones and never move. What is all-reduced per layer: the
 exact linear solve's ĀᵀĀ and ĀᵀG (float64, one call; the Gram form is used whatever ``form`` says, because
 push-through needs the whole batch's N×N Gram), the conv solve's PᵀP and PᵀG_flat, CG's right-hand side
@@ -96,7 +97,7 @@ _FORMS = ("auto", "gram", "push_through")
 
 @dataclass
 class ProxPropConfig(MethodConfig):
-    """ProxProp hyperparameters (METHODS.md §4.8).
+    """ProxProp hyperparameters (docs/methods/proxprop.md §6).
 
     ``lr`` is the step size τ of the wrapped optimizer; ``tau_theta`` the proximal step τ_θ (β = 1/τ_θ, the
     Gram is a sum over the batch, so retune it when the batch size changes). ``solver``: ``exact`` |
@@ -282,7 +283,7 @@ class ProxProp(Method):
                     f"nn.Sequential chain of two or more, or a model such as resnet8); got {type(model).__name__}"
                 )
         if c.mode == "exact" and any(isinstance(lay.module, nn.Conv2d) for lay in self.layers):
-            # The per-instance name marks the derived conv solve (METHODS.md §0.1).
+            # The per-instance name marks the derived conv solve (docs/methods/conventions.md §1.3).
             self.reporting_name = "ProxProp (exact-unfold)"  # type: ignore[misc]
 
     def single_process_only(self) -> str | None:
@@ -321,8 +322,8 @@ class ProxProp(Method):
             h = out
         distributed = self.comm.world_size > 1
         if distributed:
-            # J is the global batch's mean loss (METHODS.md §7): the shard's sum over m_global, so the G of
-            # every rank is its rows of the single-process G
+            # J is the global batch's mean loss (docs/methods/proxprop.md §7): the shard's sum over m_global, so the G
+            # of every rank is its rows of the single-process G
             loss = evaluate_loss(self.loss, h, y, reduction="sum") / self.global_batch_size(int(h.shape[0]))
         else:
             loss = evaluate_loss(self.loss, h, y)

@@ -1,15 +1,17 @@
-r"""Semi-implicit backpropagation (SIBP; METHODS.md §5).
+r"""Semi-implicit backpropagation (SIBP; docs/methods/sibp.md).
 
 Reference: R. Liu, X. Zhang, *Semi-Implicit Back Propagation*, arXiv 2002.03516 (ICLR 2020 submission);
 official MATLAB code ``liur0810/semi-implicit-back-propagation``, from which the schedule below is taken.
-Results are reported as ``SIBP (reconstructed)`` (§0.1), because the default hidden-layer solver is an
-(assumption) of ours, not the official one.
+Results are reported as ``SIBP (reconstructed)`` (docs/methods/conventions.md §1.3), because the default hidden-layer
+solver is an (assumption) of ours, not the official one.
 
-Model (row-major here, the PyTorch layout; METHODS.md writes it col-major): a fully connected ReLU network
-f_0 = x, z_l = f_{l-1}W_lᵀ + 1b_lᵀ, f_l = ReLU(z_l) for l < L, and logits f_L = z_L, trained on the **summed**
-softmax cross-entropy L_sum (§0.3: no 1/m, so λ and η are tied to the batch size, 100 by default).
+Model (row-major here, the PyTorch layout; the paper and the official code write it col-major): a fully connected ReLU
+network f_0 = x, z_l = f_{l-1}W_lᵀ + 1b_lᵀ, f_l = ReLU(z_l) for l < L, and logits f_L = z_L, trained on the **summed**
+softmax cross-entropy L_sum (docs/methods/conventions.md §3: no 1/m, so λ and η are tied to the batch size, 100 by
+default).
 
-One SIBP iteration on a mini-batch (§5.3; parameters are overwritten directly, there is no optimizer)::
+One SIBP iteration on a mini-batch (docs/methods/sibp.md §3; parameters are overwritten directly, there is no
+optimizer)::
 
     forward with (W^k, b^k), keep f_l^k and the ReLU masks M_l = 1[z_l^k > 0]
     δ_L = softmax(z_L^k) − Y ;  T_L = z_L^k − η δ_L
@@ -21,14 +23,14 @@ One SIBP iteration on a mini-batch (§5.3; parameters are overwritten directly, 
         b_l ← argmin_b ‖ReLU(f_{l−1}^k W_lᵀ + 1bᵀ) − T_l‖² + λ_b ‖b − b_l^k‖²
         δ_{l−1} = (δ_l ⊙ M_l) W_l^{new} ;  T_{l−1} = f_{l−1}^k − η δ_{l−1}
 
-The targets are backprop's ∂L_sum/∂f_l, except that every Wᵀ is the layer's *already updated* weight (§5.5).
-For λ → ∞ the step becomes SGD with learning rate η·m/λ on the mean loss.
+The targets are backprop's ∂L_sum/∂f_l, except that every Wᵀ is the layer's *already updated* weight
+(docs/methods/sibp.md §5). For λ → ∞ the step becomes SGD with learning rate η·m/λ on the mean loss.
 
-Subproblem solvers (§5.4):
+Subproblem solvers (docs/methods/sibp.md §4):
 
-* ``output_solver="exact"`` (derived, default): the output prox is the linear ridge problem of §1.3 with
-  β = λ, solved W-only then b-only with :func:`liftkit.solvers.ridge_solve` (push-through, float64).
-  ``"fr_cg"``: the official Fletcher–Reeves solver (``FR4``).
+* ``output_solver="exact"`` (derived, default): the output prox is the linear ridge problem of
+  docs/methods/conventions.md §7 with β = λ, solved W-only then b-only with :func:`liftkit.solvers.ridge_solve`
+  (push-through, float64). ``"fr_cg"``: the official Fletcher–Reeves solver (``FR4``).
 * ``hidden_solver="gn_cg"`` (assumption, default): one Gauss–Newton step with the old ReLU mask frozen. Row j
   of W then solves a ridge least-squares problem on the samples where M_j = 1; in dual form, with
   E = T − z^k and K = FFᵀ (m×m, float64, shared by all rows):
@@ -54,7 +56,7 @@ validation split (η ∈ {0.1, 0.2, 0.3, 0.5, 1}, λ ∈ {0.3, 1, 3}; ``docs/res
 reached 98.57 % after 5 epochs against 98.30 % for the paper's η = 0.1. Ten float64 CG iterations were no
 better (98.42 %) and cost about twice as much per step.
 
-Data parallelism (METHODS.md §7): f_l, δ_l, the targets and the masks are column-wise given the replicated
+Data parallelism (docs/methods/sibp.md §7): f_l, δ_l, the targets and the masks are column-wise given the replicated
 weights and stay on each process's shard. All-reduced: the global loss (one scalar, for the divergence
 branch); output prox (``exact``, primal n×n form): FᵀF and Fᵀ(T − z^k) in float64, then the b-step's column
 sums and the count m; ``gn_cg``: Fᵀ(M ⊙ Λ) (n×q) and the CG column inner products in every iteration, and
@@ -65,7 +67,8 @@ value and gradient (so the Armijo decisions match); the diagnostic objective sum
 single-process only.
 
 Hidden activations: ReLU, or the identity (no activation module, or ``nn.Identity``), for which every hidden
-solver solves the linear ridge problem of §1.3. Convolutions and other activations raise ``ValueError``.
+solver solves the linear ridge problem of docs/methods/conventions.md §7. Convolutions and other activations raise
+``ValueError``.
 """
 
 from __future__ import annotations
@@ -110,7 +113,7 @@ CG_STOPS = ("tol", "fixed")
 
 
 # --------------------------------------------------------------------------------------------------
-# Masked Gauss–Newton step (§5.4), row-major
+# Masked Gauss–Newton step (docs/methods/sibp.md §4.2), row-major
 # --------------------------------------------------------------------------------------------------
 
 
@@ -139,7 +142,7 @@ def masked_gn_step(
     solve_dtype: torch.dtype = torch.float64,
     reduce: Reduce = None,
 ) -> GNStep:
-    r"""One Gauss–Newton step of the hidden W-prox with the ReLU mask frozen (METHODS.md §5.4).
+    r"""One Gauss–Newton step of the hidden W-prox with the ReLU mask frozen (docs/methods/sibp.md §4.2).
 
     Row-major: ``inputs`` F is m×n (the layer's old input activations), ``residual`` E = T − z^k is m×q
     (targets minus the old pre-activations, so the bias is already inside), ``mask`` M is m×q with entries
@@ -153,7 +156,7 @@ def masked_gn_step(
     (float64); ``"gn_primal_cg"`` block CG on V ↦ Fᵀ(M ⊙ (FV)) + λV (n×q unknowns). The CG solves run in
     ``solve_dtype``; the step is returned in F's dtype.
 
-    ``reduce`` (data parallelism, METHODS.md §7): the rows of F, E, M are this process's samples and
+    ``reduce`` (data parallelism, docs/methods/sibp.md §7): the rows of F, E, M are this process's samples and
     ``reduce`` sums over the processes. ``gn_cg`` then never forms K: its operator is
     M ⊙ (F(Σ_r F_rᵀ(M ⊙ Λ)_r)) + λΛ with one n×q all-reduce per iteration, the CG column inner products are
     all-reduced, and Δw = Σ_r Λ_rᵀF_r; the iterates are the single-process ones (rows of Λ on their shard).
@@ -255,7 +258,7 @@ def gn_step_safeguard(
     max_halvings: int = 10,
     reduce: Reduce = None,
 ) -> SafeguardResult:
-    r"""Per-row safeguard of a prox step (METHODS.md §5.4, assumption).
+    r"""Per-row safeguard of a prox step (docs/methods/sibp.md §4.4, assumption).
 
     Row j's true prox objective along the step is
     φ_j(t) = Σ_i (h(z0_ij + t·Δz_ij) − T_ij)² + λ t² ‖Δ_j‖² (``step_sq_norm`` holds ‖Δ_j‖²). Starting from
@@ -292,12 +295,13 @@ def gn_step_safeguard(
 
 
 # --------------------------------------------------------------------------------------------------
-# Fletcher–Reeves nonlinear CG with Armijo backtracking (official FR3 / FR4; §5.4)
+# Fletcher–Reeves nonlinear CG with Armijo backtracking (official FR3 / FR4; docs/methods/sibp.md §4.5)
 # --------------------------------------------------------------------------------------------------
 
 
 def prox_objective(z: Tensor, targets: Tensor, x: Tensor, x_old: Tensor, lam: float, *, relu: bool) -> float:
-    """The SIBP prox objective ‖h(z) − T‖² + λ‖x − x_old‖² at pre-activations z = F xᵀ + B (§5.4)."""
+    """The SIBP prox objective ‖h(z) − T‖² + λ‖x − x_old‖² at pre-activations z = F xᵀ + B
+    (docs/methods/sibp.md §4.5)."""
     out = torch.relu(z) if relu else z
     return float((out - targets).pow(2).sum() + lam * (x - x_old).pow(2).sum())
 
@@ -355,7 +359,7 @@ def fr_cg_armijo(
     omits B; no restarts. ``quirks="fixed"``: correct gradient, the accepted step is applied, and d restarts
     to −g whenever gᵀd ≥ 0 or no trial succeeded. A zero gradient norm ends the iteration (x is stationary).
 
-    ``reduce`` (data parallelism, METHODS.md §7): the rows of F, B, T are this process's samples; the data
+    ``reduce`` (data parallelism, docs/methods/sibp.md §7): the rows of F, B, T are this process's samples; the data
     terms of every objective value and gradient are summed over the processes, so every Armijo decision is
     the single-process one.
     """
@@ -464,14 +468,14 @@ def fr_cg_armijo(
 
 @dataclass
 class SIBPConfig(MethodConfig):
-    """SIBP hyperparameters (METHODS.md §5.6; defaults tuned on the MNIST validation split).
+    """SIBP hyperparameters (docs/methods/sibp.md §6; defaults tuned on the MNIST validation split).
 
     ``lambda_w`` / ``lambda_b``: prox weights, one value for every layer or one per linear layer (first to
     last). ``cg_iters``/``cg_tol``/``cg_stop``: the block-CG budget of the GN solvers. ``fr_iters``: FR-CG
     iterations (official: 5). ``safeguard``/``max_halvings``: the per-row safeguard of the GN step.
     ``b_mask`` (assumption): the ReLU mask of the GN b-step, ``"current"`` (default: 1[z > 0] after the W-step,
-    the mask of the b-prox's warm start, as in the official FR3) or ``"old"`` (the forward pass's mask, §5.4
-    read literally; the safeguard then has to revert rows whose pattern the W-step changed).
+    the mask of the b-prox's warm start, as in the official FR3) or ``"old"`` (the forward pass's mask,
+    docs/methods/sibp.md §4.3 read literally; the safeguard then has to revert rows whose pattern the W-step changed).
     ``solve_dtype`` (assumption): dtype of the GN CG iterations, ``"float64"`` or ``"model"`` (the model's
     dtype); the Gram K is always built in float64 and the exact solves always run in float64.
     """
@@ -568,7 +572,7 @@ class SIBP(Method):
         self.lambda_w = _per_layer(self.config.lambda_w, n_layers, "lambda_w")
         self.lambda_b = _per_layer(self.config.lambda_b, n_layers, "lambda_b")
 
-    # Data parallelism (METHODS.md §7): the targets, masks and residuals are column-wise given the replicated
+    # Data parallelism (docs/methods/sibp.md §7): the targets, masks and residuals are column-wise given the replicated
     # weights and stay on their shard; only the base class's reductions (_reduce, _sum_scalars) cross processes.
     def single_process_only(self) -> str | None:
         if self.config.hidden_solver == "gn_exact":
@@ -647,7 +651,7 @@ class SIBP(Method):
         ones = torch.ones_like(a[:, :1])
         reduce = self._reduce
         if self.config.output_solver == "exact" and reduce is not None:
-            # The primal (n×n) form over the shards (METHODS.md §7): Σ_r FᵀF and Σ_r Fᵀ(T − z^k) in float64 in
+            # The primal (n×n) form over the shards (docs/methods/sibp.md §7): Σ_r FᵀF and Σ_r Fᵀ(T − z^k) in float64 in
             # one all-reduce, the same solve on every process; then the b-step's column sums and the count m.
             a64 = a.to(torch.float64)
             n = a.shape[1]

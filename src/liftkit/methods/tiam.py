@@ -2,10 +2,10 @@ r"""TIAM: triple-inertial accelerated alternating minimization, and its un-accel
 
 Paper: C. Yan, J. Xu, Q. Wang, Z. Peng, "A Triple-Inertial Accelerated Alternating Optimization Method for
 Deep Learning Training", arXiv 2503.08489. No code was released; only the paper's template is public, so this
-module is the reconstruction of METHODS.md §6.3–6.5 on the base objective of mDLAM (Wang, Li, Zhao,
+module is the reconstruction of docs/methods/tiam.md §3–§5 on the base objective of mDLAM (Wang, Li, Zhao,
 Neurocomputing 2022). Results are reported as "TIAM (reconstructed from the paper's template)".
 
-Objective (METHODS.md §6.3; written row-major here, one sample per row, weights stored as in ``nn.Linear``):
+Objective (docs/methods/tiam.md §3; written row-major here, one sample per row, weights stored as in ``nn.Linear``):
 
 .. math::
 
@@ -17,8 +17,8 @@ Objective (METHODS.md §6.3; written row-major here, one sample per row, weights
 with a_0 = x and ε_k = max(ε_0 · decay^k, ε_min). The alternative ``constraint='penalty'`` replaces C_l(ε) by
 (ν/2)‖a_l − h(z_l)‖².
 
-Every block u ∈ {W_l, b_l, z_l, a_l, z_L} (in that order, layer by layer; §6.5) takes one triple-inertial step
-with Δ = u^k − u^{k−1}:
+Every block u ∈ {W_l, b_l, z_l, a_l, z_L} (in that order, layer by layer; docs/methods/tiam.md §4.5) takes one
+triple-inertial step with Δ = u^k − u^{k−1}:
 
 .. code-block:: text
 
@@ -66,7 +66,7 @@ W_l, b_l, z_l, a_l). ``'backward'`` runs l = L..1 with z_l, W_l, b_l, a_{l−1}:
 z_L then reaches W_1 within one sweep (as in dlADMM's backward pass) instead of one block per sweep.
 
 Inertia schedule. ``p_schedule='constant'`` (default; p1 = p2 = p3 = 0.3, assumption) or ``'fista'`` (the
-FISTA-like alternative of METHODS.md §6.6): t_0 = 1, t_k = (1 + √(1 + 4t_{k−1}²))/2 and every switched-on p_i
+FISTA-like alternative of docs/methods/tiam.md §4.4): t_0 = 1, t_k = (1 + √(1 + 4t_{k−1}²))/2 and every switched-on p_i
 of iteration k is p_k = (t_{k−1} − 1)/t_k (0, 0, 0.28, 0.43, … → 1). The safeguard below keeps F monotone
 when the large late p_k overshoot.
 
@@ -85,7 +85,7 @@ exactly, otherwise minibatch.
 
 ``am`` is this same code with p1 = p2 = p3 = 0 ("AM (mDLAM base, p=0)"), so the acceleration is measured.
 
-Data-parallel (METHODS.md §7, TIAM row). Every rank holds its shard of the batch's columns of z_l, a_l and z_L
+Data-parallel (docs/methods/tiam.md §7). Every rank holds its shard of the batch's columns of z_l, a_l and z_L
 (in full mode: the same samples every epoch, since the trainer sorts the full batch before slicing it). Over
 ``self.comm`` go: the data part of the W-gradient ρ(aŴᵀ + 1bᵀ − z)ᵀa (n_l × n_{l−1}) and the three sample
 sums of the W acceptance test; the b-step column sums Σ_rows(P + 1b̂ᵀ − z), divided by N_global; every
@@ -122,8 +122,8 @@ _PENALTY_ACTIVATIONS = ("relu", "leaky_relu")
 
 @dataclass
 class TIAMConfig(MethodConfig):
-    """TIAM hyperparameters (METHODS.md §6.6). Defaults: ρ, μ, ε schedule, θ0, ×2, ≤10 doublings from the
-    mDLAM code; p1 = p2 = p3 = 0.3 (assumption). Every (assumption) of §6.4 is a field here."""
+    """TIAM hyperparameters (docs/methods/tiam.md §6). Defaults: ρ, μ, ε schedule, θ0, ×2, ≤10 doublings from the
+    mDLAM code; p1 = p2 = p3 = 0.3 (assumption). Every (assumption) of docs/methods/tiam.md §4 is a field here."""
 
     rho: float = 1e-3  # weight of the linear-constraint penalties (official code, mDLAM)
     rho_output: float | None = None  # weight of the output layer's penalty (ρ/2)‖z_L − v_L‖²; None: ρ (assumption)
@@ -514,7 +514,7 @@ class TIAM(Method):
         return self._config_as() if rho == self.config.rho else self._config_as(rho=rho)
 
     def _inertia(self, k: int) -> _P:
-        """(p1, p2, p3) of iteration k. 'fista' (METHODS.md §6.6, assumption): t_0 = 1,
+        """(p1, p2, p3) of iteration k. 'fista' (docs/methods/tiam.md §4.4, assumption): t_0 = 1,
         t_k = (1 + sqrt(1 + 4 t_{k-1}^2))/2, p_k = (t_{k-1} - 1)/t_k (0 at k = 0, then rising towards 1); every
         p_i that is switched on (non-zero) takes p_k, so am (all zero) stays un-accelerated."""
         c = self.config
@@ -751,7 +751,7 @@ class TIAM(Method):
         return self._sweep_info(x, onehot, z, a, v)
 
     def _sweep_forward(self, sw: _Sweep, P_first: Tensor | None) -> list[Tensor]:
-        """The paper's order (METHODS.md §6.5): for l = 1..L, W_l, b_l, z_l, a_l. Returns the final
+        """The paper's order (docs/methods/tiam.md §4.5): for l = 1..L, W_l, b_l, z_l, a_l. Returns the final
         v_l = a_{l−1}W_lᵀ + 1b_lᵀ (nothing upstream of v_l changes after layer l's z-step)."""
         z, a, p, cnt = sw.z, sw.a, sw.p, sw.cnt
         last = len(self.chain) - 1
