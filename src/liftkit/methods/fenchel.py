@@ -47,10 +47,8 @@ as "Fenchel (PyTorch solvers)"):
   quadratic upper bound of the block, so it never increases the block objective, and it is invariant to the input
   scaling that makes plain gradient steps crawl (``‖P̄‖₂²`` is ~10⁴ for a 500-image MNIST batch). The specification's
   default (docs/methods/fenchel.md §4.2), ``torch.optim.LBFGS`` (strong Wolfe, history 10, stop at ``‖∇‖_∞ <=
-  w_tol·max(1, ‖∇₀‖_∞)``), is ``'lbfgs'``; a plain accelerated gradient with step ``1/L`` is ``'fista'``. A prototype on
-  the 2-core CPU measured, after a quarter epoch of MNIST 784-300-10 at the official settings, 92.4 % validation
-  accuracy for ``mm`` with 5 iterations, 92.9 % for ``lbfgs`` with 10 and 91.0 % for ``fista`` with 10, at roughly 1/2,
-  1 and 1/3 of L-BFGS's time per epoch (docs/results/fenchel.md).
+  w_tol·max(1, ‖∇₀‖_∞)``), is ``'lbfgs'``; a plain accelerated gradient with step ``1/L`` is ``'fista'``. How they
+  compare in accuracy and time is recorded in docs/results/fenchel.md.
 
 Cost (none of this changes what a block solves beyond rounding): within a step, the forward pass's pre-activations
 feed the X-blocks' ``U_{l-1}`` and the final monitor; an ``mm`` metric and its factorisation are kept while the

@@ -136,7 +136,7 @@ class LPOMConfig(MethodConfig):
     ridge_rel: float = 1e-10
     #: the guard of a layer whose batch is not small against its inputs (m > guard_ratio·(n_j+1)): its W-step
     #: (nearly) interpolates the batch through an ill-conditioned Gram, and near-dead units blow the weights up
-    #: ((assumption); validation on 784-400-200-100-50-10: 1e-3 / 1e-2 / 1e-1 → 87.1 / 90.3 / 92.8 %, see docs)
+    #: ((assumption), chosen on the validation split of 784-400-200-100-50-10; figures in docs/results/lpom.md)
     ridge_rel_feature: float = 0.1
     #: layers with m > guard_ratio·(n_j+1) get ridge_rel_feature; 1 = only feature-side Grams (m > n_j+1)
     guard_ratio: float = 0.5
