@@ -361,55 +361,6 @@ def test_defaults_reduce_the_loss_and_report_diagnostics() -> None:
 
 
 @pytest.mark.parametrize(
-    "hparams",
-    [
-        {},
-        {"optimizer": "sgd", "lr": 0.5, "momentum": 0.95, "nesterov": True, "solver": "cg3"},
-        {"optimizer": "rmsprop", "lr": 1e-3, "momentum": 0.5},
-    ],
-)
-def test_state_dict_round_trip_includes_optimizer_state(hparams: dict) -> None:
-    x, y = _data(10)
-    method = ProxProp(_mlp(), **hparams)
-    for _ in range(3):
-        method.step(x, y)
-    state = method.state_dict()
-    method.step(x, y)
-    expected = [p.detach().clone() for p in method.model.parameters()]
-    clone = ProxProp(_mlp(seed=5), **hparams)
-    clone.load_state_dict(state)
-    assert clone.optimizer.state_dict()["state"], "optimizer state was not restored"
-    clone.step(x, y)
-    for p, e in zip(clone.model.parameters(), expected):
-        assert torch.equal(p.detach(), e)
-
-
-@pytest.mark.parametrize(
-    "hparams,match",
-    [
-        ({"solver": "lu"}, "solver"),
-        ({"solver": "cg0"}, "CG iteration"),
-        ({"tau_theta": 0.0}, "tau_theta"),
-        ({"tau_theta": math.inf}, "tau_theta"),
-        ({"lr": -1.0}, "lr"),
-        ({"cg_iters": 0}, "cg_iters"),
-        ({"cg_stop": "never"}, "cg_stop"),
-        ({"form": "qr"}, "form"),
-        ({"optimizer": "nope"}, "torch.optim"),
-        ({"optimizer": "lbfgs"}, "closure"),
-        ({"momentum": 0.9}, "momentum"),
-        ({"optimizer": "sgd", "nesterov": True}, "nesterov"),
-        ({"optimizer": "sgd", "beta1": 0.5}, "beta1"),
-        ({"optimizer": "sgd", "momentum": 1.0}, "momentum"),
-        ({"tau": 1.0}, "unknown hyperparameter"),
-    ],
-)
-def test_bad_hyperparameters_raise(hparams: dict, match: str) -> None:
-    with pytest.raises(ValueError, match=match):
-        ProxProp(_mlp(), **hparams)
-
-
-@pytest.mark.parametrize(
     "model,match",
     [
         (nn.Sequential(nn.Flatten(), nn.Linear(6, 4)).to(DT), "at least two"),

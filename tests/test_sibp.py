@@ -342,49 +342,12 @@ def test_official_solvers_train_and_report() -> None:
     assert {"fr_steps_0", "fr_steps_1", "prox_w_rel_decrease_0"} <= set(last.info)
 
 
-def test_state_dict_round_trip_gives_the_identical_next_step() -> None:
-    model = _net()
-    x, y = _batch()
-    method = SIBP(model, eta=0.2, lambda_w=(1.0, 0.5, 2.0))
-    method.step(x, y)
-    state = method.state_dict()
-    twin = SIBP(_net(seed=9), eta=0.2, lambda_w=(1.0, 0.5, 2.0))
-    twin.load_state_dict(state)
-    assert twin.steps_taken == 1
-    method.step(x, y)
-    twin.step(x, y)
-    for p, q in zip(method.model.parameters(), twin.model.parameters()):
-        assert torch.equal(p, q)
-
-
 def test_float32_model_stays_float32() -> None:
     torch.manual_seed(0)
     model = mlp("6-7-3")
     x, y = _batch()
     SIBP(model).step(x.float(), y)
     assert all(p.dtype == torch.float32 and bool(torch.isfinite(p).all()) for p in model.parameters())
-
-
-@pytest.mark.parametrize(
-    "hp",
-    [
-        {"eta": -0.1},
-        {"eta": float("nan")},
-        {"lambda_w": 0.0},
-        {"lambda_b": -1.0},
-        {"lambda_w": (1.0, 2.0)},  # the net has 3 linear layers
-        {"hidden_solver": "newton"},
-        {"output_solver": "gn_cg"},
-        {"cg_iters": 0},
-        {"cg_tol": 0.0},
-        {"quirks": "matlab"},
-        {"b_mask": "new"},
-        {"momentum": 0.9},
-    ],
-)
-def test_bad_hyperparameters_raise(hp: dict[str, object]) -> None:
-    with pytest.raises(ValueError):
-        SIBP(_net(), **hp)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
