@@ -35,12 +35,10 @@ from liftkit.methods.tiam.config import Inertia
 from liftkit.methods.tiam.ops import (
     AuxStep,
     Env,
-    Metric,
     backtrack,
     ce_sum,
     dot,
     feasible,
-    grad_a,
     grad_ce_sum,
     grad_w,
     penalty_z,
@@ -218,7 +216,8 @@ def z_step(
     (or the two-candidate ν-penalty prox). The extrapolated z is re-projected given a_l."""
     c = env.config
     margin = c.projection_margin
-    w = (z + p[0] * delta) - (z + p[1] * delta) + v
+    # z̃ − ẑ + v, which is v itself when p1 = p2
+    w = v if p[0] == p[1] else (z + p[0] * delta) - (z + p[1] * delta) + v
     z_plus = project_z(act, w, a, eps, margin) if c.constraint == "box" else penalty_z(act, w, a, rho, nu)
     z_new = z_plus + p[2] * (z_plus - z)
     if c.constraint == "box" and p[2]:
@@ -254,6 +253,21 @@ class ABlock:
     eps: float
     onehot: Tensor | None = None
 
+    def objective_fn(self, rho: float) -> Callable[[Tensor], float]:
+        """u ↦ S(u): (ρ/2)‖z_{l+1} − uWᵀ − 1bᵀ‖², or CE_sum(uWᵀ + 1bᵀ) before an exact output."""
+        W_next, b_next, z_next, onehot = self.W_next, self.b_next, self.z_next, self.onehot
+        if onehot is not None:
+
+            def ce(u: Tensor) -> float:
+                return float(ce_sum(u @ W_next.T + b_next, onehot))
+
+            return ce
+
+        def fit(u: Tensor) -> float:
+            return 0.5 * rho * sq(u @ W_next.T + b_next - z_next)
+
+        return fit
+
     def local(self, a: Tensor, rho: float, nu: float, penalty: bool) -> float:
         """Terms of F that contain a_l: (ρ/2)‖z_{l+1} − a W_{l+1}ᵀ − b‖², or CE_sum(a W_Lᵀ + b) before an exact
         output, (+ the ν-penalty when ``penalty``)."""
@@ -264,71 +278,41 @@ class ABlock:
         return val
 
 
-def _a_gram(
-    grad: Tensor, W_next: Tensor, hz: Tensor, nu: float, curvature: float, who: str
-) -> tuple[Metric, Callable[[Tensor, float], Tensor]]:
-    """``a_metric='gram'``: M = c WᵀW + δI, S's exact Hessian (plus a tiny δ): with p1 = p2 the first trial θ = 1
-    is the exact minimiser of the a-subproblem. Prox in M: u = (θ w M + ν h(z))(θM + νI)⁻¹."""
-    W64 = W_next.to(torch.float64)
-    M = curvature * (W64.T @ W64)
-    M.diagonal().add_(1e-10 * float(M.diagonal().sum()) / max(M.shape[0], 1))
-    eye = torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
-    factor = guarded_cholesky(M, 0.0, float(M.diagonal().sum()), who=f"{who} (a_metric='gram')", fix="lower rho")
-    direction = torch.cholesky_solve(grad.T.to(torch.float64), factor).T.to(grad.dtype)
-    M_w = M.to(grad.dtype)
-
-    def sq_norm_m(d: Tensor) -> float:
-        return dot(d @ M_w, d)
-
-    def prox(w: Tensor, theta: float) -> Tensor:
-        rhs = theta * (w.to(torch.float64) @ M) + nu * hz.to(torch.float64)
-        return torch.linalg.solve(theta * M + nu * eye, rhs.T).T.to(w.dtype)
-
-    return (direction, sq_norm_m), prox
-
-
 def a_step(
-    env: Env, blk: ABlock, a: Tensor, p: Inertia, delta: Tensor, rho: float, nu: float, curvature: float, theta: float
+    env: Env, blk: ABlock, a: Tensor, p: Inertia, delta: Tensor, rho: float, nu: float, theta: float
 ) -> tuple[AuxStep | None, float]:
     """a_l: S = (ρ/2)‖z_{l+1} − aWᵀ − 1bᵀ‖², prox = box [h(z_l) ± ε] (or the ν-penalty), backtracking from
     ``theta``. With ``blk.onehot`` (layer l + 1 is an exact output): S = CE_sum(aWᵀ + 1bᵀ), whose Hessian is
-    bounded by ½ WᵀW (the softmax cross-entropy's Hessian in the logits is at most ½I). ``curvature`` scales WᵀW
-    in the Gram metric (ρ, or the exact output's c). Returns (the step or None, the last θ tried)."""
+    bounded by ½ WᵀW (the softmax cross-entropy's Hessian in the logits is at most ½I). The Euclidean metric; the
+    Gram metric is :func:`~liftkit.methods.tiam.a_gram.a_gram_step`. Returns (the step or None, the last θ
+    tried)."""
     c = env.config
-    act, W_next, b_next = blk.act, blk.W_next, blk.b_next
-    a_tilde, a_hat = a + p[0] * delta, a + p[1] * delta
+    act = blk.act
+    a_tilde = a + p[0] * delta
+    a_hat = a_tilde if p[1] == p[0] else a + p[1] * delta
+    # one product a Ŵᵀ serves both S(â) and ∇S(â)
     if blk.onehot is not None:
-        target = blk.onehot
-
-        def objective(u: Tensor) -> float:
-            return float(ce_sum(u @ W_next.T + b_next, target))
-
-        grad = grad_ce_sum(a_hat @ W_next.T + b_next, target) @ W_next
+        logits = a_hat @ blk.W_next.T + blk.b_next
+        s_hat_local = float(ce_sum(logits, blk.onehot))
+        grad = grad_ce_sum(logits, blk.onehot) @ blk.W_next
     else:
-        z_next = blk.z_next
-
-        def objective(u: Tensor) -> float:
-            return 0.5 * rho * sq(u @ W_next.T + b_next - z_next)
-
-        grad = grad_a(a_hat, z_next, W_next, b_next, rho)
-    (s_hat,) = env.sum_scalars(objective(a_hat))
-
-    hz = act.phi(blk.z_l)
-    metric: Metric | None = None
+        residual = a_hat @ blk.W_next.T + blk.b_next - blk.z_next
+        s_hat_local = 0.5 * rho * sq(residual)
+        grad = rho * (residual @ blk.W_next)  # = grad_a(â, z_{l+1}, W, b, ρ)
+    (s_hat,) = env.sum_scalars(s_hat_local)
     prox: Callable[[Tensor, float], Tensor]
-    if c.a_metric == "gram":
-        metric, prox = _a_gram(grad, W_next, hz, nu, curvature, who=env.name)
-    elif c.constraint == "box":
+    if c.constraint == "box":
 
         def prox(w: Tensor, theta: float) -> Tensor:
             return project_a(act, w, blk.z_l, blk.eps, c.projection_margin)
 
     else:
+        hz = act.phi(blk.z_l)
 
         def prox(w: Tensor, theta: float) -> Tensor:
             return (theta * w + nu * hz) / (theta + nu)
 
-    a_plus, theta = backtrack(env, a_tilde, a_hat, grad, s_hat, objective, prox, theta, metric)
+    a_plus, theta = backtrack(env, a_tilde, a_hat, grad, s_hat, blk.objective_fn(rho), prox, theta)
     if a_plus is None:
         return None, theta
     a_new = a_plus + p[2] * (a_plus - a)

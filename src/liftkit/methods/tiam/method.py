@@ -188,13 +188,14 @@ class TIAM(Method):
         self._check_batch(x, y, idx)
         with torch.no_grad():
             x_flat, onehot = self._prepare(x, y)
-            # the declared loss at the start of the step, by the forward pass; x W_1ᵀ is reused by the W_1 block
-            P_first = x_flat @ self.chain[0].weight.T
-            h = P_first + _bias(self.chain[0])
-            for prev, layer in zip(self.chain[:-1], self.chain[1:]):
-                assert prev.activation is not None
-                h = layer.linear(prev.activation.phi(h))
-            loss = float(evaluate_loss(self.loss, h, y.to(self.device)))
+            with self.block("forward"):
+                # the declared loss at the start of the step, by the forward pass; x W_1ᵀ is reused by the W_1 block
+                P_first = x_flat @ self.chain[0].weight.T
+                h = P_first + _bias(self.chain[0])
+                for prev, layer in zip(self.chain[:-1], self.chain[1:]):
+                    assert prev.activation is not None
+                    h = layer.linear(prev.activation.phi(h))
+                loss = float(evaluate_loss(self.loss, h, y.to(self.device)))
             cnt = Counters()
             self.m_global = self.global_batch_size(int(x.shape[0]))
             if idx is None and c.mode == "full" and self.comm.world_size == 1:
@@ -234,7 +235,8 @@ class TIAM(Method):
     def _prepare(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """The flattened input in the model's dtype and device, and the one-hot labels (both checked)."""
         x_flat = self.chain[0].apply_pre(x.to(device=self.device, dtype=self.dtype))
-        if not bool(torch.isfinite(x_flat).all()):
+        # a NaN or inf makes the sum non-finite; only then (or when the sum overflows) look at every entry
+        if not math.isfinite(float(x_flat.sum())) and not bool(torch.isfinite(x_flat).all()):
             raise ValueError(f"{self.name}: the input batch contains NaN or inf; clean the data")
         out_features = int(self.chain[-1].weight.shape[0])
         if int(y.min()) < 0 or int(y.max()) >= out_features:
@@ -246,12 +248,14 @@ class TIAM(Method):
     ) -> tuple[dict[str, float], float]:
         """Full mode: one sweep on the stored auxiliary variables of the samples ``idx``; returns (info, ε)."""
         st = self.state
-        self._ensure_full_state(x, onehot, idx)
-        rows = st.rows(idx)
+        with self.block("aux_rows"):
+            self._ensure_full_state(x, onehot, idx)
+            rows = st.rows(idx)
         eps = eps_at(self.config, st.iteration)
         sw = SweepData(x, onehot, rows, eps, self._inertia(st.iteration))
         info = run_sweep(self._blocks(cnt, st.iteration), sw, P_first)
-        st.store_rows(idx, rows)
+        with self.block("aux_rows"):
+            st.store_rows(idx, rows)
         return info, eps
 
     def _minibatch_step(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
@@ -67,13 +68,15 @@ class AuxStep:
 class Env:
     """What a block step reads besides its operands: ``config`` for the static switches (backtracking,
     history, safeguard, constraint, metrics; never ρ, ν or the curvature, which the callers pass), the
-    communicator, N_global of the batch (the b-step's exact mean divides by it) and the step's counters."""
+    communicator, N_global of the batch (the b-step's exact mean divides by it), the step's counters and the
+    method's named-block hook (``block(name)`` brackets a unit of work for a profiler; a no-op by default)."""
 
     config: TIAMConfig
     name: str  # the method's registry name, for error messages
     comm: Communicator
     m_global: int
     cnt: Counters
+    block: Callable[[str], AbstractContextManager[None]]
 
     def sum_scalars(self, *values: float) -> tuple[float, ...]:
         """Sums of per-process scalars over all processes (the values themselves in one process)."""
@@ -162,8 +165,17 @@ def feasible(act: Activation, z: Tensor, a: Tensor, eps: float) -> bool:
 
 
 def penalty_z(act: Activation, w: Tensor, a: Tensor, rho: float, nu: float) -> Tensor:
-    """argmin_z (ρ/2)(z − w)² + (ν/2)(a − h(z))², element-wise, for ReLU / leaky ReLU (two candidates)."""
-    slope = 0.0 if act.name == "relu" else act._a
+    """argmin_z (ρ/2)(z − w)² + (ν/2)(a − h(z))², element-wise, for ReLU / leaky ReLU (two candidates).
+
+    ReLU in closed form: the candidates are z₊ = max((ρw + νa)/(ρ + ν), 0) and z₋ = min(w, 0), and comparing
+    their costs (ρν(w − a)²/(ρ + ν) against νa² where z₊ > 0 > w) reduces to: z₊ wins iff w ≥ −κ·max(a, 0) with
+    κ = √(1 + ν/ρ) − 1."""
+    if act.name == "relu":
+        kappa = math.sqrt(1.0 + nu / rho) - 1.0
+        pos = torch.add(w * (rho / (rho + nu)), a, alpha=nu / (rho + nu)).clamp_(min=0.0)
+        threshold = a.clamp(min=0.0).mul_(-kappa)
+        return torch.where(w >= threshold, pos, w.clamp(max=0.0))
+    slope = act._a
     pos = torch.clamp((rho * w + nu * a) / (rho + nu), min=0.0)
     neg = torch.clamp((rho * w + nu * slope * a) / (rho + nu * slope**2), max=0.0)
 
@@ -194,6 +206,22 @@ def backtrack(
     ``metric`` = (∇S(û)M⁻¹, ‖·‖²_M) runs the same test in a metric M (``prox`` must then be the prox in M).
     ``replicated``: u is a weight block, identical on every rank (its gradient already reduced), so only
     ``objective`` (this rank's share of S) is summed over ranks. Returns (u⁺, θ), or (None, θ) on failure."""
+    with env.block("backtracking"):
+        return _backtrack(env, u_tilde, u_hat, grad, s_hat, objective, prox, theta, metric, replicated)
+
+
+def _backtrack(
+    env: Env,
+    u_tilde: Tensor,
+    u_hat: Tensor,
+    grad: Tensor,
+    s_hat: float,
+    objective: Callable[[Tensor], float],
+    prox: Callable[[Tensor, float], Tensor],
+    theta: float,
+    metric: Metric | None,
+    replicated: bool,
+) -> tuple[Tensor | None, float]:
     c, cnt = env.config, env.cnt
     direction, sq_norm = (grad, sq) if metric is None else metric
     for trial in range(c.max_doublings + 1):

@@ -144,7 +144,8 @@ class TIAMState:
             self.z_raw, self.a_raw = grown(self.z_raw, widths_z), grown(self.a_raw, widths_a)
 
     def initialise_rows(self, rows: Tensor, z0: list[Tensor], a0: list[Tensor]) -> None:
-        """Set the rows ``rows`` of every store (values and anchors) to ``z0``, ``a0`` (a forward pass)."""
+        """Set the rows ``rows`` of every store (values and anchors) to ``z0``, ``a0`` (a forward pass). The stores
+        may share tensors (a block that kept its value is its own anchor); they all receive the same rows."""
         for store in (self.z, self.z_prev, self.z_raw):
             for l, t in enumerate(z0[: len(store)]):
                 store[l][rows] = t
@@ -154,8 +155,18 @@ class TIAMState:
         assert self.initialised is not None
         self.initialised[rows] = True
 
+    def _covers_in_order(self, idx: Tensor) -> bool:
+        """Whether ``idx`` is 0, 1, …, N−1 for the N stored rows (the full batch in dataset order)."""
+        n = self.z[0].shape[0] if self.z else 0
+        return idx.numel() == n and bool((idx == torch.arange(n, device=idx.device)).all())
+
     def rows(self, idx: Tensor) -> SampleRows:
-        """The stored auxiliary variables of the samples ``idx`` (copies, in batch order)."""
+        """The stored auxiliary variables of the samples ``idx`` in batch order: copies, or the stored tensors
+        themselves when ``idx`` is every row in order (a sweep replaces them, it never writes into them)."""
+        if self._covers_in_order(idx):
+            z_hist = [BlockHistory(t, self.z_raw[l] if self.z_raw else None) for l, t in enumerate(self.z_prev)]
+            a_hist = [BlockHistory(t, self.a_raw[l] if self.a_raw else None) for l, t in enumerate(self.a_prev)]
+            return SampleRows(list(self.z), list(self.a), z_hist, a_hist)
         z = [t[idx] for t in self.z]
         a = [t[idx] for t in self.a]
         z_hist = [BlockHistory(self.z_prev[l][idx], self.z_raw[l][idx] if self.z_raw else None) for l in range(len(z))]
@@ -164,6 +175,13 @@ class TIAMState:
 
     def store_rows(self, idx: Tensor, rows: SampleRows) -> None:
         """Write a sweep's result back to the samples ``idx``."""
+        if self._covers_in_order(idx):
+            self.z, self.a = list(rows.z), list(rows.a)
+            self.z_prev, self.a_prev = [h.prev for h in rows.z_hist], [h.prev for h in rows.a_hist]
+            if self.z_raw:
+                self.z_raw = [t if h.raw is None else h.raw for t, h in zip(self.z_raw, rows.z_hist)]
+                self.a_raw = [t if h.raw is None else h.raw for t, h in zip(self.a_raw, rows.a_hist)]
+            return
         for values, hists, store, prev, raw in (
             (rows.z, rows.z_hist, self.z, self.z_prev, self.z_raw),
             (rows.a, rows.a_hist, self.a, self.a_prev, self.a_raw),

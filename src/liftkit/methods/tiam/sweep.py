@@ -24,6 +24,7 @@ from torch import Tensor
 
 from liftkit.activations import Activation
 from liftkit.distributed import Communicator
+from liftkit.methods.tiam.a_gram import a_gram_step
 from liftkit.methods.tiam.blocks import (
     ABlock,
     LinearFit,
@@ -109,7 +110,7 @@ class Blocks:
         self.state = host.state
         self.acts = hidden_activations(host.chain)
         self.penalties = penalties
-        self.env = Env(host.config, host.name, host.comm, host.m_global, cnt)
+        self.env = Env(host.config, host.name, host.comm, host.m_global, cnt, host.block)
 
     def rho_of(self, l: int) -> float:
         """ρ_l of this sweep (``rho_output`` for the output layer when set)."""
@@ -128,6 +129,11 @@ class Blocks:
             return None
         if c.w_metric == "diagonal":
             return diagonal_metric(env, a_in, rho, c.mu)
+        with self.host.block("gram"):
+            return self._gram_metric(l, a_in, rho)
+
+    def _gram_metric(self, l: int, a_in: Tensor, rho: float) -> WMetric:
+        c, env = self.config, self.env
         key: tuple[Any, ...] | None = None
         # every input of the cache decision is global (N over all ranks, summed fingerprints), so all ranks hit or
         # miss together and take part in the same collectives
@@ -218,7 +224,10 @@ class Blocks:
         rho = self.rho_of(l + 1)
         curvature = self.config.output_curvature if blk.onehot is not None else rho
         theta0 = self.env.theta_start(st.theta_a[l])
-        out, theta = a_step(self.env, blk, a, p, delta, rho, self.penalties.nu, curvature, theta0)
+        if self.config.a_metric == "gram":
+            out, theta = a_gram_step(self.env, blk, a, p, delta, rho, self.penalties.nu, curvature, theta0)
+        else:
+            out, theta = a_step(self.env, blk, a, p, delta, rho, self.penalties.nu, theta0)
         if out is not None:
             st.theta_a[l] = theta
         return out
@@ -312,13 +321,15 @@ class Blocks:
                 st.theta_W[l] = theta
             return out
 
-        W_new = self.inertial_weight(layer.weight, st.W_prev, st.W_raw, l, p, w_step_)
-        P = a_in @ W_new.T
+        with self.host.block(f"w_block[{l + 1}]"):
+            W_new = self.inertial_weight(layer.weight, st.W_prev, st.W_raw, l, p, w_step_)
+            P = a_in @ W_new.T
 
         def b_step_(bb: Tensor, pp: Inertia, delta: Tensor) -> AuxStep | None:
             return exact_b_step(self.env, P, onehot, bb, pp, delta, c.output_curvature)
 
-        return P + self.inertial_weight(_bias(layer), st.b_prev, st.b_raw, l, p, b_step_)
+        with self.host.block(f"b_block[{l + 1}]"):
+            return P + self.inertial_weight(_bias(layer), st.b_prev, st.b_raw, l, p, b_step_)
 
 
 # -- the two sweep orders -------------------------------------------------------------------------------------------
@@ -329,13 +340,14 @@ def run_sweep(blocks: Blocks, sw: SweepData, P_first: Tensor | None = None) -> d
         v = sweep_backward(blocks, sw, P_first)
     else:
         v = sweep_forward(blocks, sw, P_first)
-    return sweep_info(blocks, sw, v)
+    with blocks.host.block("objective"):
+        return sweep_info(blocks, sw, v)
 
 
 def sweep_forward(blocks: Blocks, sw: SweepData, P_first: Tensor | None) -> list[Tensor]:
     """The paper's order (METHODS.md §6.5): for l = 1..L, W_l, b_l, z_l, a_l. Returns the final
     v_l = a_{l−1}W_lᵀ + 1b_lᵀ (nothing upstream of v_l changes after layer l's z-step)."""
-    z, a, p = sw.rows.z, sw.rows.a, sw.p
+    z, a, p, block = sw.rows.z, sw.rows.a, sw.p, blocks.host.block
     last = len(blocks.chain) - 1
     vs: list[Tensor] = []
     for l in range(len(blocks.chain)):
@@ -344,12 +356,16 @@ def sweep_forward(blocks: Blocks, sw: SweepData, P_first: Tensor | None) -> list
             z[l] = blocks.exact_output(a_in, sw.onehot, p)
             vs.append(z[l])
             continue
-        P = blocks.update_w(l, a_in, z[l], p, P_first if l == 0 else None)
-        v = P + blocks.update_b(l, P, z[l], p)
+        with block(f"w_block[{l + 1}]"):
+            P = blocks.update_w(l, a_in, z[l], p, P_first if l == 0 else None)
+        with block(f"b_block[{l + 1}]"):
+            v = P + blocks.update_b(l, P, z[l], p)
         vs.append(v)
-        z[l] = blocks.inertial_z(l, sw, v)
+        with block(f"z_block[{l + 1}]"):
+            z[l] = blocks.inertial_z(l, sw, v)
         if l < last:
-            a[l] = blocks.inertial_a(l, sw)
+            with block(f"a_block[{l + 1}]"):
+                a[l] = blocks.inertial_a(l, sw)
     return vs
 
 
@@ -358,7 +374,7 @@ def sweep_backward(blocks: Blocks, sw: SweepData, P_first: Tensor | None) -> lis
     same neighbours' newest values as in the forward order, but the label signal entering at z_L reaches
     W_1 within one sweep instead of travelling back one block per sweep (as dlADMM's backward pass).
     Returns the final v_l = a_{l−1}W_lᵀ + 1b_lᵀ: layer l's inputs change last, in its own a_{l−1}-step."""
-    z, a, p = sw.rows.z, sw.rows.a, sw.p
+    z, a, p, block = sw.rows.z, sw.rows.a, sw.p, blocks.host.block
     vs: list[Tensor] = []
     for l in reversed(range(len(blocks.chain))):
         layer = blocks.chain[l]
@@ -366,13 +382,17 @@ def sweep_backward(blocks: Blocks, sw: SweepData, P_first: Tensor | None) -> lis
         if blocks.is_exact_output(l):
             v = blocks.exact_output(a_in, sw.onehot, p)
         else:
-            P0 = P_first if (l == 0 and P_first is not None) else a_in @ layer.weight.detach().T
-            z[l] = blocks.inertial_z(l, sw, P0 + _bias(layer).detach())
-            P = blocks.update_w(l, a_in, z[l], p, P0)
-            v = P + blocks.update_b(l, P, z[l], p)
+            with block(f"z_block[{l + 1}]"):
+                P0 = P_first if (l == 0 and P_first is not None) else a_in @ layer.weight.detach().T
+                z[l] = blocks.inertial_z(l, sw, P0 + _bias(layer).detach())
+            with block(f"w_block[{l + 1}]"):
+                P = blocks.update_w(l, a_in, z[l], p, P0)
+            with block(f"b_block[{l + 1}]"):
+                v = P + blocks.update_b(l, P, z[l], p)
         if l > 0:
-            a[l - 1] = blocks.inertial_a(l - 1, sw)
-            v = a[l - 1] @ layer.weight.detach().T + _bias(layer).detach()
+            with block(f"a_block[{l}]"):
+                a[l - 1] = blocks.inertial_a(l - 1, sw)
+                v = a[l - 1] @ layer.weight.detach().T + _bias(layer).detach()
         if blocks.is_exact_output(l):
             z[l] = v
         vs.append(v)
