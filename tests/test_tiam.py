@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import math
@@ -925,3 +926,89 @@ def test_resync_resets_the_auxiliary_chain_to_a_forward_pass_and_keeps_the_weigh
     for _ in range(3):
         plain.step(x, y, idx=idx)
     assert not torch.equal(plain.chain[0].weight, meth.chain[0].weight)
+
+
+# -- cost-driven implementations against dense references ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("p", [(0.0, 0.0, 0.5), (0.5, 0.2, 0.4)])
+@pytest.mark.parametrize("exact", [False, True], ids=["penalty-fit", "exact-output-ce"])
+def test_gram_a_step_in_the_eigenbasis_matches_a_dense_reference(p: tuple[float, float, float], exact: bool) -> None:
+    """a_metric='gram' runs in the eigenbasis of M = c WᵀW + δI; a dense reference (M⁻¹ and (θM + νI)⁻¹ by solves,
+    S evaluated directly) gives the same θ (θ0 = 0.05 forces doublings), a⁺, a^{k+1} and safeguard values, for a
+    quadratic S and for the exact output's CE, with and without p1 ≠ p2."""
+    meth, act, z_l, W_n, b_n, z_n, _ = _penalty_a_problem(a_metric="gram", theta0=0.05)
+    rho, nu = 0.9, 0.4
+    g = torch.Generator().manual_seed(29)
+    a = act.phi(z_l) + 0.1 * torch.randn(z_l.shape, generator=g, dtype=torch.float64)
+    delta = 0.2 * torch.randn(z_l.shape, generator=g, dtype=torch.float64)
+    onehot = tF.one_hot(torch.randint(0, 4, (z_l.shape[0],), generator=g), 4).double() if exact else None
+    hz = act.phi(z_l)
+
+    def S(u: torch.Tensor) -> float:
+        if onehot is not None:
+            return float(-(onehot * torch.log_softmax(u @ W_n.T + b_n, dim=1)).sum())
+        return float(0.5 * rho * (z_n - u @ W_n.T - b_n).pow(2).sum())
+
+    a_t, a_h = a + p[0] * delta, a + p[1] * delta
+    if onehot is not None:
+        G = (torch.softmax(a_h @ W_n.T + b_n, dim=1) - onehot) @ W_n
+        c = meth.config.output_curvature
+    else:
+        G = rho * (a_h @ W_n.T + b_n - z_n) @ W_n
+        c = rho
+    M = c * W_n.T @ W_n
+    M = M + 1e-10 * float(M.diagonal().sum()) / 5 * torch.eye(5, dtype=torch.float64)
+    theta = 0.05
+    while True:
+        w = a_t - torch.linalg.solve(M, G.T).T / theta
+        u = torch.linalg.solve(theta * M + nu * torch.eye(5, dtype=torch.float64), (theta * w @ M + nu * hz).T).T
+        d = u - a_h
+        if S(u) <= S(a_h) + float((G * d).sum()) + 0.5 * theta * float((d @ M * d).sum()) + 1e-9:
+            break
+        theta *= 2
+    a_new = u + p[2] * (u - a)
+    cnt = _Counters()
+    res = meth._blocks(cnt).a_step(0, a, p, delta, ABlock(act, z_l, W_n, b_n, z_n, 1e-3, onehot))
+    assert res is not None
+    assert meth.state.theta_a[0] == theta and theta > 0.05
+    assert cnt.backtracks == round(math.log2(theta / 0.05))
+    torch.testing.assert_close(res.raw, u, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(res.new, a_new, atol=1e-9, rtol=1e-9)
+    assert res.f_new == pytest.approx(S(a_new) + 0.5 * nu * float((a_new - hz).pow(2).sum()), rel=1e-9)
+    assert res.f_old == pytest.approx(S(a) + 0.5 * nu * float((a - hz).pow(2).sum()), rel=1e-9)
+
+
+def test_inf_in_the_input_raises() -> None:
+    x, y = _problem()
+    meth = TIAM(_model())
+    for value in (math.inf, -math.inf):
+        bad = x.clone()
+        bad[3, 2] = value
+        with pytest.raises(ValueError, match="NaN or inf"):
+            meth.step(bad, y)
+
+
+@pytest.mark.parametrize("order", ["forward", "backward"])
+def test_named_blocks_cover_every_layer(order: str) -> None:
+    """The profiler hook sees the forward pass, every layer's W, b, z and a blocks (the exact output's W_L and
+    b_L), the Gram metrics, the backtracking and the objective."""
+    x, y = _problem(n=90)
+    seen: list[str] = []
+
+    def hook(name: str) -> contextlib.AbstractContextManager[None]:
+        seen.append(name)
+        return contextlib.nullcontext()
+
+    hp = {"constraint": "penalty", "w_metric": "gram", "a_metric": "gram", "block_order": order}
+    for extra in ({}, {"output": "exact"}):
+        seen.clear()
+        meth = TIAM(_model(), **hp, **extra)
+        meth.set_block_hook(hook)
+        meth.step(x, y, idx=torch.arange(90))
+        expected = {"forward", "gram", "objective", "aux_rows", "backtracking"}
+        expected |= {f"{kind}_block[{l}]" for kind in "wb" for l in (1, 2, 3)}
+        expected |= {f"a_block[{l}]" for l in (1, 2)} | {"z_block[1]", "z_block[2]"}
+        if not extra:
+            expected.add("z_block[3]")
+        assert expected <= set(seen), expected - set(seen)

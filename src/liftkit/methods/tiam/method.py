@@ -156,7 +156,7 @@ class TIAM(Method):
         if idx is None:
             raise ValueError(f"{self.name} needs the batch's dataset indices (idx) when run on several processes")
         local_top = float(idx.max()) + 1 if idx.numel() else 0.0
-        top = self.comm.all_reduce_max_(torch.tensor([local_top], device=idx.device))
+        top = self.comm.all_reduce_max_(torch.tensor([local_top], device=self.device))
         count, unique = self.comm.sum_scalars(float(idx.numel()), float(torch.unique(idx).numel()))
         covers = count == unique == float(top[0])
         if mode == "full" and not covers:
