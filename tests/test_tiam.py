@@ -1012,3 +1012,28 @@ def test_named_blocks_cover_every_layer(order: str) -> None:
         if not extra:
             expected.add("z_block[3]")
         assert expected <= set(seen), expected - set(seen)
+
+
+def test_first_layer_product_is_reused_only_for_the_same_input_and_weights() -> None:
+    """Full batch, Gram metric, p1 = p2: the W_1 block leaves x W_1ᵀ as one product, which the next step's forward
+    pass reuses; it equals a fresh product bit for bit, and a changed or reordered input recomputes it (the step
+    is then bit-identical to one without the reuse)."""
+    x, _ = _problem(n=90)
+    y = torch.arange(90) % 3
+    idx = torch.arange(90)
+    hp = {"constraint": "penalty", "nu": 10.0, "rho": 1.0, "w_metric": "gram", "a_metric": "gram"}
+    meth = TIAM(_model(), **hp, p_schedule="fista", p1=0.0, p2=0.0)
+    for _ in range(2):
+        meth.step(x, y, idx=idx)
+    assert meth._first_product is not None
+    assert torch.equal(meth._first_product[2], x @ meth.chain[0].weight.detach().T)
+    changed = x.clone()
+    changed[5, 3] += 1e-3
+    perm = torch.randperm(90, generator=torch.Generator().manual_seed(4))
+    for xs, ids in ((x, idx), (changed, idx), (x[perm], perm)):
+        reused, fresh = copy.deepcopy(meth), copy.deepcopy(meth)
+        fresh._first_product = None
+        s1, s2 = reused.step(xs, y[ids], idx=ids), fresh.step(xs, y[ids], idx=ids)
+        assert s1.loss == s2.loss and s1.info == s2.info
+        for p1, p2 in zip(reused.model.parameters(), fresh.model.parameters()):
+            assert torch.equal(p1, p2)

@@ -153,14 +153,19 @@ def w_step(
         G = env.comm.all_reduce_sum_(rho * ((P_hat + b - z).T @ a_in)) + c.mu * W_hat
     # The step direction is G M⁻¹ in the metric M of ``w_metric`` (M = I: the paper's gradient step).
     D = G if metric is None else metric.precondition(G)
-    PG = a_in @ D.T
     # S is quadratic: S(û + d) − S(û) − ⟨∇S(û), d⟩ = (ρ/2)‖a dᵀ‖² + (μ/2)‖d‖², with d = (p1 − p2)Δ − D/θ,
     # so every trial is three inner products instead of a pass over the data.
     q = p1 - p2 if use_delta else 0.0
     dd, dg, gg = sq(delta), dot(delta, D), sq(D)
-    ee, eg = (sq(Pd), dot(Pd, PG)) if Pd is not None else (0.0, 0.0)
-    pgpg = sq(PG)
-    ee, eg, pgpg = env.sum_scalars(ee, eg, pgpg)
+    PG: Tensor | None = None
+    if metric is not None and metric.factor is not None and Pd is None:
+        # Gram metric M = ρaᵀa + sI (over all ranks) and d ∝ D: D M = G gives ρ‖a Dᵀ‖² = ⟨D, G⟩ − s‖D‖², so the
+        # test needs no product with the data, and a W^{k+1}ᵀ is one product at the end (exactly x W_1ᵀ's bits)
+        ee, eg, pgpg = 0.0, 0.0, (dot(D, G) - metric.shift * gg) / metric.rho
+    else:
+        PG = a_in @ D.T
+        ee, eg = (sq(Pd), dot(Pd, PG)) if Pd is not None else (0.0, 0.0)
+        ee, eg, pgpg = env.sum_scalars(ee, eg, sq(PG))
     if metric is not None:
         # ‖d‖²_M = q²‖Δ‖²_M − (2q/θ)⟨Δ, G⟩ + ⟨D, G⟩/θ² (D M = G)
         dd_m = metric.sq_norm(delta, ee) if q else 0.0
@@ -173,10 +178,12 @@ def w_step(
         if excess <= 0.5 * theta * bound_sq * (1 + 1e-12):
             env.cnt.add_trials(trial, theta)
             W_plus = W_hat + q * delta - D / theta
+            W_new = W_plus + p3 * (W_plus - W)
+            if PG is None:
+                return WStep(W_new, a_in @ W_new.T, W_plus), theta
             P_plus = P_hat - PG / theta
             if Pd is not None:
                 P_plus = P_plus + q * Pd
-            W_new = W_plus + p3 * (W_plus - W)
             P_new = P_plus + p3 * (P_plus - P0)
             return WStep(W_new, P_new, W_plus), theta
         theta *= c.backtrack_factor

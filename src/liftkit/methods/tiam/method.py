@@ -49,6 +49,9 @@ class TIAM(Method):
         super().__init__(model, loss=loss, **hparams)
         self.m_global = 0  # N_global of the batch being swept (the b-step's exact mean divides by it)
         self._gram_cache: GramCache | None = None  # the first layer's W metric, full batch
+        # full batch: (the input's fingerprint, W_1, x W_1ᵀ) as left by the last sweep's W_1 block, when that block
+        # formed the product exactly; the next step's forward pass reuses it while x and W_1 are unchanged
+        self._first_product: tuple[tuple[Any, ...], Tensor, Tensor] | None = None
         self.chain: list[ChainLayer] = as_chain(
             model, method=self.name, allowed_activations=_SUPPORTED_ACTIVATIONS, require_bias=True
         )
@@ -188,9 +191,12 @@ class TIAM(Method):
         self._check_batch(x, y, idx)
         with torch.no_grad():
             x_flat, onehot = self._prepare(x, y)
+            key = self._input_key(x_flat)
             with self.block("forward"):
                 # the declared loss at the start of the step, by the forward pass; x W_1ᵀ is reused by the W_1 block
-                P_first = x_flat @ self.chain[0].weight.T
+                P_first = self._reused_first_product(key)
+                if P_first is None:
+                    P_first = x_flat @ self.chain[0].weight.T
                 h = P_first + _bias(self.chain[0])
                 for prev, layer in zip(self.chain[:-1], self.chain[1:]):
                     assert prev.activation is not None
@@ -203,7 +209,7 @@ class TIAM(Method):
             full = self._is_full(idx, x.shape[0])
             if full:
                 assert idx is not None
-                info, eps = self._full_step(x_flat, onehot, idx.to(self.device), cnt, P_first)
+                info, eps = self._full_step(x_flat, onehot, idx.to(self.device), cnt, P_first, key)
             else:
                 info, eps = self._minibatch_step(x_flat, onehot, cnt, P_first)
             self.state.iteration += 1
@@ -235,16 +241,33 @@ class TIAM(Method):
     def _prepare(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """The flattened input in the model's dtype and device, and the one-hot labels (both checked)."""
         x_flat = self.chain[0].apply_pre(x.to(device=self.device, dtype=self.dtype))
-        # a NaN or inf makes the sum non-finite; only then (or when the sum overflows) look at every entry
-        if not math.isfinite(float(x_flat.sum())) and not bool(torch.isfinite(x_flat).all()):
-            raise ValueError(f"{self.name}: the input batch contains NaN or inf; clean the data")
         out_features = int(self.chain[-1].weight.shape[0])
         if int(y.min()) < 0 or int(y.max()) >= out_features:
             raise ValueError(f"labels must lie in [0, {out_features}); got range [{int(y.min())}, {int(y.max())}]")
         return x_flat, tF.one_hot(y.to(self.device).long(), out_features).to(self.dtype)
 
+    def _input_key(self, x: Tensor) -> tuple[Any, ...]:
+        """A fingerprint of the batch x (values and row order) from one matrix-vector product v = x r with a fixed
+        vector r: (N, d, dtype, Σv, Σv², Σ w_i v_i) with fixed weights w. A NaN or inf in x makes it non-finite,
+        so it also checks the input (every entry is looked at only when it is not finite, e.g. on overflow)."""
+        n, d = x.shape
+        r = torch.arange(d, device=x.device, dtype=x.dtype).mul_(0.7548776662466927).add_(0.1).cos_()
+        v = (x @ r).double()
+        w = torch.arange(n, device=x.device, dtype=torch.float64).mul_(0.5698402909980532).add_(0.3).cos_()
+        sums = (float(v.sum()), float(v.square().sum()), float(v @ w))
+        if not all(math.isfinite(t) for t in sums) and not bool(torch.isfinite(x).all()):
+            raise ValueError(f"{self.name}: the input batch contains NaN or inf; clean the data")
+        return (n, d, x.dtype, *sums)
+
+    def _reused_first_product(self, key: tuple[Any, ...]) -> Tensor | None:
+        """x W_1ᵀ as the last sweep left it, when the input (``key``) and W_1 are unchanged; else None."""
+        cached = self._first_product
+        if cached is None or cached[0] != key or not torch.equal(cached[1], self.chain[0].weight.detach()):
+            return None
+        return cached[2]
+
     def _full_step(
-        self, x: Tensor, onehot: Tensor, idx: Tensor, cnt: Counters, P_first: Tensor
+        self, x: Tensor, onehot: Tensor, idx: Tensor, cnt: Counters, P_first: Tensor, key: tuple[Any, ...]
     ) -> tuple[dict[str, float], float]:
         """Full mode: one sweep on the stored auxiliary variables of the samples ``idx``; returns (info, ε)."""
         st = self.state
@@ -253,7 +276,10 @@ class TIAM(Method):
             rows = st.rows(idx)
         eps = eps_at(self.config, st.iteration)
         sw = SweepData(x, onehot, rows, eps, self._inertia(st.iteration))
-        info = run_sweep(self._blocks(cnt, st.iteration), sw, P_first)
+        blocks = Blocks(self, penalties_at(self.config, st.iteration), cnt, x_sums=(key[3], key[4]))
+        info = run_sweep(blocks, sw, P_first)
+        P = blocks.first_product
+        self._first_product = None if P is None else (key, self.chain[0].weight.detach().clone(), P)
         with self.block("aux_rows"):
             st.store_rows(idx, rows)
         return info, eps

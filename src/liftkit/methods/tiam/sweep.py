@@ -103,8 +103,16 @@ class SweepData:
 class Blocks:
     """The block steps of one sweep, bound to the method's state, at the sweep's penalty weights."""
 
-    def __init__(self, host: Host, penalties: Penalties, cnt: Counters) -> None:
+    def __init__(
+        self, host: Host, penalties: Penalties, cnt: Counters, x_sums: tuple[float, float] | None = None
+    ) -> None:
+        """``x_sums``: this rank's (Σ v, Σ v²) of v = x r for a fixed vector r, a row-order-free fingerprint of the
+        input batch x (the first layer's Gram cache is keyed by it); None: computed from x when needed."""
         self.host = host
+        self.x_sums = x_sums
+        #: x W_1ᵀ at the final W_1 of the sweep when the W_1 block computed it as one product (else None)
+        self.first_product: Tensor | None = None
+        self._exact_product = False
         self.config = host.config
         self.chain = host.chain
         self.state = host.state
@@ -138,7 +146,8 @@ class Blocks:
         # every input of the cache decision is global (N over all ranks, summed fingerprints), so all ranks hit or
         # miss together and take part in the same collectives
         if l == 0 and env.m_global > 10 * a_in.shape[1]:
-            fingerprint = env.sum_scalars(float(a_in.sum()), sq(a_in))
+            local = self.x_sums if self.x_sums is not None else (float(a_in.sum()), sq(a_in))
+            fingerprint = env.sum_scalars(*local)
             key = (env.m_global, a_in.shape[1], a_in.dtype, rho, c.mu, *fingerprint)
             cached = self.host._gram_cache
             if cached is not None and cached[0] == key:
@@ -160,6 +169,8 @@ class Blocks:
         out, theta = w_step(self.env, fit, delta, p, self.rho_of(l), self.env.theta_start(st.theta_W[l]), metric)
         if out is not None:
             st.theta_W[l] = theta
+        # in the Gram metric with p1 = p2, w_step forms a W^{k+1}ᵀ as one product (not a linear combination)
+        self._exact_product = metric is not None and metric.factor is not None and p[0] == p[1]
         return out
 
     def update_w(self, l: int, a_in: Tensor, z: Tensor, p: Inertia, P0: Tensor | None = None) -> Tensor:
@@ -184,6 +195,8 @@ class Blocks:
                 env.cnt.safeguard_restarts += 1
                 result = self.w_block(l, a_in, z, P0, _ZERO, metric)
         W_new, P_new, W_raw = (W_old, P0, W_old) if result is None else result
+        if l == 0:  # P0 is always a product (x W_1ᵀ), so a kept W_1 keeps an exact product
+            self.first_product = P_new if (result is None or self._exact_product) else None
         self._advance_history(self.state.W_prev, self.state.W_raw, l, W_old, W_raw)
         with torch.no_grad():
             layer.weight.copy_(W_new)
