@@ -48,6 +48,13 @@ S(u⁺) ≤ S(û) + ⟨∇S(û), d⟩ + (θ/2)‖d‖²_M. With p1 = p2 the firs
 (a Newton step on a quadratic); the factorisations are of n_{l−1} × n_{l−1} and n_l × n_l matrices (784 × 784 for
 MNIST's first layer, 100 × 100 after it), which departs from the paper's "no matrix inversion" and is reported as such.
 
+Cost (implementation, not the method). The W-metric is a Cholesky factor in float64; the first layer's, of the
+fixed training set, is computed once in full-batch mode and reused while the input's fingerprint is unchanged. In
+that metric the W acceptance test needs no pass over the data (ρ‖a Dᵀ‖² = ⟨D, G⟩ − δ‖D‖² for the direction
+D = G M⁻¹), and a W^{k+1}ᵀ is formed as one product, which the next full-batch step's forward pass reuses while x
+and W_1 are unchanged (bit for bit the product it would compute). The a-metric runs in the eigenbasis of
+M = QΛQᵀ, where the direction, the prox and ‖d‖²_M are element-wise (see :mod:`~liftkit.methods.tiam.a_gram`).
+
 Output penalty (assumption, switchable). ``rho_output`` weights the output layer's penalty (ρ_L/2)‖z_L − v_L‖²
 separately (None: ρ, the spec). Minimising F over z_L leaves the Moreau envelope of CE with parameter 1/ρ_L at
 the network's logits v_L: at a stationary point the error signal reaching W_L and a_{L−1} is y − softmax(z_L),
@@ -97,9 +104,9 @@ already identical on every rank. ``zL_solver='fista'`` is single-process only (i
 iteration's change reduced). Checkpoints gather the per-sample shards into full arrays.
 
 Layout. ``config`` (the hyperparameters and the per-iteration schedules ε_k, p_k, ρ_k), ``state`` (the typed
-state and its checkpoint form), ``ops`` (gradients, projections, backtracking), ``blocks`` and ``output`` (the
-block operators as functions of their operands and weights ρ, ν, c), ``sweep`` (the blocks bound to the
-method's state, the two sweep orders) and ``method`` (the thin ``TIAM`` and ``AM`` classes).
+state and its checkpoint form), ``ops`` (gradients, projections, backtracking), ``blocks``, ``a_gram`` and
+``output`` (the block operators as functions of their operands and weights ρ, ν, c), ``sweep`` (the blocks bound
+to the method's state, the two sweep orders) and ``method`` (the thin ``TIAM`` and ``AM`` classes).
 """
 
 from liftkit.methods.tiam.config import AMConfig, TIAMConfig
