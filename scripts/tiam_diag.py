@@ -31,17 +31,17 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.w_repeats > 1:
-        from liftkit.methods.tiam import TIAM
+        from liftkit.methods.tiam.sweep import Blocks
 
-        orig = TIAM._update_W
+        orig = Blocks.update_w
 
-        def repeated(self, l, a_in, z, p, cnt, P0=None):  # type: ignore[no-untyped-def]
-            P = orig(self, l, a_in, z, p, cnt, P0)
+        def repeated(self, l, a_in, z, p, P0=None):  # type: ignore[no-untyped-def]
+            P = orig(self, l, a_in, z, p, P0)
             for _ in range(args.w_repeats - 1):
-                P = orig(self, l, a_in, z, p, cnt, P)
+                P = orig(self, l, a_in, z, p, P)
             return P
 
-        TIAM._update_W = repeated  # type: ignore[method-assign]
+        Blocks.update_w = repeated  # type: ignore[method-assign]
     ds, x, y, idx = validation_subset(args.dataset, args.subset)
     for spec in args.run:
         name, hp = parse_run(spec)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import math
@@ -13,7 +14,12 @@ from torch import nn
 
 from liftkit.activations import Activation, get_activation
 from liftkit.methods import get
-from liftkit.methods.tiam import AM, TIAM, _Counters, grad_a, grad_b, grad_ce_sum, grad_w
+from liftkit.methods.tiam import AM, TIAM, grad_a, grad_b, grad_ce_sum, grad_w
+from liftkit.methods.tiam.blocks import ABlock
+from liftkit.methods.tiam.config import penalties_at
+from liftkit.methods.tiam.ops import Counters as _Counters
+from liftkit.methods.tiam.ops import penalty_z, project_z
+from liftkit.methods.tiam.sweep import hidden_activations
 from liftkit.models import mlp
 
 torch.use_deterministic_algorithms(True)
@@ -98,7 +104,7 @@ def test_w_block_matches_reference_backtracking(p: tuple[float, float, float]) -
     cfg = {"rho": 0.5, "mu": 0.05, "p1": p[0], "p2": p[1], "p3": p[2], "theta0": 0.1}
     expected, theta_ref = _reference_w_step(x, z, W, W_prev, b, cfg)
     cnt = _Counters()
-    out = meth._w_block(0, x, z, x @ W.T, p, cnt)
+    out = meth._blocks(cnt).w_block(0, x, z, x @ W.T, p)
     assert out is not None
     W_new, P_new, _ = out
     torch.testing.assert_close(W_new, expected)
@@ -115,12 +121,12 @@ def test_w_first_trial_accepted_at_lipschitz_bound() -> None:
     meth = TIAM(m, p1=0.0, p2=0.0, p3=0.0, rho=rho, mu=mu, theta0=lipschitz * 1.0001)
     z = torch.randn(x.shape[0], 5, dtype=torch.float64)
     cnt = _Counters()
-    assert meth._w_block(0, x, z, x @ meth.chain[0].weight.T, (0.0, 0.0, 0.0), cnt) is not None
+    assert meth._blocks(cnt).w_block(0, x, z, x @ meth.chain[0].weight.T, (0.0, 0.0, 0.0)) is not None
     assert cnt.backtracks == 0
     # below the bound (θ0 tiny) the step must backtrack, so the counter is not trivially zero
     meth2 = TIAM(_model(), p1=0.0, p2=0.0, p3=0.0, rho=rho, mu=mu, theta0=lipschitz / 64)
     cnt2 = _Counters()
-    meth2._w_block(0, x, z, x @ meth2.chain[0].weight.T, (0.0, 0.0, 0.0), cnt2)
+    meth2._blocks(cnt2).w_block(0, x, z, x @ meth2.chain[0].weight.T, (0.0, 0.0, 0.0))
     assert cnt2.backtracks > 0
 
 
@@ -135,7 +141,7 @@ def test_b_step_exact_minimiser_when_p1_equals_p2() -> None:
     W = meth.chain[0].weight.detach()
     b = meth.chain[0].bias.detach().clone()
     meth.state.b_prev[0] = b + torch.randn(b.shape, generator=g, dtype=torch.float64)
-    b_new, b_raw = meth._b_step(0, x @ W.T, z, (0.4, 0.4, 0.0), b)
+    b_new, b_raw = meth._blocks().b_step(0, x @ W.T, z, (0.4, 0.4, 0.0), b)
     torch.testing.assert_close(b_new, (z - x @ W.T).mean(dim=0))
     torch.testing.assert_close(grad_b(x, z, W, b_new, 1.0), torch.zeros_like(b_new))
     torch.testing.assert_close(b_raw, b_new)
@@ -153,7 +159,7 @@ def test_z_projection_matches_brute_force(act_name: str) -> None:
     z0 = 2 * torch.randn(40, generator=g, dtype=torch.float64)
     a = act.phi(z0) + eps * (2 * torch.rand(40, generator=g, dtype=torch.float64) - 1)  # feasible a
     w = 3 * torch.randn(40, generator=g, dtype=torch.float64)
-    got = meth._project_z(act, w, a, eps)
+    got = project_z(act, w, a, eps, meth.config.projection_margin)
     grid = torch.linspace(-12, 12, 480001, dtype=torch.float64)
     h_grid = act.phi(grid)
     for i in range(40):
@@ -171,7 +177,7 @@ def test_penalty_z_step_matches_brute_force(act_name: str) -> None:
     g = torch.Generator().manual_seed(13)
     w = 2 * torch.randn(30, generator=g, dtype=torch.float64)
     a = torch.randn(30, generator=g, dtype=torch.float64)
-    got = meth._penalty_z(act, w, a)
+    got = penalty_z(act, w, a, meth.config.rho, meth.config.nu)
     grid = torch.linspace(-10, 10, 400001, dtype=torch.float64)
     for i in range(30):
         cost = 0.7 * (grid - w[i]).pow(2) + 1.3 * (a[i] - act.phi(grid)).pow(2)
@@ -185,7 +191,7 @@ def test_iterates_stay_in_constraint_set(act_name: str, p: float) -> None:
     x, y = _problem(n=30)
     meth = TIAM(_model(activation=act_name), p1=p, p2=p, p3=p, eps0=0.5, rho=0.5)
     idx = torch.arange(30)
-    acts = meth._acts()
+    acts = hidden_activations(meth.chain)
     for k in range(12):
         stats = meth.step(x, y, idx=idx[torch.randperm(30)])
         eps = stats.info["eps"]
@@ -201,7 +207,7 @@ def test_a_step_acceptance_holds_and_matches_long_run_solve() -> None:
     reference with step 1/L)."""
     x, _y = _problem()
     meth = TIAM(_model(), p1=0.0, p2=0.0, p3=0.0, rho=0.9, theta0=0.05)
-    act = meth._acts()[0]
+    act = hidden_activations(meth.chain)[0]
     g = torch.Generator().manual_seed(17)
     z_l = torch.randn(x.shape[0], 5, generator=g, dtype=torch.float64)
     a = act.phi(z_l)
@@ -211,7 +217,7 @@ def test_a_step_acceptance_holds_and_matches_long_run_solve() -> None:
     eps = 0.2
     cnt = _Counters()
     zero = torch.zeros_like(a)
-    out = meth._a_step(0, act, a, (0.0, 0.0, 0.0), zero, z_l, W_n, b_n, z_n, eps, cnt)
+    out = meth._blocks(cnt).a_step(0, a, (0.0, 0.0, 0.0), zero, ABlock(act, z_l, W_n, b_n, z_n, eps))
     assert out is not None
     theta = meth.state.theta_a[0]
 
@@ -225,7 +231,7 @@ def test_a_step_acceptance_holds_and_matches_long_run_solve() -> None:
     # long run of the block step vs an independent projected gradient with the exact Lipschitz step
     u = a
     for _ in range(3000):
-        res = meth._a_step(0, act, u, (0.0, 0.0, 0.0), zero, z_l, W_n, b_n, z_n, eps, _Counters())
+        res = meth._blocks().a_step(0, u, (0.0, 0.0, 0.0), zero, ABlock(act, z_l, W_n, b_n, z_n, eps))
         assert res is not None
         u = res.new
     L = 0.9 * float(torch.linalg.matrix_norm(W_n, ord=2)) ** 2
@@ -244,14 +250,14 @@ def test_zL_step_is_prox_gradient_and_long_run_minimises_subproblem() -> None:
     v = torch.randn(x.shape[0], 3, generator=g, dtype=torch.float64)
     z = torch.randn(x.shape[0], 3, generator=g, dtype=torch.float64)
     zero = torch.zeros_like(z)
-    out = meth._zL_step(z, (0.0, 0.0, 0.0), zero, v, onehot, _Counters())
+    out = meth._blocks().zL_step(z, (0.0, 0.0, 0.0), zero, v, onehot)
     assert out is not None
     theta = meth.state.theta_zL
     expected = (theta * (z - grad_ce_sum(z, onehot) / theta) + 0.3 * v) / (theta + 0.3)
     torch.testing.assert_close(out.new, expected)
     u = z
     for _ in range(400):
-        res = meth._zL_step(u, (0.0, 0.0, 0.0), zero, v, onehot, _Counters())
+        res = meth._blocks().zL_step(u, (0.0, 0.0, 0.0), zero, v, onehot)
         assert res is not None
         u = res.new
     # optimality of CE_sum(z) + (ρ/2)‖z − v‖²
@@ -488,40 +494,6 @@ def test_inertia_changes_the_iterates() -> None:
 # -- modes, state round trip -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "hp",
-    [
-        {},
-        {"history": "raw"},
-        {"mode": "minibatch", "minibatch_sweeps": 2},
-        {"zL_solver": "fista"},
-        {"p_schedule": "fista", "constraint": "penalty"},
-        {"p_schedule": "fista", "constraint": "penalty", "w_metric": "gram", "a_metric": "gram"},
-        {"w_metric": "diagonal"},
-        {"constraint": "penalty", "penalty_growth": 1.3, "penalty_growth_max": 2.0},
-        {"constraint": "penalty", "rho_output": 3.0, "w_metric": "gram", "a_metric": "gram"},
-        {"output": "exact", "history": "raw", "block_order": "backward", "w_metric": "diagonal"},
-    ],
-)
-def test_state_dict_round_trip_continues_bit_identically(hp: dict[str, object]) -> None:
-    x, y = _problem(n=32)
-    m = _model()
-    meth = TIAM(m, **hp)
-    perms = [torch.randperm(32, generator=torch.Generator().manual_seed(k)) for k in range(5)]
-    for idx in perms[:3]:
-        meth.step(x[idx], y[idx], idx=idx)
-    saved = copy.deepcopy(meth.state_dict())
-    for idx in perms[3:]:
-        meth.step(x[idx], y[idx], idx=idx)
-    m2 = _model(seed=99)
-    other = TIAM(m2, **hp)
-    other.load_state_dict(saved)
-    for idx in perms[3:]:
-        other.step(x[idx], y[idx], idx=idx)
-    for p1, p2 in zip(m.parameters(), m2.parameters()):
-        assert torch.equal(p1, p2)
-
-
 def test_full_mode_keeps_aux_aligned_to_samples_under_shuffling() -> None:
     x, y = _problem(n=32)
     m1, m2 = _model(), _model()
@@ -564,45 +536,6 @@ def test_minibatch_training_lowers_loss(hp: dict[str, object]) -> None:
 
 
 # -- clear errors -----------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "hp",
-    [
-        {"p1": 1.0},
-        {"p2": -0.1},
-        {"p3": 1.5},
-        {"rho": 0.0},
-        {"rho": -1.0},
-        {"rho_output": 0.0},
-        {"output": "exact", "rho_output": 2.0},  # no z_L block to weight
-        {"output": "exact", "zL_solver": "fista"},
-        {"output": "identity"},
-        {"output_curvature": 0.0},
-        {"resync_every": -1},
-        {"resync_every": 5, "mode": "minibatch"},  # a setting that would do nothing
-        {"block_order": "random"},
-        {"rho_output": math.nan},
-        {"nu": 0.0},
-        {"mu": -0.1},
-        {"eps0": 0.0},
-        {"backtrack_factor": 1.0},
-        {"backtrack_factor": math.inf},
-        {"history": "bogus"},
-        {"p_schedule": "nesterov"},
-        {"constraint": "hard"},
-        {"w_metric": "newton"},
-        {"a_metric": "diagonal"},
-        {"a_metric": "gram"},  # the box constraint has no closed-form prox in that metric
-        {"penalty_growth": 0.9},
-        {"penalty_growth": math.inf},
-        {"penalty_growth_max": 0.5},
-        {"bogus_key": 1},
-    ],
-)
-def test_bad_hyperparameters_raise(hp: dict[str, object]) -> None:
-    with pytest.raises(ValueError):
-        TIAM(_model(), **hp)
 
 
 def test_am_rejects_inertia() -> None:
@@ -686,7 +619,7 @@ def _penalty_a_problem(
     x, _y = _problem()
     rho, nu = 0.9, 0.4
     meth = TIAM(_model(), p1=0.0, p2=0.0, p3=0.0, rho=rho, nu=nu, constraint="penalty", **hp)
-    act = meth._acts()[0]
+    act = hidden_activations(meth.chain)[0]
     g = torch.Generator().manual_seed(23)
     z_l = torch.randn(x.shape[0], 5, generator=g, dtype=torch.float64)
     nxt = meth.chain[1]
@@ -704,7 +637,7 @@ def test_penalty_a_step_long_run_solves_the_regularised_least_squares() -> None:
     zero = torch.zeros_like(z_l)
     u = act.phi(z_l)
     for _ in range(4000):
-        res = meth._a_step(0, act, u, (0.0, 0.0, 0.0), zero, z_l, W_n, b_n, z_n, 1e-3, _Counters())
+        res = meth._blocks().a_step(0, u, (0.0, 0.0, 0.0), zero, ABlock(act, z_l, W_n, b_n, z_n, 1e-3))
         assert res is not None
         u = res.new
     torch.testing.assert_close(u, ref, atol=1e-8, rtol=0)
@@ -714,10 +647,10 @@ def test_penalty_a_step_long_run_solves_the_regularised_least_squares() -> None:
 def test_elu_projection_stays_finite_below_the_floor(dtype: torch.dtype) -> None:
     """An upper bound a + ε below ELU's floor −α must not map to h⁻¹(−α) = −inf (float32 rounding)."""
     meth = TIAM(_model(activation="elu"))
-    act = meth._acts()[0]
+    act = hidden_activations(meth.chain)[0]
     a = torch.tensor([-1.0 - 1e-3, -0.5, 0.3], dtype=dtype)
     w = torch.tensor([0.0, -3.0, 1.0], dtype=dtype)
-    z = meth._project_z(act, w, a, 1e-4)
+    z = project_z(act, w, a, 1e-4, meth.config.projection_margin)
     assert bool(torch.isfinite(z).all())
 
 
@@ -743,7 +676,7 @@ def test_gram_w_metric_step_is_the_exact_minimiser(p: tuple[float, float, float]
     W = layer.weight.detach().clone()
     meth.state.W_prev[0] = W + 0.2 * torch.randn(W.shape, generator=g, dtype=torch.float64)
     cnt = _Counters()
-    out = meth._w_block(0, x, z, x @ W.T, p, cnt, meth._w_metric(0, x))
+    out = meth._blocks(cnt).w_block(0, x, z, x @ W.T, p, meth._blocks().w_metric(0, x, rho))
     assert out is not None
     torch.testing.assert_close(out[0], _ridge_w(x, z, layer.bias.detach(), rho, mu), atol=1e-9, rtol=1e-9)
     torch.testing.assert_close(out[1], x @ out[0].T)
@@ -751,7 +684,7 @@ def test_gram_w_metric_step_is_the_exact_minimiser(p: tuple[float, float, float]
     # the identity metric (the paper's gradient step) does not reach it in one step
     plain = TIAM(_model(), p1=p[0], p2=p[1], p3=p[2], rho=rho, mu=mu)
     plain.state.W_prev[0] = meth.state.W_prev[0].clone()
-    other = plain._w_block(0, x, z, x @ W.T, p, _Counters())
+    other = plain._blocks().w_block(0, x, z, x @ W.T, p)
     assert other is not None
     assert not torch.allclose(other[0], out[0], atol=1e-3)
 
@@ -786,7 +719,7 @@ def test_diagonal_w_metric_matches_reference_backtracking() -> None:
         if float(S(W_plus)) <= float(S(W_h) + (G * d).sum() + 0.5 * theta * (d.pow(2) * D).sum()) + 1e-12:
             break
         theta *= 2
-    out = meth._w_block(0, x, z, x @ W.T, p, _Counters(), meth._w_metric(0, x))
+    out = meth._blocks().w_block(0, x, z, x @ W.T, p, meth._blocks().w_metric(0, x, rho))
     assert out is not None
     torch.testing.assert_close(out[2], W_plus)
     torch.testing.assert_close(out[0], W_plus + p[2] * (W_plus - W))
@@ -799,7 +732,8 @@ def test_gram_a_metric_step_is_the_exact_penalty_minimiser() -> None:
     needs thousands of steps, test above)."""
     meth, act, z_l, W_n, b_n, z_n, ref = _penalty_a_problem(a_metric="gram")
     cnt = _Counters()
-    res = meth._a_step(0, act, act.phi(z_l), (0.0, 0.0, 0.0), torch.zeros_like(z_l), z_l, W_n, b_n, z_n, 1e-3, cnt)
+    blk = ABlock(act, z_l, W_n, b_n, z_n, 1e-3)
+    res = meth._blocks(cnt).a_step(0, act.phi(z_l), (0.0, 0.0, 0.0), torch.zeros_like(z_l), blk)
     assert res is not None
     torch.testing.assert_close(res.new, ref, atol=1e-9, rtol=1e-9)
     assert cnt.backtracks == 0
@@ -846,11 +780,11 @@ def test_penalty_continuation_scales_rho_and_nu_per_iteration_and_restores_the_c
     )
     seen = []
     for k in range(4):
-        with meth._penalties_at(k):
-            seen.append((meth.config.rho, meth.config.nu, meth.config.rho_output))
+        pen = penalties_at(meth.config, k)
+        seen.append((pen.rho, pen.nu, pen.rho_output))
     assert seen == [(0.5, 2.0, 1.5), (1.0, 4.0, 3.0), (2.0, 8.0, 6.0), (2.5, 10.0, 7.5)]
-    with meth._penalties_at(10**6):  # far beyond the cap: no overflow
-        assert (meth.config.rho, meth.config.nu) == (2.5, 10.0)
+    pen = penalties_at(meth.config, 10**6)  # far beyond the cap: no overflow
+    assert (pen.rho, pen.nu) == (2.5, 10.0)
     assert (meth.config.rho, meth.config.nu, meth.config.rho_output) == (0.5, 2.0, 1.5)
     x, _ = _problem(n=30)
     y = torch.arange(30) % 3
@@ -919,3 +853,114 @@ def test_resync_resets_the_auxiliary_chain_to_a_forward_pass_and_keeps_the_weigh
     for _ in range(3):
         plain.step(x, y, idx=idx)
     assert not torch.equal(plain.chain[0].weight, meth.chain[0].weight)
+
+
+# -- cost-driven implementations against dense references ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("p", [(0.0, 0.0, 0.5), (0.5, 0.2, 0.4)])
+@pytest.mark.parametrize("exact", [False, True], ids=["penalty-fit", "exact-output-ce"])
+def test_gram_a_step_in_the_eigenbasis_matches_a_dense_reference(p: tuple[float, float, float], exact: bool) -> None:
+    """a_metric='gram' runs in the eigenbasis of M = c WᵀW + δI; a dense reference (M⁻¹ and (θM + νI)⁻¹ by solves,
+    S evaluated directly) gives the same θ (θ0 = 0.05 forces doublings), a⁺, a^{k+1} and safeguard values, for a
+    quadratic S and for the exact output's CE, with and without p1 ≠ p2."""
+    meth, act, z_l, W_n, b_n, z_n, _ = _penalty_a_problem(a_metric="gram", theta0=0.05)
+    rho, nu = 0.9, 0.4
+    g = torch.Generator().manual_seed(29)
+    a = act.phi(z_l) + 0.1 * torch.randn(z_l.shape, generator=g, dtype=torch.float64)
+    delta = 0.2 * torch.randn(z_l.shape, generator=g, dtype=torch.float64)
+    onehot = tF.one_hot(torch.randint(0, 4, (z_l.shape[0],), generator=g), 4).double() if exact else None
+    hz = act.phi(z_l)
+
+    def S(u: torch.Tensor) -> float:
+        if onehot is not None:
+            return float(-(onehot * torch.log_softmax(u @ W_n.T + b_n, dim=1)).sum())
+        return float(0.5 * rho * (z_n - u @ W_n.T - b_n).pow(2).sum())
+
+    a_t, a_h = a + p[0] * delta, a + p[1] * delta
+    if onehot is not None:
+        G = (torch.softmax(a_h @ W_n.T + b_n, dim=1) - onehot) @ W_n
+        c = meth.config.output_curvature
+    else:
+        G = rho * (a_h @ W_n.T + b_n - z_n) @ W_n
+        c = rho
+    M = c * W_n.T @ W_n
+    M = M + 1e-10 * float(M.diagonal().sum()) / 5 * torch.eye(5, dtype=torch.float64)
+    theta = 0.05
+    while True:
+        w = a_t - torch.linalg.solve(M, G.T).T / theta
+        u = torch.linalg.solve(theta * M + nu * torch.eye(5, dtype=torch.float64), (theta * w @ M + nu * hz).T).T
+        d = u - a_h
+        if S(u) <= S(a_h) + float((G * d).sum()) + 0.5 * theta * float((d @ M * d).sum()) + 1e-9:
+            break
+        theta *= 2
+    a_new = u + p[2] * (u - a)
+    cnt = _Counters()
+    res = meth._blocks(cnt).a_step(0, a, p, delta, ABlock(act, z_l, W_n, b_n, z_n, 1e-3, onehot))
+    assert res is not None
+    assert meth.state.theta_a[0] == theta and theta > 0.05
+    assert cnt.backtracks == round(math.log2(theta / 0.05))
+    torch.testing.assert_close(res.raw, u, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(res.new, a_new, atol=1e-9, rtol=1e-9)
+    assert res.f_new == pytest.approx(S(a_new) + 0.5 * nu * float((a_new - hz).pow(2).sum()), rel=1e-9)
+    assert res.f_old == pytest.approx(S(a) + 0.5 * nu * float((a - hz).pow(2).sum()), rel=1e-9)
+
+
+def test_inf_in_the_input_raises() -> None:
+    x, y = _problem()
+    meth = TIAM(_model())
+    for value in (math.inf, -math.inf):
+        bad = x.clone()
+        bad[3, 2] = value
+        with pytest.raises(ValueError, match="NaN or inf"):
+            meth.step(bad, y)
+
+
+@pytest.mark.parametrize("order", ["forward", "backward"])
+def test_named_blocks_cover_every_layer(order: str) -> None:
+    """The profiler hook sees the forward pass, every layer's W, b, z and a blocks (the exact output's W_L and
+    b_L), the Gram metrics, the backtracking and the objective."""
+    x, y = _problem(n=90)
+    seen: list[str] = []
+
+    def hook(name: str) -> contextlib.AbstractContextManager[None]:
+        seen.append(name)
+        return contextlib.nullcontext()
+
+    hp = {"constraint": "penalty", "w_metric": "gram", "a_metric": "gram", "block_order": order}
+    for extra in ({}, {"output": "exact"}):
+        seen.clear()
+        meth = TIAM(_model(), **hp, **extra)
+        meth.set_block_hook(hook)
+        meth.step(x, y, idx=torch.arange(90))
+        expected = {"forward", "gram", "objective", "aux_rows", "backtracking"}
+        expected |= {f"{kind}_block[{l}]" for kind in "wb" for l in (1, 2, 3)}
+        expected |= {f"a_block[{l}]" for l in (1, 2)} | {"z_block[1]", "z_block[2]"}
+        if not extra:
+            expected.add("z_block[3]")
+        assert expected <= set(seen), expected - set(seen)
+
+
+def test_first_layer_product_is_reused_only_for_the_same_input_and_weights() -> None:
+    """Full batch, Gram metric, p1 = p2: the W_1 block leaves x W_1ᵀ as one product, which the next step's forward
+    pass reuses; it equals a fresh product bit for bit, and a changed or reordered input recomputes it (the step
+    is then bit-identical to one without the reuse)."""
+    x, _ = _problem(n=90)
+    y = torch.arange(90) % 3
+    idx = torch.arange(90)
+    hp = {"constraint": "penalty", "nu": 10.0, "rho": 1.0, "w_metric": "gram", "a_metric": "gram"}
+    meth = TIAM(_model(), **hp, p_schedule="fista", p1=0.0, p2=0.0)
+    for _ in range(2):
+        meth.step(x, y, idx=idx)
+    assert meth._first_product is not None
+    assert torch.equal(meth._first_product[2], x @ meth.chain[0].weight.detach().T)
+    changed = x.clone()
+    changed[5, 3] += 1e-3
+    perm = torch.randperm(90, generator=torch.Generator().manual_seed(4))
+    for xs, ids in ((x, idx), (changed, idx), (x[perm], perm)):
+        reused, fresh = copy.deepcopy(meth), copy.deepcopy(meth)
+        fresh._first_product = None
+        s1, s2 = reused.step(xs, y[ids], idx=ids), fresh.step(xs, y[ids], idx=ids)
+        assert s1.loss == s2.loss and s1.info == s2.info
+        for p1, p2 in zip(reused.model.parameters(), fresh.model.parameters()):
+            assert torch.equal(p1, p2)
