@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -32,21 +33,21 @@ def test_script_answers_help(script: str) -> None:
 
 
 @pytest.fixture()
-def common(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+def common(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     import common as module
 
     return module
 
 
-def test_parse_sets_groups_by_label_and_rejects_bad_items(common) -> None:  # type: ignore[no-untyped-def]
+def test_parse_sets_groups_by_label_and_rejects_bad_items(common: ModuleType) -> None:
     assert common.parse_sets(["a.lr=0.1", "a.x=2", "b.solver=cg3"]) == {"a": {"lr": "0.1", "x": "2"},
                                                                          "b": {"solver": "cg3"}}
     with pytest.raises(SystemExit, match="LABEL.KEY=VALUE"):
         common.parse_sets(["lr=0.1"])
 
 
-def test_inclusive_timer_keeps_nested_time_in_the_parent(common) -> None:  # type: ignore[no-untyped-def]
+def test_inclusive_timer_keeps_nested_time_in_the_parent(common: ModuleType) -> None:
     timer = common.InclusiveBlockTimer()
     with timer("w_block[0]"):
         with timer("gram"):
