@@ -30,7 +30,9 @@ from liftkit.data import Dataset, batch_indices, load_dataset
 from liftkit.methods import Method, get
 from liftkit.models import build_model
 
-Batch = tuple[Tensor, Tensor]
+#: (x, y) or (x, y, idx): with idx the step gets the sample indices, as the trainer passes them (methods that keep
+#: per-sample state, such as TIAM's auxiliaries on a full batch, need them)
+Batch = tuple[Tensor, ...]
 #: the library's sources in this checkout, put first on the path of the processes a script launches
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -76,13 +78,16 @@ def build_method(name: str, hparams: Mapping[str, Any], data: Dataset, args: arg
     return cls(model, **dict(hparams))
 
 
-def training_batches(data: Dataset, batch_size: int, count: int, *, seed: int = 0) -> list[Batch]:
-    """The first ``count`` batches of the trainer's batch order (epochs concatenated), as tensors."""
+def training_batches(data: Dataset, batch_size: int, count: int, *, seed: int = 0,
+                     with_idx: bool = False) -> list[Batch]:
+    """The first ``count`` batches of the trainer's batch order (epochs concatenated), as tensors; with
+    ``with_idx`` each batch carries its sample indices too (see :data:`Batch`)."""
     out: list[Batch] = []
     epoch = 0
     while len(out) < count:
         for idx in batch_indices(len(data.y_train), batch_size, seed=seed, epoch=epoch):
-            out.append((data.x_train[idx], data.y_train[idx]))
+            batch = (data.x_train[idx], data.y_train[idx])
+            out.append((*batch, idx) if with_idx else batch)
             if len(out) == count:
                 break
         epoch += 1
@@ -117,8 +122,8 @@ def interleaved_timing(methods: Mapping[str, Method], batches: Sequence[Batch], 
         cursor += steps
         for label, method in methods.items():
             start = time.perf_counter()
-            for x, y in chunk:
-                method.step(x, y)
+            for x, y, *idx in chunk:
+                method.step(x, y, idx=idx[0] if idx else None)
             if block >= warmup:
                 times[label].append((time.perf_counter() - start) / steps)
     return times
