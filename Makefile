@@ -23,7 +23,7 @@ demo: setup
 	$(BIN)/liftkit bench --config configs/demo.json --out demo-out
 
 lint: setup
-	$(BIN)/ruff check src tests scripts
+	$(BIN)/ruff check src tests scripts benchmarks
 	$(BIN)/mypy
 
 unit: setup

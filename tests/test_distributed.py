@@ -346,7 +346,7 @@ def test_layer_parallel_refuses_more_processes_than_layers() -> None:
 def test_cost_model_prints_a_row_per_machine_count() -> None:
     import importlib.util
 
-    path = REPO / "scripts" / "lpom_cost_model.py"
+    path = REPO / "benchmarks" / "lpom_cost_model.py"
     spec = importlib.util.spec_from_file_location("lpom_cost_model", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

@@ -88,7 +88,6 @@ from liftkit.distributed import Communicator
 from liftkit.methods.base import Method, MethodConfig, StepStats, evaluate_loss, register, targets_for
 from liftkit.methods.lpom_chain import X_SOLVERS, LiftedChain
 from liftkit.methods.lpom_kernels import SPECTRAL_SAFETY, BlockResult, warm_power
-from liftkit.methods.lpom_kernels import PinvApply as _PinvApply  # noqa: F401  (scripts/lpom_cost_model.py)
 from liftkit.methods.lpom_shards import Shards
 from liftkit.solvers import resolve_solve_dtype
 

@@ -2,8 +2,9 @@
 
 Usage (one row of test digits per run directory, the originals on top)::
 
-    PYTHONPATH=src python scripts/lpom_ae_figure.py --model ae:784-1000-500-250-30 \
-        --runs /tmp/ae/runs/lpom /tmp/ae/runs/adam --out docs/results/lpom_ae_recon.png
+    PYTHONPATH=src python -m liftkit bench --config configs/lpom-autoencoder.json --out ae
+    PYTHONPATH=src python benchmarks/lpom_ae_figure.py --model ae:784-1000-500-250-30 \
+        --runs ae/runs/lpom ae/runs/adam --out docs/results/lpom_ae_recon.png
 
 Each run directory holds the ``checkpoint.pt`` the trainer writes; the model is rebuilt from ``--model`` (and
 ``--activation``) and loaded from the checkpoint's method state, so any method's autoencoder can be shown.
@@ -11,7 +12,6 @@ Each run directory holds the ``checkpoint.pt`` the trainer writes; the model is 
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import matplotlib
@@ -20,23 +20,20 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 
-from liftkit.data import load_dataset
+from common import base_parser, load_data
 from liftkit.io import load_checkpoint
 from liftkit.models import build_model
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="ae:784-1000-500-250-30")
-    parser.add_argument("--activation", default="relu")
-    parser.add_argument("--dataset", default="mnist")
-    parser.add_argument("--data-dir", default=None)
+    parser = base_parser(__doc__, model="ae:784-1000-500-250-30")
+    parser.add_argument("--activation", default="relu", help="hidden activation of the autoencoder (default relu)")
     parser.add_argument("--runs", nargs="+", required=True, help="run directories with checkpoint.pt")
     parser.add_argument("--count", type=int, default=10, help="digits per row")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
-    data = load_dataset(args.dataset, data_dir=args.data_dir)
+    data = load_data(args)
     x = data.x_test[: args.count].float()
     rows = [("original", x)]
     for run in args.runs:

@@ -1,13 +1,14 @@
 """Short data-parallel measurements on a slice of MNIST: bytes sent per step per process and seconds per step,
 one process (``--threads 2``) against two (``torchrun --nproc_per_node=2``, 1 thread each).
 
-Unlike ``scripts/dist_measure.py`` (full epochs through ``liftkit train``), this trains one pass over the first
+Unlike ``benchmarks/dist_measure.py`` (full epochs through ``liftkit train``), this trains one pass over the first
 ``--n-train`` training images (default 6000, i.e. 60 steps of 100), so every method fits in a short locked run;
 seconds per full epoch are then 600 × seconds per step (stated as a projection). Each rank writes what it
 sent, so layer-parallel runs (whose ranks send different amounts) are reported per rank.
 
-    PYTHONPATH=src LIFTKIT_DATA_DIR=/work/shared/data flock /tmp/liftkit-bench.lock \\
-        .venv/bin/python scripts/dist_step_measure.py --methods proxprop,sibp,lpom --out /tmp/dsm
+    PYTHONPATH=src python benchmarks/dist_step_measure.py --methods proxprop,sibp,lpom --out dist-step-measure
+
+Run it alone on the machine (it times), or with ``--bytes-only`` (no timing) at any time.
 
 ``--methods`` takes ``name`` or ``name@label`` with ``--set label.key=value`` (e.g.
 ``lpom-sync@layers --set layers.parallel=layers``).
@@ -17,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import subprocess
 import sys
 import time
@@ -27,50 +26,29 @@ from typing import Any
 
 import torch
 
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _parse_sets(items: list[str]) -> dict[str, dict[str, str]]:
-    out: dict[str, dict[str, str]] = {}
-    for item in items:
-        label, kv = item.split(".", 1)
-        key, value = kv.split("=", 1)
-        out.setdefault(label, {})[key] = value
-    return out
+from common import base_parser, build_method, child_env, free_port, load_data, parse_sets
 
 
 def worker(args: argparse.Namespace) -> None:
     import liftkit
-    from liftkit.data import load_dataset
     from liftkit.distributed import comm_from_env
-    from liftkit.methods import get
-    from liftkit.models import build_model
 
-    torch.set_num_threads(args.threads)
     comm = comm_from_env(timeout_s=600)
-    data = load_dataset("mnist", args.data_dir, dtype=torch.float32)
+    data = load_data(args, dtype=torch.float32)
     data.x_train, data.y_train = data.x_train[: args.n_train], data.y_train[: args.n_train]
     data.x_test, data.y_test = data.x_test[: args.n_test], data.y_test[: args.n_test]
-    sets = _parse_sets(args.set)
+    sets = parse_sets(args.set)
     rows = {}
     for entry in args.methods.split(","):
         name, _, label = entry.partition("@")
         label = label or name
-        cls = get(name)
-        model = build_model(
-            args.model, input_shape=data.input_shape, num_classes=10, seed=0,
-            output_activation=cls.model_output_activation,
-        )
-        torch.manual_seed(0)
-        method = cls(model, **sets.get(label, {}))
+        method = build_method(name, sets.get(label, {}), data, args)
+        torch.manual_seed(args.seed)
         comm.barrier()
         comm.reset_counters()
         t0 = time.perf_counter()
-        summary = liftkit.fit(method, data, epochs=1, batch_size=args.batch_size, seed=0, progress=False, comm=comm)
+        summary = liftkit.fit(method, data, epochs=1, batch_size=args.batch_size, seed=args.seed, progress=False,
+                              comm=comm)
         wall = time.perf_counter() - t0
         steps = -(-args.n_train // args.batch_size)
         rows[label] = {
@@ -91,38 +69,35 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--methods", default="proxprop,sibp,fenchel,lpom,lpom-sync,lpom-async")
-    p.add_argument("--model", default="784-500-10")
-    p.add_argument("--batch-size", type=int, default=100)
-    p.add_argument("--n-train", type=int, default=6000)
-    p.add_argument("--n-test", type=int, default=2000)
-    p.add_argument("--data-dir", default=os.environ.get("LIFTKIT_DATA_DIR"))
+    p = base_parser(__doc__)
+    p.add_argument("--methods", default="proxprop,sibp,fenchel,lpom,lpom-sync,lpom-async",
+                   help="comma-separated NAME or NAME@LABEL")
+    p.add_argument("--n-train", type=int, default=6000, help="training images used (one pass)")
+    p.add_argument("--n-test", type=int, default=2000, help="test images used")
     p.add_argument("--set", action="append", default=[], help="LABEL.KEY=VALUE")
     p.add_argument("--out", default="dist-step-measure")
     p.add_argument("--bytes-only", action="store_true",
                    help="only the 2-process run, and print bytes and calls per step (no timing: needs no lock)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--tag", default="run", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         worker(args)
         return
     base = [
-        __file__, "--worker", "--methods", args.methods, "--model", args.model, "--batch-size", str(args.batch_size),
+        __file__, "--worker", "--methods", args.methods, "--dataset", args.dataset, "--model", args.model,
+        "--batch-size", str(args.batch_size), "--seed", str(args.seed), "--split", args.split,
         "--n-train", str(args.n_train), "--n-test", str(args.n_test), "--out", args.out,
         *[x for s in args.set for x in ("--set", s)],
     ] + (["--data-dir", args.data_dir] if args.data_dir else [])
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(["src", env.get("PYTHONPATH", "")])
+    env = child_env()
     if not args.bytes_only:
         single_runs(base, env)
     torchrun = str(Path(sys.executable).parent / "torchrun")
     subprocess.run(
-        [torchrun, "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={_free_port()}", *base,
+        [torchrun, "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={free_port()}", *base,
          "--threads", "1", "--tag", "2proc"],
-        env={**env, "OMP_NUM_THREADS": "1"}, check=True,
+        env=child_env(OMP_NUM_THREADS="1"), check=True,
     )
     out = Path(args.out)
     two = [json.loads((out / f"2proc-rank{r}.json").read_text()) for r in range(2)]

@@ -6,8 +6,9 @@ Two parts:
 
 * ``--measure OUT.json``: measures the constants on this machine with 1 torch thread: per step of ``lpom-sync``
   (``workers=1``, the sequential execution of its odd–even schedule) the time of every X-block solve, of every
-  W-step (its Gram + Cholesky set-up and the APG iterations apart) and of the forward initialisation, plus the
-  rounds and inner iterations actually run. Run it under the benchmark lock.
+  W-step (its Gram + Cholesky set-up, the ``gram`` block, and the APG iterations apart) and of the forward
+  initialisation, plus the rounds and inner iterations actually run, all read through the method's block hook
+  (``Method.set_block_hook``). Run it under the benchmark lock.
 * default: reads the constants (``--constants``, default ``docs/results/distributed_cost_constants.json``) and
   prints the table for the stated network (``--bandwidth-gbit``, ``--latency-us``).
 
@@ -39,6 +40,7 @@ import argparse
 import json
 import math
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -54,61 +56,39 @@ WIDTHS = [784, 2048, 2048, 2048, 10]
 
 
 def measure(out: Path, steps: int, data_dir: str | None) -> None:
-    import liftkit.methods.lpom as lpom_mod
+    """Time the blocks of ``steps`` lpom-sync steps (after one warm-up step) through the method's block hook:
+    ``x_block[k]`` (X solves), ``w_block[j]`` (W-steps) with their ``gram`` set-up, and ``forward``."""
+    from common import InclusiveBlockTimer  # here, so that the table part imports without benchmarks/ on the path
     from liftkit.data import load_dataset
-    from liftkit.methods import get
+    from liftkit.methods.lpom_parallel import LPOMSync
     from liftkit.models import build_model
 
     torch.set_num_threads(1)
     data = load_dataset("mnist", data_dir, dtype=torch.float32)
-    cls = get("lpom-sync")
     model = build_model("784-2048-2048-2048-10", input_shape=data.input_shape, num_classes=10, seed=0,
-                        output_activation=cls.model_output_activation)
-    method = cls(model, workers=1)
-    lifted = method.lifted
-    times: dict[str, list[float]] = {}
-
-    def timed(key: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        t0 = time.perf_counter()
-        result = fn(*args, **kwargs)
-        times.setdefault(key, []).append(time.perf_counter() - t0)
-        return result
-
-    orig_hidden, orig_output = lifted.solve_hidden, lifted.solve_output
-    orig_w, orig_fwd = lifted.solve_w, lifted.forward
-    orig_chol = lpom_mod._PinvApply.cholesky
-    lifted.solve_hidden = lambda k, *a, **kw: timed(f"x{k}", orig_hidden, k, *a, **kw)  # type: ignore[method-assign]
-    lifted.solve_output = lambda *a, **kw: timed(f"x{lifted.L}", orig_output, *a, **kw)  # type: ignore[method-assign]
-    current = [0]
-
-    def solve_w(j: int, *a: Any, **kw: Any) -> Any:
-        current[0] = j
-        return timed(f"w{j}", orig_w, j, *a, **kw)
-
-    lifted.solve_w = solve_w  # type: ignore[method-assign]
-    lifted.forward = lambda *a, **kw: timed("forward", orig_fwd, *a, **kw)  # type: ignore[method-assign]
-    lpom_mod._PinvApply.cholesky = classmethod(  # type: ignore[method-assign,assignment]
-        lambda c, *a, **kw: timed(f"w_setup{current[0]}", orig_chol.__func__, c, *a, **kw)  # type: ignore[attr-defined]
-    )
+                        output_activation=LPOMSync.model_output_activation)
+    method = LPOMSync(model, workers=1)  # one worker runs the blocks inline, in the order of the schedule
+    timer = InclusiveBlockTimer()
+    method.set_block_hook(timer)
     infos = []
     step_times = []
     gen = torch.Generator().manual_seed(0)
     perm = torch.randperm(data.x_train.shape[0], generator=gen)
-    try:
-        for s in range(steps + 1):
-            idx = perm[s * BATCH:(s + 1) * BATCH]
-            if s == 1:
-                times.clear()  # the first step warms up allocations and the cold power iterations
-            t0 = time.perf_counter()
-            stats = method.step(data.x_train[idx], data.y_train[idx])
-            if s >= 1:
-                step_times.append(time.perf_counter() - t0)
-                infos.append(stats.info)
-    finally:
-        lpom_mod._PinvApply.cholesky = orig_chol  # type: ignore[method-assign]
-    L = lifted.L
-    per_step = {k: sum(v) / steps for k, v in times.items()}
-    calls = {k: len(v) / steps for k, v in times.items()}
+    for s in range(steps + 1):
+        idx = perm[s * BATCH:(s + 1) * BATCH]
+        if s == 1:
+            timer.clear()  # the first step warms up allocations and the cold power iterations
+        t0 = time.perf_counter()
+        stats = method.step(data.x_train[idx], data.y_train[idx])
+        if s >= 1:
+            step_times.append(time.perf_counter() - t0)
+            infos.append(stats.info)
+    method.set_block_hook(None)
+    times = _rename(timer.seconds)
+    counts = {k: float(v) for k, v in _rename(timer.calls).items()}
+    L = method.lifted.L
+    per_step = {k: v / steps for k, v in times.items()}
+    calls = {k: v / steps for k, v in counts.items()}
     w_setup = [per_step.get(f"w_setup{j}", 0.0) for j in range(L)]
     constants = {
         "machine": "2-core x86_64 VM, torch " + torch.__version__ + ", 1 thread, shared with other jobs",
@@ -130,6 +110,20 @@ def measure(out: Path, steps: int, data_dir: str | None) -> None:
     }
     out.write_text(json.dumps(constants, indent=2) + "\n")
     print(json.dumps(constants, indent=2))
+
+
+def _rename(values: dict[str, Any]) -> dict[str, Any]:
+    """The block names as the constants call them: ``x_block[k]`` → ``xk``, ``w_block[j]`` → ``wj`` and the
+    ``gram`` set-up inside ``w_block[j]`` → ``w_setupj``."""
+    out: dict[str, Any] = {}
+    for name, value in values.items():
+        match = re.fullmatch(r"([xw])_block\[(\d+)\](/gram)?", name)
+        if match:
+            kind, index, setup = match.groups()
+            out[f"w_setup{index}" if setup else f"{kind}{index}"] = value
+        elif name == "forward":
+            out[name] = value
+    return out
 
 
 def _allreduce(nbytes: float, R: int, alpha: float, bw: float) -> float:
@@ -232,9 +226,11 @@ def main() -> None:
     p.add_argument("--bandwidth-gbit", type=float, default=10.0)
     p.add_argument("--latency-us", type=float, default=50.0)
     p.add_argument("--machines", default="1,2,4,8,16,32,100")
+    p.add_argument("--data-dir", default=os.environ.get("LIFTKIT_DATA_DIR"),
+                   help="dataset directory for --measure (default: $LIFTKIT_DATA_DIR, else a cache)")
     args = p.parse_args()
     if args.measure is not None:
-        measure(args.measure, args.steps, os.environ.get("LIFTKIT_DATA_DIR"))
+        measure(args.measure, args.steps, args.data_dir)
         return
     c = json.loads(args.constants.read_text())
     machines = [int(v) for v in args.machines.split(",")]

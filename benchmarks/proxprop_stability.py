@@ -10,12 +10,11 @@ Defaults: MNIST 784-500-10, batch 500, τ_θ = 1 (the assumption of docs/methods
 τ over the
 paper's grid 50 … 5e-4. Example::
 
-    PYTHONPATH=src python scripts/proxprop_stability.py --epochs 3 --out docs/results/proxprop-stability
+    PYTHONPATH=src python benchmarks/proxprop_stability.py --epochs 3 --out docs/results/proxprop-stability
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
@@ -23,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from liftkit.data import Dataset, batch_indices, load_dataset
+from common import base_parser, load_data
+from liftkit.data import Dataset, batch_indices
 from liftkit.methods import get
 from liftkit.models import build_model
 
@@ -71,23 +71,16 @@ def fmt(v: float) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dataset", default="mnist")
-    ap.add_argument("--model", default="784-500-10")
+    ap = base_parser(__doc__, batch_size=500, threads=2)
     ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--batch-size", type=int, default=500)
     ap.add_argument("--tau-theta", type=float, default=1.0)
     ap.add_argument("--momentum", type=float, default=0.95)
     ap.add_argument("--taus", default=",".join(str(t) for t in TAUS))
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of the default")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--data-dir", default=None)
-    ap.add_argument("--out", default="proxprop-stability")
+    ap.add_argument("--out", default="proxprop-stability", help="output directory")
     ap.add_argument("--good-loss", type=float, default=0.5, help="second, stricter 'trains' threshold")
     ap.add_argument("--from-json", default=None, help="re-render the table and plot from a stability.json")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
     taus = [float(t) for t in args.taus.split(",")]
     names = [m.strip() for m in args.methods.split(",")]
     unknown = [m for m in names if m not in METHODS]
@@ -100,7 +93,7 @@ def main() -> None:
         saved["args"]["good_loss"] = args.good_loss
         report(out, saved["args"], saved["initial_loss"], saved["results"], saved["seconds"])
         return
-    data = load_dataset(args.dataset, args.data_dir)
+    data = load_data(args)
     init = build_model(args.model, input_shape=data.input_shape, num_classes=data.num_classes, seed=args.seed)
     initial_loss = full_batch_loss(init, data.x_train, data.y_train)
     results: dict[str, dict[str, dict[str, float]]] = {}

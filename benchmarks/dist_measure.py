@@ -1,65 +1,57 @@
 """Measure data-parallel training: bytes sent per step per process and seconds per epoch, 1 vs 2 processes.
 
-For each method: one process with ``--threads 2``, then ``torchrun --nproc_per_node=2`` with ``--threads 1`` per
-process, same data, model, batch size, seed and epochs. Prints a markdown table and writes ``results.json`` with
-the summaries and the relative difference of the two runs' final weights.
+For each method: one process with ``--threads`` threads (default 2), then ``torchrun --nproc_per_node=2`` with
+one thread per process, same data, model, batch size, seed and epochs, both through ``liftkit train``. Prints a
+markdown table and writes ``results.json`` with the summaries and the relative difference of the two runs' final
+weights. Run it alone on the machine (it times)::
 
-    PYTHONPATH=src LIFTKIT_DATA_DIR=/work/shared/data flock /tmp/liftkit-bench.lock \\
-        .venv/bin/python scripts/dist_measure.py --methods sgd,adam,lbfgs,tiam,am --out dist-measure
+    PYTHONPATH=src python benchmarks/dist_measure.py --methods sgd,adam,lbfgs,tiam,am --out dist-measure
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from common import base_parser, child_env, free_port
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--methods", default="sgd,adam,lbfgs,tiam,am")
-    p.add_argument("--dataset", default="mnist")
-    p.add_argument("--model", default="784-500-10")
-    p.add_argument("--batch-size", default="100")
+    p = base_parser(__doc__, threads=2)
+    p.add_argument("--methods", default="sgd,adam,lbfgs,tiam,am", help="comma-separated method names")
     p.add_argument("--epochs", default="1")
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--out", default="dist-measure")
+    p.add_argument("--out", default="dist-measure", help="output directory")
     p.add_argument("--set", action="append", default=[], help="METHOD.KEY=VALUE")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(["src", env.get("PYTHONPATH", "")])
+    env = child_env()
     bin_dir = Path(sys.executable).parent
-    rows = []
+    rows: list[dict[str, Any]] = []
     for method in args.methods.split(","):
         sets = [item.split(".", 1)[1] for item in args.set if item.startswith(method + ".")]
         common = [
             "-m", "liftkit", "train", "--method", method, "--dataset", args.dataset, "--model", args.model,
-            "--batch-size", args.batch_size, "--epochs", args.epochs, "--dtype", args.dtype, "--quiet",
-            *[x for s in sets for x in ("--set", s)],
+            "--batch-size", str(args.batch_size), "--epochs", args.epochs, "--dtype", args.dtype, "--quiet",
+            "--seed", str(args.seed), "--split", args.split, *[x for s in sets for x in ("--set", s)],
+            *(["--data-dir", args.data_dir] if args.data_dir else []),
         ]
         one = out / f"{method}-1proc"
         two = out / f"{method}-2proc"
-        subprocess.run([sys.executable, *common, "--threads", "2", "--out", str(one)], env=env, check=True)
+        subprocess.run([sys.executable, *common, "--threads", str(args.threads), "--out", str(one)], env=env,
+                       check=True)
         subprocess.run(
             [
                 str(bin_dir / "torchrun"), "--nproc_per_node=2", "--master_addr=127.0.0.1",
-                f"--master_port={_free_port()}", *common, "--threads", "1", "--out", str(two),
+                f"--master_port={free_port()}", *common, "--threads", "1", "--out", str(two),
             ],
-            env={**env, "OMP_NUM_THREADS": "1"},
+            env=child_env(OMP_NUM_THREADS="1"),
             check=True,
         )
         s1 = json.loads((one / "summary.json").read_text())
@@ -82,8 +74,8 @@ def main() -> None:
             }
         )
         (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
-    print("| method | s/epoch 1 proc (2 threads) | s/epoch 2 procs (1 thread each) | method bytes/step/proc | "
-          "all-reduce calls/step | trainer bytes/step | test acc 1 / 2 | weights rel. diff |")
+    print(f"| method | s/epoch 1 proc ({args.threads} threads) | s/epoch 2 procs (1 thread each) | "
+          "method bytes/step/proc | all-reduce calls/step | trainer bytes/step | test acc 1 / 2 | weights rel. diff |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         b = r["bytes_per_step"]
