@@ -6,7 +6,7 @@ rounds of one step of each in turn (interleaving keeps a shared machine's load c
 prints the medians and the ratios to GD. The per-block table comes from a ``time.perf_counter`` block hook
 (exclusive time: a nested block's time is charged to it, not to its parent).
 
-    PYTHONPATH=src python scripts/tiam_cost.py --rounds 4 --threads 1
+    PYTHONPATH=src python benchmarks/tiam_cost.py --rounds 4 --threads 1
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from liftkit.data import load_dataset
-from liftkit.methods import get
+from liftkit.methods import Method, get
 from liftkit.models import build_model
 
 
@@ -75,9 +75,13 @@ def main() -> None:
             cfg["model"], input_shape=x.shape[1:], num_classes=ds.num_classes, activation=cfg["activation"], seed=0
         )
         method = get(name)(model, **hp)
-        steps[label] = (
-            (lambda m=method: m.step(x, y, idx=idx)) if name in ("tiam", "am") else (lambda m=method: m.step(x, y))
-        )
+        # full-batch TIAM/AM keep per-sample state and need the batch's indices
+        needs_idx = name in ("tiam", "am")
+
+        def one_step(m: Method = method, with_idx: bool = needs_idx) -> object:
+            return m.step(x, y, idx=idx) if with_idx else m.step(x, y)
+
+        steps[label] = one_step
         steps[label]()  # warm-up
         timers[label] = BlockTimer()
         method.set_block_hook(timers[label])
