@@ -39,7 +39,7 @@ TUNED_MU: dict[str, float] = {
     "softplus": 5.0,
     "tanh": 5.0,
     "elu": 5.0,
-    "hardtanh": 5.0,
+    "hardtanh": 20.0,
     "identity": 5.0,
 }
 
