@@ -11,7 +11,13 @@ import torch
 
 from liftkit.cli import main
 from liftkit.methods import get
-from liftkit.methods.lpom_defaults import PAPER_AUTOENCODER_MU, PAPER_CLASSIFICATION_MU, PAPER_SCHEDULE, TUNED_MU
+from liftkit.methods.lpom_defaults import (
+    PAPER_AUTOENCODER_GUARDS,
+    PAPER_AUTOENCODER_MU,
+    PAPER_CLASSIFICATION_MU,
+    PAPER_SCHEDULE,
+    TUNED_MU,
+)
 from liftkit.models import build_model, mlp
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "methods" / "lpom.md"
@@ -55,7 +61,9 @@ def test_paper_preset_classification_and_autoencoder():
     assert clf.hparams["mu"] == PAPER_CLASSIFICATION_MU
     assert {k: clf.hparams[k] for k in PAPER_SCHEDULE} == PAPER_SCHEDULE
     ae = build_model("ae:16-8-4", input_shape=(16,), num_classes=10, seed=0)
-    assert get("lpom-sync")(ae, preset="paper").hparams["mu"] == PAPER_AUTOENCODER_MU
+    sync = get("lpom-sync")(ae, preset="paper")
+    assert sync.hparams["mu"] == PAPER_AUTOENCODER_MU
+    assert {k: sync.hparams[k] for k in PAPER_AUTOENCODER_GUARDS} == PAPER_AUTOENCODER_GUARDS
 
 
 @pytest.mark.parametrize("name", VARIANTS)
@@ -92,6 +100,8 @@ def test_doc_preset_table_matches_the_code():
     rows = _doc_table("| hyperparameter | tuned (default) | paper |")
     assert _number(rows["mu"][1]) == PAPER_CLASSIFICATION_MU
     assert _number(rows["mu (autoencoder)"][1]) == PAPER_AUTOENCODER_MU
+    for key, value in PAPER_AUTOENCODER_GUARDS.items():
+        assert _number(rows[f"{key} (autoencoder)"][1]) == value
     for key in ("x_iters", "w_iters"):
         assert _number(rows[key][1]) == PAPER_SCHEDULE[key]
         assert _number(rows[key][0]) == getattr(get("lpom").Config, key)
@@ -150,3 +160,9 @@ def test_onehot_off_leaves_float_targets_ce_and_the_paper_preset_alone():
     torch.testing.assert_close(get("lpom")(tanh)._targets(floats, 2), floats.to(zero.dtype))
     with pytest.raises(ValueError, match="onehot_off"):
         get("lpom")(tanh, onehot_off="minus_one")
+
+
+def test_every_activation_has_a_tuned_mu():
+    from liftkit.activations import ACTIVATIONS
+
+    assert set(TUNED_MU) == set(ACTIVATIONS)

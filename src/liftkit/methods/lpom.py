@@ -222,7 +222,7 @@ class LPOM(Method):
     def preset_values(cls, preset: str, model: nn.Module) -> dict[str, Any]:
         """``tuned``: μ per layer from the activation it applies; ``paper``: TPAMI's μ (2 for classification,
         20 for autoencoders) with the specification's schedule (:mod:`liftkit.methods.lpom_defaults`)."""
-        return lpom_defaults.preset_values(preset, model, default_mu=float(LPOMConfig.mu))  # type: ignore[arg-type]
+        return lpom_defaults.preset_values(preset, model)
 
     def __init__(self, model: nn.Module, *, loss: str | None = None, **hparams: Any) -> None:
         super().__init__(model, loss=loss, **hparams)

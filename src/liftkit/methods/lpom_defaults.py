@@ -9,7 +9,8 @@ use one activation gets a single μ, a mixed model one μ per layer. Every other
 autoencoders (the journal's sync-LPOM autoencoder experiments), ReLU and MSE being the model's and the loss's
 defaults already. Where the paper is silent the preset takes the specification's assumptions: T_x = 20 inner
 X-iterations and T_w = 5 accelerated W-steps, forward sweeps, a forward-pass X initialisation; it keeps the
-library's pseudo-inverse guard and X-solver choice (both are numerical safeguards the paper does not state).
+library's pseudo-inverse guard (1e-4 on every layer of an autoencoder) and X-solver choice (numerical
+safeguards the paper does not state).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from torch import Tensor, nn
 from liftkit.models import as_chain
 
 __all__ = [
+    "PAPER_AUTOENCODER_GUARDS",
     "PAPER_AUTOENCODER_MU",
     "PAPER_CLASSIFICATION_MU",
     "PAPER_SCHEDULE",
@@ -30,8 +32,7 @@ __all__ = [
     "preset_values",
 ]
 
-#: the tuned μ of a layer by the activation it applies (a bare last layer counts as ``identity``); an
-#: activation missing here keeps the LPOMConfig default μ
+#: the tuned μ of a layer by the activation it applies (a bare last layer counts as ``identity``)
 TUNED_MU: dict[str, float] = {
     "relu": 5.0,
     "leaky_relu": 5.0,
@@ -47,6 +48,9 @@ TUNED_MU: dict[str, float] = {
 PAPER_CLASSIFICATION_MU = 2.0
 #: TPAMI's μ for its (sync-LPOM) autoencoders: ReLU, squared error, batch 100
 PAPER_AUTOENCODER_MU = 20.0
+#: the guards of an autoencoder's W-steps under the paper preset (assumption): the library's 1e-10 on small
+#: batch-side Grams lets the 250 → 500 and 1000 → 784 layers of ae:784-1000-500-250-30 blow up
+PAPER_AUTOENCODER_GUARDS: dict[str, Any] = {"ridge_rel": 1e-4, "ridge_rel_feature": 1e-4}
 #: the specification's (assumption)s where the paper does not give the schedule
 PAPER_SCHEDULE: dict[str, Any] = {
     "x_iters": 20,
@@ -73,21 +77,22 @@ def is_autoencoder(model: nn.Module) -> bool:
     return len(linears) > 1 and linears[0].in_features == linears[-1].out_features
 
 
-def tuned_mu(activations: list[str], default: float) -> float | tuple[float, ...]:
+def tuned_mu(activations: list[str]) -> float | tuple[float, ...]:
     """μ per layer from :data:`TUNED_MU`; one number when every layer gets the same value."""
-    mus = tuple(TUNED_MU.get(name, default) for name in activations)
+    mus = tuple(TUNED_MU[name] for name in activations)
     return mus[0] if len(set(mus)) == 1 else mus
 
 
-def preset_values(preset: str, model: nn.Module, default_mu: float) -> dict[str, Any]:
+def preset_values(preset: str, model: nn.Module) -> dict[str, Any]:
     """The hyperparameters of ``preset`` for ``model`` (see the module docstring)."""
     if preset == "paper":
-        mu = PAPER_AUTOENCODER_MU if is_autoencoder(model) else PAPER_CLASSIFICATION_MU
-        return {"mu": mu, **PAPER_SCHEDULE}
+        if is_autoencoder(model):
+            return {"mu": PAPER_AUTOENCODER_MU, **PAPER_SCHEDULE, **PAPER_AUTOENCODER_GUARDS}
+        return {"mu": PAPER_CLASSIFICATION_MU, **PAPER_SCHEDULE}
     activations = layer_activations(model)
     if activations is None:
         return {}
-    return {"mu": tuned_mu(activations, default_mu)}
+    return {"mu": tuned_mu(activations)}
 
 
 def floor_onehot(onehot: Tensor, low: float) -> Tensor:
