@@ -85,6 +85,7 @@ import torch
 from torch import Tensor, nn
 
 from liftkit.distributed import Communicator
+from liftkit.methods import lpom_defaults
 from liftkit.methods.base import Method, MethodConfig, StepStats, evaluate_loss, register, targets_for
 from liftkit.methods.lpom_chain import X_SOLVERS, LiftedChain
 from liftkit.methods.lpom_kernels import SPECTRAL_SAFETY, BlockResult, warm_power
@@ -99,6 +100,7 @@ W_SIDES = ("auto", "batch", "feature")
 X_INITS = ("forward", "persistent")
 MONITORS = ("off", "basic", "full")
 SOLVE_DTYPES = ("auto", "float64", "float32")
+ONEHOT_OFF = ("zero", "floor")
 
 _T = TypeVar("_T")
 
@@ -153,6 +155,9 @@ class LPOMConfig(MethodConfig):
     #: dtype of the W-step's Gram and Cholesky factor: 'float64', 'float32', or 'auto' (float64 on the CPU,
     #: float32 on CUDA)
     solve_dtype: str = "auto"
+    #: MSE to class labels: the one-hot "off" value, 'zero' (the papers') or 'floor' (the lower end of the
+    #: output φ's range where that is finite and not 0: −1 for tanh and hardtanh, −α for ELU; see lpom_defaults)
+    onehot_off: str = "floor"
 
     def validate(self) -> None:
         self._positive("mu", "x_tol", "ridge_rel", "ridge_rel_feature", "collapse_tol", "guard_ratio")
@@ -165,6 +170,7 @@ class LPOMConfig(MethodConfig):
         self._choice("x_init", X_INITS)
         self._choice("monitor", MONITORS)
         self._choice("solve_dtype", SOLVE_DTYPES)
+        self._choice("onehot_off", ONEHOT_OFF)
         self._int_at_least("x_iters", 1)
         self._int_at_least("x_sweeps", 0)
         self._int_at_least("output_iters", 1)
@@ -210,6 +216,12 @@ class LPOM(Method):
     )
     default_batch_size = 100
     supports_data_parallel = True
+
+    @classmethod
+    def preset_values(cls, preset: str, model: nn.Module) -> dict[str, Any]:
+        """``tuned``: μ per layer from the activation it applies; ``paper``: TPAMI's μ (2 for classification,
+        20 for autoencoders) with the specification's schedule (:mod:`liftkit.methods.lpom_defaults`)."""
+        return lpom_defaults.preset_values(preset, model)
 
     def __init__(self, model: nn.Module, *, loss: str | None = None, **hparams: Any) -> None:
         super().__init__(model, loss=loss, **hparams)
@@ -278,6 +290,10 @@ class LPOM(Method):
             )
         if self.loss == "ce" and y.dtype.is_floating_point:
             raise ValueError("cross-entropy needs integer class labels; use loss='mse' for float targets")
+        if self.config.onehot_off == "floor" and self.loss == "mse" and not y.dtype.is_floating_point:
+            # the "off" entries at the bottom of φ's range (tanh: −1), where φ saturates, rather than at a
+            # value φ reaches only on a linear stretch (lpom_defaults)
+            d = lpom_defaults.floor_onehot(d, self.lifted.acts[-1].domain[0])
         return d
 
     def _warn_once(self, key: str, message: str) -> None:
