@@ -1,7 +1,7 @@
 """Validation probe for LPOM's per-activation defaults: N mini-batches of MNIST's validation split (the first 90 %
 of the training set, seeded order, batch 100), accuracy on the last 10 % every E batches, plus W-norms.
 
-    LIFTKIT_DATA_DIR=... PYTHONPATH=src python scripts/lpom_val_probe.py --act tanh --batches 300 --every 150 \
+    LIFTKIT_DATA_DIR=... PYTHONPATH=src python benchmarks/lpom_val_probe.py --act tanh --batches 300 --every 150 \
         --hp '{"mu": 20.0}'
 """
 

@@ -1,7 +1,7 @@
 """Per-layer autoencoder probe (ae:784-1000-500-250-30, MNIST validation split, batch 100): reconstruction error on
 1 000 validation images, each layer's relative W-step ‖ΔW‖/‖W‖, the X-residuals and ‖W_j‖₂ every E batches.
 
-    LIFTKIT_DATA_DIR=... PYTHONPATH=src python scripts/lpom_ae_layer_probe.py --batches 100 --every 50 \
+    LIFTKIT_DATA_DIR=... PYTHONPATH=src python benchmarks/lpom_ae_layer_probe.py --batches 100 --every 50 \
         --hp '{"mu": 5.0, "x_sweep_order": "backward", "x_sweeps": 2, "ridge_rel": 1e-4, "ridge_rel_feature": 1e-4}'
 """
 
