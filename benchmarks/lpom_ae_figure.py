@@ -4,7 +4,7 @@ Usage (one row of test digits per run directory, the originals on top)::
 
     PYTHONPATH=src python -m liftkit bench --config configs/lpom-autoencoder.json --out ae
     PYTHONPATH=src python benchmarks/lpom_ae_figure.py --model ae:784-1000-500-250-30 \
-        --runs ae/runs/lpom ae/runs/adam --out docs/results/lpom_ae_recon.png
+        --runs ae/runs/lpom ae/runs/adam --out lpom_ae_recon.png
 
 Each run directory holds the ``checkpoint.pt`` the trainer writes; the model is rebuilt from ``--model`` (and
 ``--activation``) and loaded from the checkpoint's method state, so any method's autoencoder can be shown.

@@ -10,7 +10,7 @@ Defaults: MNIST 784-500-10, batch 500, τ_θ = 1 (the assumption of docs/methods
 τ over the
 paper's grid 50 … 5e-4. Example::
 
-    PYTHONPATH=src python benchmarks/proxprop_stability.py --epochs 3 --out docs/results/proxprop-stability
+    PYTHONPATH=src python benchmarks/proxprop_stability.py --epochs 3 --out proxprop-stability
 """
 
 from __future__ import annotations

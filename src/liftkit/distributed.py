@@ -12,7 +12,7 @@ collective that fails because a peer died (its sockets close) or hung (the timeo
 :class:`PeerLostError` with a one-line message naming this rank and, with two processes, the lost one.
 
 Every communicator counts the payload bytes this process hands to each kind of call (``bytes_sent``) and the
-number of calls (``calls``), which the measurements in ``docs/results/distributed.md`` read. The payload of an
+number of calls (``calls``), which the measurements in ``docs/history/distributed.md`` read. The payload of an
 all-reduce is the tensor's size (after any float64 promotion); a ring all-reduce puts 2(R−1)/R times that on
 the wire per process, which equals the payload for R = 2.
 """

@@ -78,7 +78,7 @@ class _TorchOptimizerMethod(Method):
 
 @dataclass
 class SGDConfig(MethodConfig):
-    """SGD hyperparameters. Defaults: tuned on the MNIST validation split (docs/results.md)."""
+    """SGD hyperparameters. Defaults: tuned on the MNIST validation split (docs/history/sessions.md)."""
 
     lr: float = 0.1
     momentum: float = 0.9

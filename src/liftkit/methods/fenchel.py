@@ -48,7 +48,7 @@ as "Fenchel (PyTorch solvers)"):
   scaling that makes plain gradient steps crawl (``‖P̄‖₂²`` is ~10⁴ for a 500-image MNIST batch). The specification's
   default (docs/methods/fenchel.md §4.2), ``torch.optim.LBFGS`` (strong Wolfe, history 10, stop at ``‖∇‖_∞ <=
   w_tol·max(1, ‖∇₀‖_∞)``), is ``'lbfgs'``; a plain accelerated gradient with step ``1/L`` is ``'fista'``. How they
-  compare in accuracy and time is recorded in docs/results/fenchel.md.
+  compare in accuracy and time is recorded in docs/history/fenchel.md.
 
 Cost (none of this changes what a block solves beyond rounding): within a step, the forward pass's pre-activations
 feed the X-blocks' ``U_{l-1}`` and the final monitor; an ``mm`` metric and its factorisation are kept while the
@@ -166,7 +166,7 @@ class FenchelConfig(MethodConfig):
 
     Defaults (assumption): λ 1, ρ 0 and c 1 are the pure method; ρ_d 10 (hidden) / 30 (output), 20 FISTA
     iterations per X-block and 5 ``mm`` iterations per W-block were chosen on the MNIST validation split at batch
-    500 for 784-300-10 (docs/results/fenchel.md). The official scripts' values are in ``configs/fenchel-*.json``.
+    500 for 784-300-10 (docs/history/fenchel.md). The official scripts' values are in ``configs/fenchel-*.json``.
     LeNet-5 wants far weaker hidden anchors: its validation split preferred the official hidden ρ_d divided by 100
     (1e-6 / 1e-4 / 1e-2 / 1e-2) with the official output anchor 10 and c 1 (``configs/fenchel-*-lenet5-tuned.json``;
     the MNIST one also uses 20 X-iterations and c 0.3 / 0.3 / 1 / 1, which gained 0.2 pt on validation over 3 epochs);

@@ -56,7 +56,7 @@ Per mini-batch (docs/methods/lpom.md §5):
    ill-conditioned (the smallest singular value of an m × (n_j+1) matrix vanishes as m/(n_j+1) → 1), so every
    layer with m > ``guard_ratio``·(n_j+1) (default 0.5) gets the guard ``ridge_rel_feature`` (0.1) instead of
    ``ridge_rel`` ((assumption): the spec's 1e-10 let near-dead units blow the weights up, on the feature side of
-   a 64-32-10 net and on the batch side of the 100 → 50 layer of 784-400-200-100-50-10, docs/results/lpom.md).
+   a 64-32-10 net and on the batch side of the 100 → 50 layer of 784-400-200-100-50-10, docs/history/lpom.md).
    The first step reuses the pre-activations cached by the X-phase.
 
 The method is derivative-free: the updates use φ only (plus φ's cheap prox for FISTA). Inference is the plain
@@ -109,14 +109,14 @@ _T = TypeVar("_T")
 class LPOMConfig(MethodConfig):
     """LPOM hyperparameters (docs/methods/lpom.md §9). Defaults: μ = 5, 5 FISTA iterations, L sweeps, one W step — the
     best setting of a prototype sweep on MNIST 784-500-10 at batch 100 (μ ∈ {2, 5, 20, 50},
-    T_x ∈ {5, 10, 20}, T_w ∈ {1, 3}), T_x re-tuned on the validation split; results in docs/results/lpom.md."""
+    T_x ∈ {5, 10, 20}, T_w ∈ {1, 3}), T_x re-tuned on the validation split; results in docs/history/lpom.md."""
 
     #: penalty weight μ, one value for every layer or one per linear layer (μ_j weighs layer j's penalty)
     mu: float | tuple[float, ...] = 5.0
     #: hidden X-block solver: 'auto' = 'fista' for ReLU/leaky ReLU/identity/hardtanh, 'fista_prox' otherwise
-    #: (the paper's 'fixed_point' (26) collapsed training for tanh too, see docs/results/lpom.md)
+    #: (the paper's 'fixed_point' (26) collapsed training for tanh too, see docs/history/lpom.md)
     x_solver: str = "auto"
-    #: T_x: iterations per hidden X-block solve (validation-tuned, docs/results/lpom.md: 3, 5 and 10 within
+    #: T_x: iterations per hidden X-block solve (validation-tuned, docs/history/lpom.md: 3, 5 and 10 within
     #: 0.1 point on MNIST 784-500-10 after 3 epochs; 5 costs half of 10)
     x_iters: int = 5
     #: S_x: X sweeps per mini-batch; 0 = the number of linear layers L (the paper's n−1)
@@ -137,7 +137,7 @@ class LPOMConfig(MethodConfig):
     ridge_rel: float = 1e-10
     #: the guard of a layer whose batch is not small against its inputs (m > guard_ratio·(n_j+1)): its W-step
     #: (nearly) interpolates the batch through an ill-conditioned Gram, and near-dead units blow the weights up
-    #: ((assumption), chosen on the validation split of 784-400-200-100-50-10; figures in docs/results/lpom.md)
+    #: ((assumption), chosen on the validation split of 784-400-200-100-50-10; figures in docs/history/lpom.md)
     ridge_rel_feature: float = 0.1
     #: layers with m > guard_ratio·(n_j+1) get ridge_rel_feature; 1 = only feature-side Grams (m > n_j+1)
     guard_ratio: float = 0.5

@@ -54,7 +54,7 @@ once and Aᵀ(Av) in every iteration, ``gradient``'s AᵀG; the last layer's gra
 all-reduce. Every rank then solves the same system, so the weights stay replicated.
 
 Defaults: ``exact`` + Adam (lr 1e-3), τ_θ = 0.02, batch 100: the setting that trained best at batch 100 on the
-MNIST validation split (docs/results/proxprop.md). The paper's settings ship as configs: the MLP uses SGD with
+MNIST validation split (docs/history/proxprop.md). The paper's settings ship as configs: the MLP uses SGD with
 Nesterov momentum 0.95, lr = τ = 1, batch 500, τ_θ = 0.05; the ConvNet Adam 1e-3, τ_θ = 1, cg3/cg10.
 
 One engine: the prox of every layer is :class:`liftkit.optim.ProxProp`'s (the ``torch.optim``-style optimizer

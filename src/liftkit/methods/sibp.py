@@ -52,7 +52,7 @@ Subproblem solvers (docs/methods/sibp.md §4):
 Defaults. The official code uses η = 0.1 and λ_W = λ_b = 1 at batch 100, with batches drawn with
 replacement; that setting ships as ``configs/sibp-paper.json``. The library default is η = 0.3, λ = 1,
 ``cg_iters=3`` and CG in the model's dtype, with the Gram still built in float64. It was chosen on the MNIST
-validation split (η ∈ {0.1, 0.2, 0.3, 0.5, 1}, λ ∈ {0.3, 1, 3}; the figures are in ``docs/results/sibp.md``).
+validation split (η ∈ {0.1, 0.2, 0.3, 0.5, 1}, λ ∈ {0.3, 1, 3}; the figures are in ``docs/history/sibp.md``).
 
 Data parallelism (docs/methods/sibp.md §7): f_l, δ_l, the targets and the masks are column-wise given the replicated
 weights and stay on each process's shard. All-reduced: the global loss (one scalar, for the divergence
