@@ -76,3 +76,15 @@ def test_report_errors_are_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "broken/results.json is not valid JSON" in err and "\n" not in err
     assert not (tmp_path / "results.md").exists()
+
+
+def test_profiled_benches_are_listed_apart(tmp_path, bench_output):
+    _bench(tmp_path, bench_output)
+    results_path = tmp_path / "results" / "digits-small" / "results.json"
+    results = json.loads(results_path.read_text())
+    for run in results["runs"]:
+        run["profile"] = {"blocks": []}
+    results_path.write_text(json.dumps(results))
+    text = render_report(collect(tmp_path / "results"))
+    assert "## Profiles" in text and "(results/digits-small/results.md)" in text
+    assert "| `lpom-sync`" not in text  # its timings include the profiler's cost: no row in the tables

@@ -152,8 +152,30 @@ def _rows(bench: Bench, family: str) -> list[list[str]]:
     return rows
 
 
-def render_report(benches: list[Bench]) -> str:
-    """The markdown of the results record."""
+def _profiled(bench: Bench) -> bool:
+    """A profiling run (``--profile``): its timings include the profiler's own cost, so it is listed apart."""
+    return bool(bench.runs) and all("profile" in r for r in bench.runs if "error" not in r)
+
+
+def _profile_section(benches: list[Bench], root_name: str) -> list[str]:
+    profiled = [b for b in benches if _profiled(b)]
+    if not profiled:
+        return []
+    lines = ["## Profiles", "", "Per-block profiles (`--profile`: share of step time, calls, matrix-product FLOPs and",
+             "GFLOP/s per named block, beside the machine's measured matmul peaks); each bench's `results.md` has",
+             "the tables. Their timings include the profiler's own cost, so the speed ratios above come from the",
+             "unprofiled benches.", ""]
+    for b in profiled:
+        methods = ", ".join(str(r.get("label")) for r in b.runs)
+        lines.append(f"- [{b.folder}]({root_name}/{b.folder}/results.md): {methods}; `{b.record.get('command', '-')}`, "
+                     f"{b.record.get('date', '-')}, {b.machine}")
+    return [*lines, ""]
+
+
+def render_report(benches: list[Bench], root_name: str = "results") -> str:
+    """The markdown of the results record (``root_name``: the folder of the bench outputs, for links)."""
+    profiles = _profile_section(benches, root_name)
+    benches = [b for b in benches if not _profiled(b)]
     families = sorted({method_family(str(r.get("method"))) for b in benches for r in b.runs} - set(BASELINES))
     lines = [
         "# Results",
@@ -175,6 +197,7 @@ def render_report(benches: list[Bench]) -> str:
         notes = [f"- `{b.folder}`: {b.record['notes']}" for b in benches if b.record.get("notes")
                  and any(method_family(str(r.get("method"))) == family for r in b.runs)]
         lines += ["", *notes, ""] if notes else [""]
+    lines += profiles
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -182,5 +205,5 @@ def write_report(root: str | Path, out: str | Path | None = None) -> Path:
     """Write the record of the bench outputs under ``root`` to ``out`` (default: ``root`` + ``.md``)."""
     base = Path(root)
     target = Path(out) if out is not None else base.with_name(base.name + ".md")
-    atomic_write_text(target, render_report(collect(base)))
+    atomic_write_text(target, render_report(collect(base), base.name))
     return target
