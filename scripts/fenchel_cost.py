@@ -68,12 +68,16 @@ def main() -> None:
                             output_activation=get_method(name).model_output_activation, seed=0)
         methods[name] = get_method(name)(model, **kw)
     ms: dict[str, list[float]] = defaultdict(list)
+    iters: dict[str, list[float]] = defaultdict(list)  # inner iterations per block (x_tol / w_tol stop early)
     for k, (x, y) in enumerate(batches):
         for name, meth in methods.items():
             t0 = time.perf_counter()
-            meth.step(x, y)
+            info = meth.step(x, y).info
             if k >= args.warmup:
                 ms[name].append(1e3 * (time.perf_counter() - t0))
+                for key, value in info.items():
+                    if name == "fenchel" and key.startswith(("x_iters_l", "w_iters_l")):
+                        iters[key].append(value)
     flops = {}
     for name, meth in methods.items():
         with FlopCounterMode(display=False) as counter:
@@ -97,6 +101,7 @@ def main() -> None:
         },
         "profile_calls_per_step": {k: v / n_prof for k, v in timer.calls.items()},
         "profiled_step_ms": 1e3 * step_s,
+        "mean_iters_per_step": {k: round(statistics.mean(v), 2) for k, v in sorted(iters.items())},
     }
     print(json.dumps(out, indent=1))
 
