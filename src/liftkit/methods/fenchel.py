@@ -182,7 +182,7 @@ class FenchelConfig(MethodConfig):
     alternations: int = 2
     x_solver: str = "fista"
     x_iters: int = 20
-    x_tol: float = 1e-6
+    x_tol: float = 5e-4
     w_solver: str = "mm"
     w_iters: int = 5
     w_tol: float = 1e-5
@@ -257,7 +257,7 @@ class Fenchel(FenchelWBlocks, Method):
         linears = sum(isinstance(m, nn.Linear) for m in model.modules())
         hidden = convs + linears - 1  # activation layers L; weight layers L + 1
         if preset == "paper":
-            common: dict[str, Any] = {"lambdas": 1.0, "rho": 0.0, "alternations": 1, "init": "official"}
+            common: dict[str, Any] = {"lambdas": 1.0, "rho": 0.0, "alternations": 1, "init": "official", "x_tol": 1e-6}
             if convs == 0:
                 coef: float | tuple[float, ...] = 10.0 if hidden == 1 else (1.0,) * (hidden - 1) + (10.0,)
                 return {**common, "rho_d": 10.0, "rho_d_output": 100.0, "lbd_coef": coef}
