@@ -228,24 +228,12 @@ def _divergence(method: Method, what: str, out: Path | None, hint: str = "") -> 
     return DivergenceError(f"training diverged: {what} of {method.name}{kept}{hint}")
 
 
-@dataclass
-class _Epoch:
-    """The per-epoch services the step loop reports to."""
-
-    method: Method
-    plan: _Plan
-    out: Path | None
-    logs: LoggerSet
-    profiler: BlockProfiler | None
-    bar: Any  # a tqdm bar or None
-
-
-def _local_batch(run: _Epoch, idx: torch.Tensor, full_batch: bool, sampling: str) -> torch.Tensor:
+def _local_batch(run: _Loop, idx: torch.Tensor, full_batch: bool) -> torch.Tensor:
     """This rank's part of a global batch (the whole batch in one process)."""
     plan = run.plan
     if not plan.split:
         return idx
-    if full_batch and sampling == "shuffle":
+    if full_batch and run.sampling == "shuffle":
         # the full batch in index order: a sample's shard (and its per-sample state) never moves
         idx = idx.sort().values
     start, stop = shard_bounds(int(idx.shape[0]), plan.comm.rank, plan.comm.world_size)
@@ -253,11 +241,11 @@ def _local_batch(run: _Epoch, idx: torch.Tensor, full_batch: bool, sampling: str
     return idx[start:stop]
 
 
-def _step(run: _Epoch, idx: torch.Tensor, local: torch.Tensor, autoencoder: bool) -> StepStats:
+def _step(run: _Loop, idx: torch.Tensor, local: torch.Tensor) -> StepStats:
     plan, method = run.plan, run.method
     idx_dev = local.to(method.device)
     xb = plan.x_train[idx_dev]
-    yb = xb if autoencoder else plan.y_train[idx_dev]
+    yb = xb if run.autoencoder else plan.y_train[idx_dev]
     with run.profiler.step() if run.profiler is not None else nullcontext():
         stats = method.step(xb, yb, idx=idx_dev)
     if plan.comm.world_size > 1:
@@ -268,14 +256,13 @@ def _step(run: _Epoch, idx: torch.Tensor, local: torch.Tensor, autoencoder: bool
     return stats
 
 
-def _train_epoch(
-    run: _Epoch, epoch: int, batches: list[torch.Tensor], sampling: str, autoencoder: bool
-) -> tuple[float, dict[str, float]]:
-    """Every step of one epoch; returns the mean step loss and the mean of each ``StepStats`` diagnostic."""
+def _train_epoch(run: _Loop, bar: Any, epoch: int, batches: list[torch.Tensor]) -> tuple[float, dict[str, float]]:
+    """Every step of one epoch (``bar``: a tqdm bar or ``None``); returns the mean step loss and the mean of each
+    ``StepStats`` diagnostic."""
     loss_sum, sums = 0.0, dict[str, float]()
     for b, idx in enumerate(batches):
-        local = _local_batch(run, idx, len(batches) == 1, sampling)
-        stats = _step(run, idx, local, autoencoder)
+        local = _local_batch(run, idx, len(batches) == 1)
+        stats = _step(run, idx, local)
         if not math.isfinite(stats.loss):
             where = f"non-finite loss at epoch {epoch + 1}, batch {b + 1}/{len(batches)}"
             raise _divergence(run.method, where, run.out, "; lower the step size or change the penalty weights")
@@ -283,9 +270,9 @@ def _train_epoch(
         loss_sum += stats.loss
         for k, v in stats.info.items():
             sums[k] = sums.get(k, 0.0) + float(v)
-        if run.bar is not None:
-            run.bar.update(1)
-            run.bar.set_postfix(loss=f"{stats.loss:.4g}", refresh=False)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{stats.loss:.4g}", refresh=False)
     count = max(len(batches), 1)
     return loss_sum / count, {k: v / count for k, v in sums.items()}
 
@@ -411,14 +398,13 @@ def _one_epoch(loop: _Loop, epoch: int, epochs: int) -> dict[str, Any]:
     """The steps of one epoch, then its evaluation; returns the epoch's record (logged and appended)."""
     method, plan = loop.method, loop.plan
     batches = data_mod.batch_indices(plan.n_train, plan.batch, seed=loop.seed, epoch=epoch, sampling=loop.sampling)
-    run = _Epoch(method, plan, loop.out, loop.logs, loop.profiler,
-                 _open_bar(method, epoch, epochs, len(batches), loop.show))
+    bar = _open_bar(method, epoch, epochs, len(batches), loop.show)
     t0 = time.perf_counter()
     try:
-        step_loss, diagnostics = _train_epoch(run, epoch, batches, loop.sampling, loop.autoencoder)
+        step_loss, diagnostics = _train_epoch(loop, bar, epoch, batches)
     finally:
-        if run.bar is not None:
-            run.bar.close()
+        if bar is not None:
+            bar.close()
     if method.device.type == "cuda":
         torch.cuda.synchronize()
     method.synchronize_model()
