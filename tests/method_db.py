@@ -84,7 +84,7 @@ DATABASE: tuple[MethodInfo, ...] = (
         (
             _v(),
             _v(x_solver="pgd", w_solver="fista", id="pgd-fista"),
-            _v(w_solver="lbfgs", alternations=1, monitor="full", id="lbfgs-full-monitor"),
+            _v(w_solver="lbfgs", alternations=1, monitor="full", monitor_every=1, id="lbfgs-full-monitor"),
             _v(rho_d=(1.0, 5.0), rho_d_output=None, lbd_coef=0.5, init="official", id="per-layer-official-init"),
             _v(solve_dtype="float32", power_iters_warm=2, id="float32-solve"),
         ),
@@ -101,6 +101,7 @@ DATABASE: tuple[MethodInfo, ...] = (
             _choice("monitor", "all"),
             _choice("solve_dtype", "float16"),
             _bad(f"power_iters_warm {_INT1}", power_iters_warm=0),
+            _bad(f"monitor_every {_INT1}", monitor_every=0),
             _bad(r"rho_d has 4 values but this model needs 1 or 2 \(one per weight layer", rho_d=(1.0, 2.0, 3.0, 4.0)),
             _bad(r"lambdas has 3 values but this model needs 1 or 1", lambdas=(1.0, 2.0, 3.0)),
             _unknown("fenchel"),

@@ -258,8 +258,8 @@ def _step(run: _Loop, idx: torch.Tensor, local: torch.Tensor) -> StepStats:
 
 def _train_epoch(run: _Loop, bar: Any, epoch: int, batches: list[torch.Tensor]) -> tuple[float, dict[str, float]]:
     """Every step of one epoch (``bar``: a tqdm bar or ``None``); returns the mean step loss and the mean of each
-    ``StepStats`` diagnostic."""
-    loss_sum, sums = 0.0, dict[str, float]()
+    ``StepStats`` diagnostic over the steps that reported it (a method may report some only every k steps)."""
+    loss_sum, sums, counts = 0.0, dict[str, float](), dict[str, int]()
     for b, idx in enumerate(batches):
         local = _local_batch(run, idx, len(batches) == 1)
         stats = _step(run, idx, local)
@@ -270,11 +270,12 @@ def _train_epoch(run: _Loop, bar: Any, epoch: int, batches: list[torch.Tensor]) 
         loss_sum += stats.loss
         for k, v in stats.info.items():
             sums[k] = sums.get(k, 0.0) + float(v)
+            counts[k] = counts.get(k, 0) + 1
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{stats.loss:.4g}", refresh=False)
     count = max(len(batches), 1)
-    return loss_sum / count, {k: v / count for k, v in sums.items()}
+    return loss_sum / count, {k: v / counts[k] for k, v in sums.items()}
 
 
 # -- phase 4: evaluation -----------------------------------------------------------------------------------------------

@@ -57,8 +57,9 @@ connected ``mm`` block with fewer samples than inputs runs in the sample space (
 the same iterates at one m × m × out product per iteration, and for the first layer valid across alternations,
 with its weights written once per step); the power iterations of the X-block steps start from the previous
 step's vectors (``power_iters_warm``; kept in :meth:`Fenchel.extra_state`); ReLU / hardtanh X-blocks use a fused
-projected FISTA (:func:`liftkit.methods.fenchel_ops.box_fista`). ``solve_dtype`` (``auto``: float64 on the CPU,
-float32 on CUDA) is the dtype of the ``mm`` factorisations; the products run in the model's dtype.
+projected FISTA (:func:`liftkit.methods.fenchel_ops.box_fista`). ``solve_dtype`` (``auto``: the model's dtype) is
+the dtype of the ``mm`` factorisations; the products run in the model's dtype. The post-step objective terms,
+which only feed the logs, are computed every ``monitor_every`` steps.
 
 Data parallelism (docs/methods/fenchel.md §7): the lifted X_l are per sample and stay on each process's shard; the
 X-blocks are column-separable given the replicated weights and step 1/L_x, so only the FISTA/PGD stopping norms are
@@ -155,11 +156,16 @@ class FenchelConfig(MethodConfig):
     * ``power_iters``: power iterations for the operator norms in the FISTA steps (×1.05 safety), from a fixed
       start vector; ``power_iters_warm``: the iterations once the previous step's vector of the same layer is
       known (it is kept with the method's state, so a resumed run takes the same steps).
-    * ``solve_dtype``: ``auto`` (float64 on the CPU, float32 on CUDA), ``float64`` or ``float32``: the dtype in
-      which the ``mm`` W-blocks factorise their data metric (:mod:`liftkit.methods.fenchel_mm`); products run in
-      the model's dtype either way.
+    * ``solve_dtype``: ``auto`` (the model's dtype for float32 / float64 models; otherwise float64 on the CPU,
+      float32 on CUDA), ``float64`` or ``float32``: the dtype in which the ``mm`` W-blocks factorise their data
+      metric (:mod:`liftkit.methods.fenchel_mm`; a float32 Cholesky that breaks down is redone in float64);
+      products run in the model's dtype either way.
     * ``monitor``: ``basic`` reports the relaxed objective after the step; ``full`` also reports it after each
       X-sweep (``relaxed_objective_after_x``, one more pass over the lifted layers per alternation).
+    * ``monitor_every``: compute those objective terms (``relaxed_objective``, ``loss_after``, ``penalty_l*``;
+      a forward pass of the updated network and the layer penalties) on every k-th step only, the first included;
+      they feed the logs, not the training. The other steps report the iteration counts and weight norms, and
+      test the updated weights for finiteness instead (the divergence check).
     * ``init``: ``keep`` (default: train the model's own initial weights, so benchmarks are like for like) or
       ``official`` (re-initialise at construction as the official code: Xavier-uniform FC weights, truncated
       normal σ=0.1 conv weights, biases 0.1).
@@ -191,6 +197,7 @@ class FenchelConfig(MethodConfig):
     solve_dtype: str = "auto"
     init: str = "keep"
     monitor: str = "basic"
+    monitor_every: int = 10
 
     def validate(self) -> None:
         self._positive("lambdas", "lbd_coef", "x_tol", "w_tol")
@@ -211,6 +218,7 @@ class FenchelConfig(MethodConfig):
         self._int_at_least("w_iters", 1)
         self._int_at_least("power_iters", 1)
         self._int_at_least("power_iters_warm", 1)
+        self._int_at_least("monitor_every", 1)
         self._choice("solve_dtype", SOLVE_DTYPES)
         self._choice("x_solver", X_SOLVERS)
         self._choice("w_solver", W_SOLVERS)
@@ -561,34 +569,36 @@ class Fenchel(FenchelWBlocks, Method):
         self.model.train()
         anchors = [(layer.linear.weight.detach().clone(), layer.linear.bias.detach().clone())  # type: ignore[union-attr]
                    for layer in self.chain]
+        # the post-step objective terms only feed the logs: every monitor_every-th step (the first included)
+        monitored = self.steps_taken % self.config.monitor_every == 0
+        terms: tuple[float, float, list[float], int] | None = None
         self._cache = _StepCache()
         try:
             with torch.no_grad():
                 with self.block("lift"):
                     xs = self.lift(x)
                     loss = float(tF.cross_entropy(self._preact(self.L, xs), y))
-                x_iters, w_iters, relaxed_after_x = self._sweeps(xs, y, anchors)
+                x_iters, w_iters, relaxed_after_x = self._sweeps(xs, y, anchors, monitored)
                 with self.block("monitor"):
-                    relaxed, loss_after, pens, m = self._objective_terms(xs, y)
+                    if monitored:
+                        terms = self._objective_terms(xs, y)
+                        finite = math.isfinite(terms[0]) and math.isfinite(terms[1])
+                    else:
+                        finite = self._weights_finite()
         finally:
             self._cache = None
-        if not (math.isfinite(relaxed) and math.isfinite(loss_after)):
-            with torch.no_grad():
-                for l, (layer, (W0, b0)) in enumerate(zip(self.chain, anchors)):
-                    layer.linear.weight.copy_(W0)
-                    layer.linear.bias.copy_(b0)  # type: ignore[union-attr]
-                    self._weights_changed(l)
-            raise FloatingPointError(
-                "fenchel: the relaxed problem produced non-finite values (weights restored to the batch start); "
-                "increase rho_d or lower lbd_coef/lambdas"
-            )
+        if not finite:
+            self._restore(anchors)
         self.steps_taken += 1
-        info: dict[str, float] = {"relaxed_objective": relaxed / m}
-        if self.config.monitor == "full":
-            info["relaxed_objective_after_x"] = relaxed_after_x / m
-        info["loss_after"] = loss_after
-        for l in range(self.L):
-            info[f"penalty_l{l}"] = pens[l] / m
+        info: dict[str, float] = {}
+        if terms is not None:
+            relaxed, loss_after, pens, m = terms
+            info["relaxed_objective"] = relaxed / m
+            if self.config.monitor == "full":
+                info["relaxed_objective_after_x"] = relaxed_after_x / m
+            info["loss_after"] = loss_after
+            for l in range(self.L):
+                info[f"penalty_l{l}"] = pens[l] / m
         for l in range(1, self.L + 1):
             info[f"x_iters_l{l}"] = float(x_iters[l])
         for l in range(self.L + 1):
@@ -596,11 +606,31 @@ class Fenchel(FenchelWBlocks, Method):
             info[f"w_norm_l{l}"] = float(self.chain[l].linear.weight.detach().norm())
         return StepStats(loss=loss, info=info)
 
+    def _weights_finite(self) -> bool:
+        """Whether every weight and bias is finite: the divergence test of a step without the monitor (the weights
+        are replicated, so every process takes the same decision)."""
+        total = 0.0
+        for layer in self.chain:
+            total += float(layer.linear.weight.detach().sum()) + float(layer.linear.bias.detach().sum())  # type: ignore[union-attr]
+        return math.isfinite(total)
+
+    def _restore(self, anchors: Sequence[tuple[Tensor, Tensor]]) -> None:
+        """Put the batch-start weights back and raise: the relaxed problem diverged."""
+        with torch.no_grad():
+            for l, (layer, (W0, b0)) in enumerate(zip(self.chain, anchors)):
+                layer.linear.weight.copy_(W0)
+                layer.linear.bias.copy_(b0)  # type: ignore[union-attr]
+                self._weights_changed(l)
+        raise FloatingPointError(
+            "fenchel: the relaxed problem produced non-finite values (weights restored to the batch start); "
+            "increase rho_d or lower lbd_coef/lambdas"
+        )
+
     def _sweeps(
-        self, xs: list[Tensor], y: Tensor, anchors: Sequence[tuple[Tensor, Tensor]]
+        self, xs: list[Tensor], y: Tensor, anchors: Sequence[tuple[Tensor, Tensor]], monitored: bool = True
     ) -> tuple[list[int], list[int], float]:
         """``alternations`` rounds of the backward X-sweep and the W-sweep; returns the iteration counts per
-        block and the relaxed objective after the last X-sweep (``monitor=full``, else NaN)."""
+        block and the relaxed objective after the last X-sweep (``monitor=full`` on a monitored step, else NaN)."""
         x_iters = [0] * (self.L + 1)
         w_iters = [0] * (self.L + 1)
         relaxed_after_x = math.nan
@@ -609,7 +639,7 @@ class Fenchel(FenchelWBlocks, Method):
                 with self.block(f"x_block[{l}]"):
                     xs[l], its = self.solve_x_block(l, xs, y)
                 x_iters[l] += its
-            if self.config.monitor == "full":
+            if self.config.monitor == "full" and monitored:
                 relaxed_after_x = self.relaxed_objective(xs, y)
                 if self.comm.world_size > 1:
                     relaxed_after_x = self.comm.sum_scalars(relaxed_after_x)[0]

@@ -25,9 +25,10 @@ when the batch has fewer rows than the layer has inputs (m < p, e.g. 500 MNIST i
 stays valid across alternations while P̄ is unchanged (the first layer's input batch), so its factorisation and
 its coordinates C are reused there.
 
-**Factorisation dtype.** The method's ``solve_dtype`` (``float64`` | ``float32`` | ``auto``, resolved by
-:func:`liftkit.solvers.resolve_solve_dtype`: ``auto`` is float64 on the CPU and float32 on CUDA) is the dtype in
-which H or aK + sI is factorised; the inverse is then applied in the model's dtype.
+**Factorisation dtype.** The method's ``solve_dtype`` (``float64`` | ``float32`` | ``auto``; Fenchel's ``auto`` is
+the model's dtype for float32 and float64 models, else that of :func:`liftkit.solvers.resolve_solve_dtype`) is the
+dtype in which H or aK + sI is factorised; the inverse is then applied in the model's dtype. A float32 Cholesky
+that breaks down is redone in float64 (:func:`spd_cholesky`).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["KernelMM", "gram", "spd_inverse"]
+__all__ = ["KernelMM", "gram", "spd_cholesky", "spd_inverse"]
 
 def gram(A: Tensor, dtype: torch.dtype, *, rows: bool = False, chunk: int = 16384) -> Tensor:
     """AᵀA (or AAᵀ with ``rows``) accumulated in ``dtype`` from products in A's own dtype.
@@ -56,9 +57,25 @@ def gram(A: Tensor, dtype: torch.dtype, *, rows: bool = False, chunk: int = 1638
     return G
 
 
+def spd_cholesky(H: Tensor, dtype: torch.dtype) -> Tensor:
+    """The lower Cholesky factor of a symmetric positive definite H, computed in ``dtype``.
+
+    A float32 factorisation that breaks down (a pivot lost to rounding: H too ill-conditioned for float32) is
+    redone in float64, so a cheap ``solve_dtype`` never fails where float64 would succeed; the factor is then in
+    float64.
+    """
+    factor, info = torch.linalg.cholesky_ex(H.to(dtype))
+    if dtype != torch.float64 and int(info) != 0:
+        return torch.linalg.cholesky(H.to(torch.float64))
+    if int(info) != 0:
+        raise torch.linalg.LinAlgError(f"the metric is not positive definite (leading minor {int(info)} fails)")
+    return factor
+
+
 def spd_inverse(H: Tensor, dtype: torch.dtype) -> Tensor:
-    """H⁻¹ for a symmetric positive definite H, by Cholesky in ``dtype`` (the result is in ``dtype``)."""
-    return torch.cholesky_inverse(torch.linalg.cholesky(H.to(dtype)))
+    """H⁻¹ for a symmetric positive definite H, by Cholesky in ``dtype`` (:func:`spd_cholesky`: float64 where a
+    float32 factorisation breaks down)."""
+    return torch.cholesky_inverse(spd_cholesky(H, dtype))
 
 
 @dataclass
