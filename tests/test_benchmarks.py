@@ -18,7 +18,8 @@ SCRIPTS = sorted(p.name for p in BENCHMARKS.glob("*.py") if p.name != "common.py
 
 def test_the_expected_scripts_are_there() -> None:
     assert SCRIPTS == [
-        "dist_measure.py", "dist_step_measure.py", "fenchel_cost.py", "lpom_ae_figure.py", "lpom_ae_layer_probe.py",
+        "dist_measure.py", "dist_step_measure.py", "fenchel_ab.py", "fenchel_cost.py", "lpom_ae_figure.py",
+        "lpom_ae_layer_probe.py",
         "lpom_cost_model.py", "lpom_parallel_timing.py", "lpom_val_probe.py", "plain_loop.py",
         "proxprop_stability.py", "proxprop_timing.py", "tiam_cost.py",
     ]
