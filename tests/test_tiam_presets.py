@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from liftkit.methods import get
-from liftkit.methods.tiam.presets import INERTIA_FIELDS, PAPER
+from liftkit.methods.tiam.presets import BOX_TUNED, INERTIA_FIELDS, PAPER
 from liftkit.models import mlp
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -85,13 +85,16 @@ def test_tuned_defaults_train_full_batch(name: str) -> None:
     assert losses[-1] < 0.8 * losses[0]
 
 
-def test_elu_model_keeps_the_box_constraint() -> None:
-    """The penalty's z-step has a closed form for ReLU and leaky ReLU only: an ELU model's tuned preset keeps the
-    box C_l(ε) and the Euclidean a-step, and an explicit penalty is still refused."""
-    model = _model("elu")
-    method = get("tiam")(model)
-    assert (method.hparams["constraint"], method.hparams["a_metric"]) == ("box", "identity")
-    assert method.hparams["w_metric"] == "gram" and method.hparams["output"] == "exact"
+def test_elu_model_gets_the_box_setting_tuned_for_it() -> None:
+    """The penalty's z-step has a closed form for ReLU and leaky ReLU only: an ELU model's tuned preset is the box
+    setting chosen for ELU (the paper preset with ρ = 0.1, 40 doublings, 'fista'), and an explicit penalty is
+    still refused."""
+    method = get("tiam")(_model("elu"))
+    assert {k: method.hparams[k] for k in BOX_TUNED} == BOX_TUNED
+    assert (BOX_TUNED["constraint"], BOX_TUNED["rho"], BOX_TUNED["p_schedule"]) == ("box", 0.1, "fista")
+    am = get("am")(_model("elu"))
+    assert (am.hparams["constraint"], am.hparams["rho"], am.hparams["p_schedule"], am.hparams["p1"]) == (
+        "box", 0.1, "constant", 0.0)
     x, y, idx = _problem()
     losses = [method.step(x, y, idx=idx).loss for _ in range(10)]
     assert losses[-1] < 0.9 * losses[0]

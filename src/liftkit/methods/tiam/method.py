@@ -48,8 +48,8 @@ class TIAM(Method):
 
     @classmethod
     def preset_values(cls, preset: str, model: nn.Module) -> dict[str, Any]:
-        """``tuned``: the defaults (the validation-tuned full-batch setting; the box constraint for an ELU
-        model); ``paper``: the specification's values (:mod:`liftkit.methods.tiam.presets`)."""
+        """``tuned``: the defaults (the validation-tuned full-batch setting; for an ELU model the box setting tuned
+        for it); ``paper``: the specification's values (:mod:`liftkit.methods.tiam.presets`)."""
         return presets.preset_values(preset, model)
 
     def __init__(self, model: nn.Module, *, loss: str | None = None, **hparams: Any) -> None:

@@ -5,9 +5,9 @@ setting chosen on the MNIST validation split (784-100-100-10 ReLU, 200 iteration
 (ν/2)‖a_l − h(z_l)‖² instead of the box C_l(ε), ρ = 0.3, ν = 3, μ = 1, the W and a steps in their Gram metrics,
 the exact output (cross-entropy on the auxiliary chain's logits) with curvature c = 0.1, up to 40 θ-doublings,
 and for TIAM only the third inertia on the FISTA-like schedule (p1 = p2 = 0). The penalty's z-step has a closed
-form for ReLU and leaky ReLU only, so for a model with another hidden activation (ELU) the tuned preset keeps the
-box constraint and the Euclidean a-step (the a-metric needs the penalty); that fallback is an assumption, not
-a validated setting.
+form for ReLU and leaky ReLU only, so a model with another hidden activation (ELU) gets the setting chosen for
+ELU on validation data instead: the ``paper`` preset with ρ = 0.1, up to 40 θ-doublings and the FISTA-like
+schedule for every inertia.
 
 ``paper``: the specification's reconstruction of Yan, Xu, Wang, Peng (arXiv 2503.08489) on mDLAM's base (Wang,
 Li, Zhao, Neurocomputing 2022). The TIAM paper states the template (the three inertias, Euclidean backtracking
@@ -16,8 +16,8 @@ constraint, the z_L penalty and the backtracking (θ0 = 1, ×2, ≤ 10 doublings
 constant p1 = p2 = p3 = 0.3 is an assumption. ν (1e-3) is listed so that the preset is the specification's
 configuration in full, although the box constraint does not use it.
 
-``am`` takes the same presets without the inertia fields: its p1 = p2 = p3 = 0 by definition, so that TIAM
-against AM on one preset measures what the acceleration adds on the same base.
+``am`` takes the same presets without the inertia fields (p1, p2, p3 and their schedule): its p1 = p2 = p3 = 0
+by definition, so that TIAM against AM on one preset measures what the acceleration adds on the same base.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from torch import nn
 
 from liftkit.models import as_chain
 
-__all__ = ["INERTIA_FIELDS", "PAPER", "PENALTY_ACTIVATIONS", "SUPPORTED_ACTIVATIONS", "preset_values"]
+__all__ = ["BOX_TUNED", "INERTIA_FIELDS", "PAPER", "PENALTY_ACTIVATIONS", "SUPPORTED_ACTIVATIONS", "preset_values"]
 
 #: hidden activations TIAM trains, and those the penalty constraint's closed-form z-step covers
 SUPPORTED_ACTIVATIONS = ("relu", "leaky_relu", "elu")
@@ -51,22 +51,23 @@ PAPER: dict[str, Any] = {
     "p3": 0.3,
 }
 
-#: the fields AM fixes (p1 = p2 = p3 = 0) and therefore leaves out of its presets
-INERTIA_FIELDS = ("p1", "p2", "p3")
+#: the fields AM fixes (p1 = p2 = p3 = 0, nothing to schedule) and therefore leaves out of its presets
+INERTIA_FIELDS = ("p1", "p2", "p3", "p_schedule")
 
-#: the tuned preset for a model with a hidden activation outside PENALTY_ACTIVATIONS (assumption)
-_BOX_FALLBACK: dict[str, Any] = {"constraint": "box", "a_metric": "identity"}
+#: the tuned preset of a model with a hidden activation outside PENALTY_ACTIVATIONS (ELU): the box constraint,
+#: chosen for ELU on validation data (docs/methods/tiam.md, "Presets")
+BOX_TUNED: dict[str, Any] = {**PAPER, "rho": 0.1, "max_doublings": 40, "p_schedule": "fista"}
 
 
 def preset_values(preset: str, model: nn.Module, *, inertia: bool = True) -> dict[str, Any]:
     """The hyperparameters of ``preset`` for ``model`` that differ from the Config defaults; ``inertia=False``
-    (AM) leaves out p1, p2 and p3."""
+    (AM) leaves out the inertia fields."""
     if preset == "paper":
         values = dict(PAPER)
     else:
         activations = _hidden_activations(model)
         penalty_ok = activations is None or all(name in PENALTY_ACTIVATIONS for name in activations)
-        values = {} if penalty_ok else dict(_BOX_FALLBACK)
+        values = {} if penalty_ok else dict(BOX_TUNED)
     if not inertia:
         values = {k: v for k, v in values.items() if k not in INERTIA_FIELDS}
     return values
