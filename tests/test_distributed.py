@@ -29,24 +29,27 @@ CASES: dict[str, tuple[str, dict[str, Any], int, int, str]] = {
     "sgd": ("sgd", {"lr": 0.05}, 64, 2, "64-16-10"),
     "adam": ("adam", {}, 64, 2, "64-16-10"),
     "lbfgs": ("lbfgs", {"max_iter": 4}, 0, 3, "64-16-10"),
-    "tiam-full": ("tiam", {}, 0, 4, "64-16-16-10"),
-    "tiam-minibatch": ("tiam", {"minibatch_sweeps": 2}, 200, 1, "64-16-16-10"),
-    "am-full": ("am", {"rho": 0.01}, 0, 4, "64-16-16-10"),
+    # TIAM / AM: the specification's configuration (preset paper) switched one code path at a time, and the tuned
+    # defaults (the penalty constraint, both Gram metrics, the exact output, the third inertia on 'fista')
+    "tiam-full": ("tiam", {"preset": "paper"}, 0, 4, "64-16-16-10"),
+    "tiam-tuned": ("tiam", {}, 0, 3, "64-16-16-10"),
+    "tiam-minibatch": ("tiam", {"preset": "paper", "minibatch_sweeps": 2}, 200, 1, "64-16-16-10"),
+    "am-full": ("am", {"preset": "paper", "rho": 0.01}, 0, 4, "64-16-16-10"),
     # the Gram metrics all-reduce aᵀa; the first layer's full-batch Gram is cached under a global fingerprint
     "tiam-metrics": (
         "tiam",
-        {"constraint": "penalty", "nu": 10.0, "rho": 1.0, "w_metric": "gram", "a_metric": "gram",
+        {"preset": "paper", "constraint": "penalty", "nu": 10.0, "rho": 1.0, "w_metric": "gram", "a_metric": "gram",
          "p_schedule": "fista"},
         0,
         3,
         "64-16-16-10",
     ),
-    "am-diagonal": ("am", {"w_metric": "diagonal"}, 0, 3, "64-16-16-10"),
+    "am-diagonal": ("am", {"preset": "paper", "w_metric": "diagonal"}, 0, 3, "64-16-16-10"),
     # the backward order recomputes every v_l after the sweep for F; a separate output-layer penalty weight
     "tiam-backward": (
         "tiam",
-        {"constraint": "penalty", "nu": 3.0, "rho": 0.5, "rho_output": 2.0, "block_order": "backward",
-         "a_metric": "gram"},
+        {"preset": "paper", "constraint": "penalty", "nu": 3.0, "rho": 0.5, "rho_output": 2.0,
+         "block_order": "backward", "a_metric": "gram"},
         0,
         3,
         "64-16-16-10",
@@ -54,7 +57,8 @@ CASES: dict[str, tuple[str, dict[str, Any], int, int, str]] = {
     # the exact output's W_L and b_L are replicated blocks: only their CE share is summed over ranks
     "tiam-exact-output": (
         "tiam",
-        {"constraint": "penalty", "nu": 3.0, "rho": 0.5, "output": "exact", "w_metric": "gram", "p_schedule": "fista"},
+        {"preset": "paper", "constraint": "penalty", "nu": 3.0, "rho": 0.5, "output": "exact", "w_metric": "gram",
+         "p_schedule": "fista"},
         0,
         3,
         "64-16-16-10",
@@ -282,7 +286,7 @@ def test_every_registered_method_is_data_parallel_and_has_an_equality_case() -> 
 @pytest.mark.parametrize(
     ("method", "hparams", "spec", "phrase"),
     [
-        ("tiam", {"zL_solver": "fista"}, "64-16-10", "single process"),
+        ("tiam", {"preset": "paper", "zL_solver": "fista"}, "64-16-10", "single process"),
         ("sibp", {"hidden_solver": "gn_exact"}, "64-16-10", "single process"),
         ("fenchel", {"x_solver": "scipy_lbfgsb"}, "64-16-10", "single process"),
         ("lpom", {"x_init": "persistent"}, "64-16-10", "single process"),
@@ -315,7 +319,7 @@ def test_tiam_fista_refuses_several_processes() -> None:
     from liftkit.models import build_model
 
     model = build_model("64-16-10", input_shape=(1, 8, 8), num_classes=10, seed=0, dtype=torch.float64)
-    method = get("tiam")(model, zL_solver="fista")
+    method = get("tiam")(model, preset="paper", zL_solver="fista")
     with pytest.raises(ValueError, match="single process"):
         method.set_comm(_TwoRanks())
 

@@ -18,7 +18,7 @@ from liftkit.methods import get, parse_hparam
 from liftkit.models import build_model
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "methods"
-PAGES = {"proxprop": "proxprop", "fenchel": "fenchel", "sibp": "sibp", "lpom": "lpom"}
+PAGES = {"proxprop": "proxprop", "fenchel": "fenchel", "sibp": "sibp", "lpom": "lpom", "tiam": "tiam"}
 HEADING = re.compile(r"^#+ .*Presets(?: for `([^`]+)`)?(?: \(activation `([^`]+)`\))?")
 
 

@@ -1,9 +1,15 @@
-"""TIAM / AM: block updates against references (docs/methods/tiam.md §8 oracles), invariants and errors."""
+"""TIAM / AM: block updates against references (docs/methods/tiam.md §8 oracles), invariants and errors.
+
+The tests construct the methods in the ``paper`` preset (the specification's configuration) plus the
+hyperparameters they name: each checks a configuration, and that one stays fixed whatever the defaults are. The
+tuned defaults and the presets themselves are tested at the end.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import itertools
 import math
 
@@ -14,7 +20,9 @@ from torch import nn
 
 from liftkit.activations import Activation, get_activation
 from liftkit.methods import get
-from liftkit.methods.tiam import AM, TIAM, grad_a, grad_b, grad_ce_sum, grad_w
+from liftkit.methods.tiam import AM as _AM
+from liftkit.methods.tiam import TIAM as _TIAM
+from liftkit.methods.tiam import grad_a, grad_b, grad_ce_sum, grad_w
 from liftkit.methods.tiam.blocks import ABlock
 from liftkit.methods.tiam.config import penalties_at
 from liftkit.methods.tiam.ops import Counters as _Counters
@@ -23,6 +31,9 @@ from liftkit.methods.tiam.sweep import hidden_activations
 from liftkit.models import mlp
 
 torch.use_deterministic_algorithms(True)
+
+TIAM = functools.partial(_TIAM, preset="paper")
+AM = functools.partial(_AM, preset="paper")
 
 
 def _problem(n: int = 24, d: int = 6, classes: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -418,7 +429,7 @@ def test_am_iteration_matches_independent_reference(rho_out: float | None, outpu
 # -- objective: reported value, monotonicity with the safeguard (oracle 6) -----------------------------------
 
 
-def _objective(meth: TIAM, x: torch.Tensor, y: torch.Tensor) -> float:
+def _objective(meth: _TIAM, x: torch.Tensor, y: torch.Tensor) -> float:
     st, c = meth.state, meth.config
     onehot = tF.one_hot(y, st.z[-1].shape[1]).double()
     F = float(-(onehot * torch.log_softmax(st.z[-1], dim=1)).sum())
@@ -471,7 +482,7 @@ def test_tiam_with_zero_inertia_is_am_bit_identical(mode: str) -> None:
     x, y = _problem(n=32)
     m1, m2 = _model(), _model()
     t = TIAM(m1, p1=0.0, p2=0.0, p3=0.0, mode=mode)
-    am = get("am")(m2, mode=mode)
+    am = get("am")(m2, preset="paper", mode=mode)
     for k in range(5):
         idx = torch.randperm(32, generator=torch.Generator().manual_seed(k))
         s1, s2 = t.step(x[idx], y[idx], idx=idx), am.step(x[idx], y[idx], idx=idx)
@@ -613,7 +624,7 @@ def test_fista_schedule_keeps_am_unaccelerated_and_objective_monotone() -> None:
 
 def _penalty_a_problem(
     **hp: object,
-) -> tuple[TIAM, Activation, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[_TIAM, Activation, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """A penalty-constraint a-subproblem (ρ = 0.9, ν = 0.4) on the first hidden layer and its closed-form minimiser
     a* from a*(ρWᵀW + νI) = ρ(z_{l+1} − 1bᵀ)W + νh(z_l): (method, φ, z_l, W_{l+1}, b_{l+1}, z_{l+1}, a*)."""
     x, _y = _problem()

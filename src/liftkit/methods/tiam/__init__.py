@@ -37,16 +37,16 @@ triple-inertial step with Δ = u^k − u^{k−1}:
 * z_L: S = CE_sum, prox of (ρ/2)‖z − v_L‖²: z⁺ = (θw + ρv_L)/(θ + ρ); or ``zL_solver='fista'`` (mDLAM): FISTA
   on the whole z_L subproblem from z̃.
 
-Metrics (assumption, switchable; the default is the paper's Euclidean step). The W and a steps are gradient
-steps on ill-conditioned least-squares blocks (the Hessian of S_W is ρaᵀa + μI, whose spectrum on MNIST pixels
-spans many decades), so with the identity metric θ settles near the largest eigenvalue and the weights move
-along the small ones very slowly. ``w_metric='diagonal'`` runs the same backtracking in the metric
-M = diag(ρΣ_rows a² + μ) (still no matrix inversion); ``w_metric='gram'`` in M = ρaᵀa + μI, the block's exact
-Hessian, and ``a_metric='gram'`` (penalty constraint only) in M = ρW_{l+1}ᵀW_{l+1} for a_l with the prox
-u = (θwM + νh(z_l))(θM + νI)⁻¹: the step is u⁺ = prox^M(ũ − ∇S(û)M⁻¹/θ), accepted iff
-S(u⁺) ≤ S(û) + ⟨∇S(û), d⟩ + (θ/2)‖d‖²_M. With p1 = p2 the first trial θ = 1 is then the exact block minimiser
-(a Newton step on a quadratic); the factorisations are of n_{l−1} × n_{l−1} and n_l × n_l matrices (784 × 784 for
-MNIST's first layer, 100 × 100 after it), which departs from the paper's "no matrix inversion" and is reported as such.
+Metrics (assumption, switchable; the Gram metrics are the default, the paper's Euclidean step the ``paper``
+preset). The W and a steps are gradient steps on ill-conditioned least-squares blocks (the Hessian of S_W is ρaᵀa +
+μI, whose spectrum on MNIST pixels spans many decades), so with the identity metric θ settles near the largest
+eigenvalue and the weights move along the small ones very slowly. ``w_metric='diagonal'`` runs the same
+backtracking in the metric M = diag(ρΣ_rows a² + μ) (still no matrix inversion); ``w_metric='gram'`` in M = ρaᵀa +
+μI, the block's exact Hessian, and ``a_metric='gram'`` (penalty constraint only) in M = ρW_{l+1}ᵀW_{l+1} for a_l
+with the prox u = (θwM + νh(z_l))(θM + νI)⁻¹: the step is u⁺ = prox^M(ũ − ∇S(û)M⁻¹/θ), accepted iff S(u⁺) ≤ S(û) +
+⟨∇S(û), d⟩ + (θ/2)‖d‖²_M. With p1 = p2 the first trial θ = 1 is then the exact block minimiser (a Newton step on a
+quadratic); the factorisations are of n_{l−1} × n_{l−1} and n_l × n_l matrices (784 × 784 for MNIST's first layer,
+100 × 100 after it), which departs from the paper's "no matrix inversion" and is reported as such.
 
 Cost (implementation, not the method). The W-metric is a Cholesky factor in float64; the first layer's, of the
 fixed training set, is computed once in full-batch mode and reused while the input's fingerprint is unchanged. In
@@ -65,17 +65,17 @@ small ρ_L therefore lets the auxiliary chain "classify" the training set while 
 Exact output (assumption, switchable). ``output='exact'`` keeps the output constraint z_L = a_{L−1}W_Lᵀ + 1b_Lᵀ
 exactly: there is no z_L block, CE acts on the logits of the auxiliary chain, and W_L, b_L and a_{L−1} take
 majorised steps on it. The softmax cross-entropy's Hessian in the logits is at most ½I, so c·aᵀa + μI, c·N
-and c·W_LᵀW_L (c = ``output_curvature``, ½ by default) take the place of ρaᵀa, ρN and ρW_LᵀW_L in the metrics;
-with c = ½ the first trial θ = 1 is always accepted.
+and c·W_LᵀW_L (c = ``output_curvature``: 0.1 by default, ½ in the ``paper`` preset) take the place of ρaᵀa,
+ρN and ρW_LᵀW_L in the metrics; with c = ½ the first trial θ = 1 is always accepted.
 
 Block order (assumption, switchable). ``block_order='forward'`` is the paper's (layer by layer from the input:
 W_l, b_l, z_l, a_l). ``'backward'`` runs l = L..1 with z_l, W_l, b_l, a_{l−1}: the label signal entering at
 z_L then reaches W_1 within one sweep (as in dlADMM's backward pass) instead of one block per sweep.
 
-Inertia schedule. ``p_schedule='constant'`` (default; p1 = p2 = p3 = 0.3, assumption) or ``'fista'`` (the
-FISTA-like alternative of docs/methods/tiam.md §4.4): t_0 = 1, t_k = (1 + √(1 + 4t_{k−1}²))/2 and every switched-on p_i
-of iteration k is p_k = (t_{k−1} − 1)/t_k (0, 0, 0.28, 0.43, … → 1). The safeguard below keeps F monotone
-when the large late p_k overshoot.
+Inertia schedule. ``p_schedule='constant'`` (the ``paper`` preset: p1 = p2 = p3 = 0.3, assumption) or ``'fista'``
+(the default, with p3 alone switched on; the FISTA-like alternative of docs/methods/tiam.md §4.4): t_0 = 1,
+t_k = (1 + √(1 + 4t_{k−1}²))/2 and every switched-on p_i of iteration k is p_k = (t_{k−1} − 1)/t_k
+(0, 0, 0.28, 0.43, … → 1). The safeguard below keeps F monotone when the large late p_k overshoot.
 
 After the third inertia z_l is re-projected (given a_l) and a_l (given the new z_l), so (z_l, a_l) ∈ C_l(ε).
 With ``safeguard`` on, a block whose local objective (the terms of F that contain it) rises is redone with
@@ -103,10 +103,15 @@ all-reduced, and of their backtracking values only the CE share (S) is summed, s
 already identical on every rank. ``zL_solver='fista'`` is single-process only (its stopping rule would need every
 iteration's change reduced). Checkpoints gather the per-sample shards into full arrays.
 
+Presets. The defaults are the ``tuned`` preset, the full-batch setting chosen on validation data (the penalty
+constraint, the Gram metrics, the exact output, the third inertia on the ``fista`` schedule); ``paper`` is the
+specification's (mDLAM's constants, the box constraint, Euclidean steps, constant p = 0.3); see
+:mod:`~liftkit.methods.tiam.presets`.
+
 Layout. ``config`` (the hyperparameters and the per-iteration schedules ε_k, p_k, ρ_k), ``state`` (the typed
 state and its checkpoint form), ``ops`` (gradients, projections, backtracking), ``blocks``, ``a_gram`` and
-``output`` (the block operators as functions of their operands and weights ρ, ν, c), ``sweep`` (the blocks bound
-to the method's state, the two sweep orders) and ``method`` (the thin ``TIAM`` and ``AM`` classes).
+``output`` (the block operators as functions of their operands and weights ρ, ν, c), ``presets``, ``sweep``
+(the blocks bound to the method's state, the two sweep orders) and ``method`` (the thin ``TIAM`` and ``AM`` classes).
 """
 
 from liftkit.methods.tiam.config import AMConfig, TIAMConfig

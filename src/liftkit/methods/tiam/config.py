@@ -23,19 +23,22 @@ Inertia = tuple[float, float, float]
 
 @dataclass
 class TIAMConfig(MethodConfig):
-    """TIAM hyperparameters (docs/methods/tiam.md §6). Defaults: ρ, μ, ε schedule, θ0, ×2, ≤10 doublings from the
-    mDLAM code; p1 = p2 = p3 = 0.3 (assumption). Every (assumption) of docs/methods/tiam.md §4 is a field here."""
+    """TIAM hyperparameters (docs/methods/tiam.md §6). The defaults are the ``tuned`` preset, the full-batch setting
+    chosen on validation data; the ``paper`` preset restores the specification's values (ρ, μ, the box constraint,
+    θ0, ×2, ≤ 10 doublings from the mDLAM code; p1 = p2 = p3 = 0.3, assumption), see
+    :mod:`liftkit.methods.tiam.presets`. Every (assumption) of docs/methods/tiam.md §4 is a field here."""
 
-    rho: float = 1e-3  # weight of the linear-constraint penalties (official code, mDLAM)
+    rho: float = 0.3  # weight of the linear-constraint penalties (tuned; paper preset 1e-3: official code, mDLAM)
     rho_output: float | None = None  # weight of the output layer's penalty (ρ/2)‖z_L − v_L‖²; None: ρ (assumption)
-    mu: float = 0.05  # weight regulariser (μ/2)‖W‖² (official code, mDLAM)
+    mu: float = 1.0  # weight regulariser (μ/2)‖W‖² (tuned; paper preset 0.05: official code, mDLAM)
     eps0: float = 100.0  # initial half-width of C_l(ε)
     eps_decay: float = 0.5  # ε ← max(decay·ε, eps_min) after every full-batch iteration
     eps_min: float = 1e-3
-    p1: float = 0.3  # 1st inertia: centre of the proximal term (assumption)
-    p2: float = 0.3  # 2nd inertia: gradient point (assumption)
+    # tuned: only the 3rd inertia, switched on (non-zero), on the 'fista' schedule; paper preset 0.3 each, constant
+    p1: float = 0.0  # 1st inertia: centre of the proximal term (assumption)
+    p2: float = 0.0  # 2nd inertia: gradient point (assumption)
     p3: float = 0.3  # 3rd inertia: post-update extrapolation (assumption)
-    p_schedule: Literal["constant", "fista"] = "constant"  # 'fista': every non-zero p_i follows p_k = (t_{k-1} - 1)/t_k
+    p_schedule: Literal["constant", "fista"] = "fista"  # 'fista': every non-zero p_i follows p_k = (t_{k-1} - 1)/t_k
     safeguard: bool = True  # redo a block with p = 0 when its local objective rises (assumption)
     # 'extrapolated': Δ = u^k − u^{k−1}; 'raw': Δ between raw prox outputs u⁺
     history: Literal["extrapolated", "raw"] = "extrapolated"
@@ -44,10 +47,11 @@ class TIAMConfig(MethodConfig):
     zL_init: Literal["target", "forward"] = "target"
     theta0: float = 1.0  # first trial θ of every backtracking call (mDLAM)
     backtrack_factor: float = 2.0
-    max_doublings: int = 10
+    max_doublings: int = 40  # tuned (paper preset 10: mDLAM)
     theta_warm_start: bool = False  # start each block's backtracking at its last accepted θ (assumption)
-    constraint: Literal["box", "penalty"] = "box"  # 'box': C_l(ε) | 'penalty': (ν/2)‖a_l − h(z_l)‖² (assumption)
-    nu: float = 1e-3  # weight of the 'penalty' constraint
+    # 'box': C_l(ε) (paper preset) | 'penalty': (ν/2)‖a_l − h(z_l)‖² (tuned; assumption; ReLU and leaky ReLU)
+    constraint: Literal["box", "penalty"] = "penalty"
+    nu: float = 3.0  # weight of the 'penalty' constraint (tuned; paper preset 1e-3)
     init: Literal["pytorch", "mdlam"] = "pytorch"  # 'pytorch': the model's own weights | 'mdlam': W, b ~ N(0, 0.1²)
     mode: Literal["auto", "full", "minibatch"] = "auto"
     minibatch_sweeps: int = 1
@@ -55,18 +59,20 @@ class TIAMConfig(MethodConfig):
     fista_step: float = 4.0  # step of zL_solver='fista' (mDLAM)
     fista_max_iter: int = 500
     fista_tol: float = 1e-4  # relative-change stop of the shared projected_fista
-    # metric of the W backtracking: 'identity' (paper) | 'diagonal' | 'gram' (assumption)
-    w_metric: Literal["identity", "diagonal", "gram"] = "identity"
-    # metric of the a backtracking: 'identity' (paper) | 'gram' (penalty only; assumption)
-    a_metric: Literal["identity", "gram"] = "identity"
+    # metric of the W backtracking: 'identity' (paper) | 'diagonal' | 'gram' (tuned; assumption)
+    w_metric: Literal["identity", "diagonal", "gram"] = "gram"
+    # metric of the a backtracking: 'identity' (paper) | 'gram' (tuned; penalty only; assumption)
+    a_metric: Literal["identity", "gram"] = "gram"
     penalty_growth: float = 1.0  # ρ and ν are multiplied by growth^k at iteration k (continuation; assumption)
     penalty_growth_max: float = 100.0  # cap on that factor
-    # 'penalty': z_L is an auxiliary block tied to v_L by (ρ/2)‖z_L − v_L‖² (spec) | 'exact': z_L = v_L is kept
-    # exactly and CE acts on the network's own logits; W_L, b_L, a_{L-1} take majorised CE steps (assumption)
-    output: Literal["penalty", "exact"] = "penalty"
-    # curvature c of the exact output's majorised steps (metrics c·aᵀa, c·N, c·W_LᵀW_L); 0.5 bounds the softmax
-    # cross-entropy's Hessian, so θ = 1 is always accepted; a smaller c tries longer steps first (assumption)
-    output_curvature: float = 0.5
+    # 'penalty': z_L is an auxiliary block tied to v_L by (ρ/2)‖z_L − v_L‖² (spec, paper preset) | 'exact'
+    # (tuned): z_L = v_L is kept exactly and CE acts on the network's own logits; W_L, b_L, a_{L-1} take majorised
+    # CE steps (assumption)
+    output: Literal["penalty", "exact"] = "exact"
+    # curvature c of the exact output's majorised steps (metrics c·aᵀa, c·N, c·W_LᵀW_L); 0.5 (paper preset) bounds
+    # the softmax cross-entropy's Hessian, so θ = 1 is always accepted; a smaller c (tuned 0.1) tries longer steps
+    # first (assumption)
+    output_curvature: float = 0.1
     # full mode: every this many iterations, reset z_l, a_l (and their inertia) to a forward pass of the current
     # network, as at the start; 0 = never, the paper's schedule (assumption)
     resync_every: int = 0
@@ -118,17 +124,19 @@ class TIAMConfig(MethodConfig):
         if self.a_metric == "gram" and self.constraint != "penalty":
             raise ValueError(
                 "a_metric='gram' needs constraint='penalty' (the box prox has no closed form in that metric); "
-                "set constraint=penalty or a_metric=identity"
+                "with constraint=box also set a_metric=identity, or use constraint=penalty"
             )
 
 
 @dataclass
 class AMConfig(TIAMConfig):
-    """``am``: the TIAM code with the three inertias switched off (p1 = p2 = p3 = 0)."""
+    """``am``: the TIAM code with the three inertias switched off (p1 = p2 = p3 = 0); every other default is
+    TIAM's, so that the two compare on one base setting."""
 
     p1: float = 0.0
     p2: float = 0.0
     p3: float = 0.0
+    p_schedule: Literal["constant", "fista"] = "constant"  # no inertia to schedule
 
     def validate(self) -> None:
         super().validate()

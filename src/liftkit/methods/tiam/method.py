@@ -11,6 +11,7 @@ import torch.nn.functional as tF
 from torch import Tensor, nn
 
 from liftkit.methods.base import Method, StepStats, evaluate_loss, register
+from liftkit.methods.tiam import presets
 from liftkit.methods.tiam.config import AMConfig, Inertia, TIAMConfig, eps_at, inertia_at, penalties_at
 from liftkit.methods.tiam.ops import Counters
 from liftkit.methods.tiam.state import BlockHistory, SampleRows, TIAMState
@@ -19,8 +20,8 @@ from liftkit.models import ChainLayer, as_chain
 
 __all__ = ["AM", "TIAM"]
 
-_SUPPORTED_ACTIVATIONS = ("relu", "leaky_relu", "elu")
-_PENALTY_ACTIVATIONS = ("relu", "leaky_relu")
+_SUPPORTED_ACTIVATIONS = presets.SUPPORTED_ACTIVATIONS
+_PENALTY_ACTIVATIONS = presets.PENALTY_ACTIVATIONS
 
 
 @register
@@ -44,6 +45,12 @@ class TIAM(Method):
     )
     default_batch_size = 0
     supports_data_parallel = True
+
+    @classmethod
+    def preset_values(cls, preset: str, model: nn.Module) -> dict[str, Any]:
+        """``tuned``: the defaults (the validation-tuned full-batch setting; for an ELU model the box setting tuned
+        for it); ``paper``: the specification's values (:mod:`liftkit.methods.tiam.presets`)."""
+        return presets.preset_values(preset, model)
 
     def __init__(self, model: nn.Module, *, loss: str | None = None, **hparams: Any) -> None:
         super().__init__(model, loss=loss, **hparams)
@@ -325,6 +332,11 @@ class AM(TIAM):
         "Wang, Li, Zhao, Accelerated Gradient-free Neural Network Training by Multi-convex Alternating "
         "Optimization, Neurocomputing 2022 (the base TIAM builds on)"
     )
+
+    @classmethod
+    def preset_values(cls, preset: str, model: nn.Module) -> dict[str, Any]:
+        """TIAM's presets without the inertia (p1 = p2 = p3 = 0 by definition)."""
+        return presets.preset_values(preset, model, inertia=False)
 
 
 def _bias(layer: ChainLayer) -> Tensor:
