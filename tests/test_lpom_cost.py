@@ -47,7 +47,7 @@ def test_skipping_blocks_at_their_forward_minimiser_changes_nothing(order, cls):
     """From the forward pass, X-phases with and without the skip end at the same X (up to rounding), and the
     skip saves exactly the solves of blocks whose neighbours had not moved yet."""
     widths = (6, 9, 8, 7, 5, 4)
-    extra = {"workers": 1} if cls is LPOMSync else {"x_sweep_order": order}
+    extra = {"workers": 1} if cls is LPOMSync else {"x_sweep_order": order, "x_sweeps": 0}  # L sweeps
     method = cls(chain(widths), x_iters=7, **extra)
     x, y = batch(widths)
     xs, pre, d, ws, bs = forward_state(method, x, y)
@@ -73,7 +73,7 @@ def test_skipping_blocks_at_their_forward_minimiser_changes_nothing(order, cls):
 def test_a_skip_never_hides_a_block_that_must_move():
     """One forward sweep moves only the output; with the skip the hidden blocks still report a result."""
     widths = (6, 9, 8, 4)
-    method = LPOM(chain(widths), x_sweeps=1)
+    method = LPOM(chain(widths), x_sweeps=1, x_sweep_order="forward")
     x, y = batch(widths)
     xs, pre, d, ws, bs = forward_state(method, x, y)
     before = [t.clone() for t in xs]
