@@ -127,6 +127,37 @@ def test_fused_w_update_equals_the_explicit_step(bias, beta, side):
         assert b_new is None
 
 
+@pytest.mark.parametrize("side", ["batch", "feature"])
+def test_float32_batch_applies_the_float64_inverse_and_matches_a_dense_solve(side):
+    """A float32 batch with a float64 factor applies (K + εI)⁻¹ as a product: the W-step equals a float64 dense
+    solve and the triangular solves it replaces, to float32 rounding; equal dtypes keep the triangular solves
+    (no inverse is formed)."""
+    g = torch.Generator().manual_seed(7)
+    m, n, out = (20, 60, 9) if side == "batch" else (40, 12, 5)
+    x = torch.rand(m, n, generator=g)
+    r = torch.randn(m, out, generator=g)
+    w, b = torch.randn(out, n, generator=g), torch.randn(out, generator=g)
+    op = PinvApply.cholesky(x, True, side, 1e-10, torch.float64)
+    assert op.inverse is not None and op.inverse.dtype == torch.float64
+    w_new, b_new = op.update(r, w, b, 0.5)
+    assert w_new.dtype == torch.float32 and b_new is not None
+    x_bar = torch.cat([x, torch.ones(m, 1)], dim=1).double()
+    gram = x_bar @ x_bar.t() if side == "batch" else x_bar.t() @ x_bar
+    eps = 1e-10 * float(gram.trace()) / m
+    rhs = r.double() if side == "batch" else x_bar.t() @ r.double()
+    z = torch.linalg.solve(gram + eps * torch.eye(gram.shape[0], dtype=torch.float64), rhs)
+    step = (z.t() @ x_bar if side == "batch" else z.t()) / 0.5
+    torch.testing.assert_close(w_new.double(), w.double() - step[:, :-1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(b_new.double(), b.double() - step[:, -1], atol=1e-5, rtol=1e-5)
+    op.inverse = None  # the triangular solves of the same factor
+    w_tri, b_tri = op.update(r, w, b, 0.5)
+    assert b_tri is not None
+    torch.testing.assert_close(w_new, w_tri, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(b_new, b_tri, atol=1e-6, rtol=1e-6)
+    assert PinvApply.cholesky(x.double(), True, side, 1e-10, torch.float64).inverse is None
+    assert PinvApply.cholesky(x, True, side, 1e-10, torch.float32).inverse is None
+
+
 def test_solve_dtype_float32_keeps_the_w_step_close_and_bad_values_fail():
     widths = (6, 30, 4)
     x, y = batch(widths, m=12)
