@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from liftkit.activations import Activation
+from liftkit.methods.base import evaluate_loss
 from liftkit.methods.lpom import LPOM
 from liftkit.methods.lpom_kernels import PinvApply, fused_fista, preact, step_update
 from liftkit.methods.lpom_parallel import LPOMSync
@@ -156,6 +157,22 @@ def test_float32_batch_applies_the_float64_inverse_and_matches_a_dense_solve(sid
     torch.testing.assert_close(b_new, b_tri, atol=1e-6, rtol=1e-6)
     assert PinvApply.cholesky(x.double(), True, side, 1e-10, torch.float64).inverse is None
     assert PinvApply.cholesky(x, True, side, 1e-10, torch.float32).inverse is None
+
+
+@pytest.mark.parametrize("act", ["relu", "tanh"])
+def test_step_loss_and_initial_energy_are_the_reported_loss_and_the_data_term(act):
+    """The step's loss and ``energy_init`` (from one set of squared errors where the targets allow it, ReLU; a
+    tanh output's floored targets take the separate computations) are exactly evaluate_loss and ℓ(X^L, D)."""
+    widths = (6, 9, 4)
+    method = LPOM(chain(widths, act))
+    x, y = batch(widths)
+    with torch.no_grad():
+        out = method.model(x)
+    d = method.prepare_batch(x, y)[1]
+    assert method._floors_targets(y) == (act == "tanh")
+    stats = method.step(x, y)
+    assert stats.loss == float(evaluate_loss("mse", out, y))
+    assert stats.info["energy_init"] == method.lifted.data_loss(out, d)
 
 
 def test_solve_dtype_float32_keeps_the_w_step_close_and_bad_values_fail():

@@ -294,11 +294,27 @@ class LPOM(Method):
             )
         if self.loss == "ce" and y.dtype.is_floating_point:
             raise ValueError("cross-entropy needs integer class labels; use loss='mse' for float targets")
-        if self.config.onehot_off == "floor" and self.loss == "mse" and not y.dtype.is_floating_point:
+        if self._floors_targets(y):
             # the "off" entries at the bottom of φ's range (tanh: −1), where φ saturates, rather than at a
             # value φ reaches only on a linear stretch (lpom_defaults)
             d = lpom_defaults.floor_onehot(d, self.lifted.acts[-1].domain[0])
         return d
+
+    def _floors_targets(self, y: Tensor) -> bool:
+        """Whether :meth:`_targets` moves the one-hot "off" entries (else D is the reported loss's target)."""
+        low = self.lifted.acts[-1].domain[0]
+        return (
+            self.config.onehot_off == "floor" and self.loss == "mse" and not y.dtype.is_floating_point
+            and low != 0.0 and math.isfinite(low)
+        )
+
+    def _forward_loss(self, out: Tensor, y: Tensor, d: Tensor) -> tuple[float, float | None]:
+        """The reported loss of the forward output and, where the same squared errors give it, the data term
+        ℓ(X^L, D) = ½‖X^L − D‖² (MSE to the reported loss's own targets, one process); else ``None``."""
+        if self.loss != "mse" or self.lifted.shards is not None or self._floors_targets(y):
+            return float(evaluate_loss(self.loss, out, y.to(out.device))), None
+        sq = (out - d).pow(2)  # the terms of evaluate_loss's MSE and of LiftedChain.data_loss, computed once
+        return float(sq.sum(dim=1).mean()), 0.5 * float(sq.sum(dtype=torch.float64).item())
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -453,7 +469,8 @@ class LPOM(Method):
         Per group: every block is solved from the same values (:meth:`map_blocks`), exposed through the
         :attr:`x_momentum` average, and its pre-activation refreshed; then ``after_group(i)`` runs (the layer-
         parallel boundary exchange). Only the ``owned`` blocks are solved here (default: all). ``round_moved``
-        turns this process's largest change of a round into the global one (a maximum over the ranks).
+        turns this process's largest change of a round into the global one (a maximum over the ranks). Without
+        it the last round's change is not measured (it would stop nothing), so one sweep pays no stopping test.
 
         ``at_forward``: ``xs`` is the forward pass of the current weights. A hidden block whose neighbours still
         hold their forward values then sits at a minimiser of its subproblem (both of its penalties vanish), so
@@ -463,8 +480,10 @@ class LPOM(Method):
         lifted = self.lifted
         clean = set(range(1, lifted.L)) if at_forward else set()
         out = XSweep()
-        for _ in range(sweeps):
+        for sweep in range(sweeps):
             moved = 0.0
+            # the last round's largest change decides nothing (unless the ranks compare it): not measured then
+            measure = sweep < sweeps - 1 or round_moved is not None
             with self.block("x_sweep"):
                 for i, group in enumerate(groups):
                     here = [k for k in group if owned is None or k in owned]
@@ -478,7 +497,8 @@ class LPOM(Method):
                         xs[k] = res.value if beta_m == 0.0 else beta_m * olds[k] + (1.0 - beta_m) * res.value
                         out.last[k] = res
                         out.iters += res.iters
-                        moved = max(moved, lifted.rel_change(xs[k], olds[k]))
+                        if measure:
+                            moved = max(moved, lifted.rel_change(xs[k], olds[k]))
                     inner = [k for k in todo if k < lifted.L]
                     for k, u in zip(inner, self.map_blocks(lambda k: self.refresh_preact(k, xs, ws, bs), inner)):
                         pre[k] = u
@@ -599,14 +619,15 @@ class LPOM(Method):
             ws, bs = lifted.weights(), lifted.biases()
             with self.block("forward"):
                 xs, pre, out = self._init_x(x0, idx, ws, bs)
-            loss = float(evaluate_loss(self.loss, out, y.to(out.device)))
+            loss, data_init = self._forward_loss(out, y, d)
             self.check_finite_input(x0, loss)
             info: dict[str, float] = {}
             if c.monitor != "off":
                 # At the forward initialisation every penalty vanishes (tested), so E = ℓ there.
-                info["energy_init"] = (
-                    lifted.energy(xs, pre, d) if c.x_init == "persistent" else lifted.data_loss(xs[-1], d)
-                )
+                if c.x_init == "persistent":
+                    info["energy_init"] = lifted.energy(xs, pre, d)
+                else:
+                    info["energy_init"] = data_init if data_init is not None else lifted.data_loss(xs[-1], d)
             for p in range(c.outer_passes):
                 if p > 0:
                     ws, bs = lifted.weights(), lifted.biases()
