@@ -276,7 +276,8 @@ def test_w_step_pinv_sides_agree(m):
 # -- oracle 8: forward sweep s moves exactly X^{n−s+1..n} --------------------------------------------------------
 @pytest.mark.parametrize("sweeps", [1, 2, 3, 4])
 def test_forward_sweep_s_changes_exactly_the_top_s_blocks(sweeps):
-    method, _, x, y = problem(widths=(6, 9, 8, 7, 4), x_sweeps=sweeps, x_tol=1e-14, x_iters=50)
+    method, _, x, y = problem(widths=(6, 9, 8, 7, 4), x_sweeps=sweeps, x_sweep_order="forward", x_tol=1e-14,
+                              x_iters=50)
     xs, pre, d, ws, bs = forward_state(method, x, y)
     before = [t.clone() for t in xs]
     method.x_phase(xs, pre, d, ws, bs, {})
@@ -429,7 +430,8 @@ def test_registry_and_reporting():
     cls = get("lpom")
     assert cls is LPOM and cls.default_loss == "mse" and cls.model_output_activation == "hidden"
     assert "reconstructed" in cls.reporting_name
-    assert np.isclose(LPOM(mlp("6-9-4", output_activation="relu")).sweeps, 2)
+    assert np.isclose(LPOM(mlp("6-9-4", output_activation="relu"), x_sweeps=0).sweeps, 2)  # 0 means L
+    assert LPOM(mlp("6-9-4", output_activation="relu")).sweeps == 1  # the default: one backward sweep
 
 
 @pytest.mark.parametrize("act,gamma", [("relu", 0.0), ("leaky_relu", 0.0), ("hardtanh", 0.5), ("sigmoid", 0.0),

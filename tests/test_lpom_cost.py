@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from liftkit.activations import Activation
+from liftkit.methods.base import evaluate_loss
 from liftkit.methods.lpom import LPOM
 from liftkit.methods.lpom_kernels import PinvApply, fused_fista, preact, step_update
 from liftkit.methods.lpom_parallel import LPOMSync
@@ -47,7 +48,7 @@ def test_skipping_blocks_at_their_forward_minimiser_changes_nothing(order, cls):
     """From the forward pass, X-phases with and without the skip end at the same X (up to rounding), and the
     skip saves exactly the solves of blocks whose neighbours had not moved yet."""
     widths = (6, 9, 8, 7, 5, 4)
-    extra = {"workers": 1} if cls is LPOMSync else {"x_sweep_order": order}
+    extra = {"workers": 1} if cls is LPOMSync else {"x_sweep_order": order, "x_sweeps": 0}  # L sweeps
     method = cls(chain(widths), x_iters=7, **extra)
     x, y = batch(widths)
     xs, pre, d, ws, bs = forward_state(method, x, y)
@@ -73,7 +74,7 @@ def test_skipping_blocks_at_their_forward_minimiser_changes_nothing(order, cls):
 def test_a_skip_never_hides_a_block_that_must_move():
     """One forward sweep moves only the output; with the skip the hidden blocks still report a result."""
     widths = (6, 9, 8, 4)
-    method = LPOM(chain(widths), x_sweeps=1)
+    method = LPOM(chain(widths), x_sweeps=1, x_sweep_order="forward")
     x, y = batch(widths)
     xs, pre, d, ws, bs = forward_state(method, x, y)
     before = [t.clone() for t in xs]
@@ -125,6 +126,53 @@ def test_fused_w_update_equals_the_explicit_step(bias, beta, side):
         torch.testing.assert_close(b_new, ref_b, atol=1e-9, rtol=1e-9)
     else:
         assert b_new is None
+
+
+@pytest.mark.parametrize("side", ["batch", "feature"])
+def test_float32_batch_applies_the_float64_inverse_and_matches_a_dense_solve(side):
+    """A float32 batch with a float64 factor applies (K + εI)⁻¹ as a product: the W-step equals a float64 dense
+    solve and the triangular solves it replaces, to float32 rounding; equal dtypes keep the triangular solves
+    (no inverse is formed)."""
+    g = torch.Generator().manual_seed(7)
+    m, n, out = (20, 60, 9) if side == "batch" else (40, 12, 5)
+    x = torch.rand(m, n, generator=g)
+    r = torch.randn(m, out, generator=g)
+    w, b = torch.randn(out, n, generator=g), torch.randn(out, generator=g)
+    op = PinvApply.cholesky(x, True, side, 1e-10, torch.float64)
+    assert op.inverse is not None and op.inverse.dtype == torch.float64
+    w_new, b_new = op.update(r, w, b, 0.5)
+    assert w_new.dtype == torch.float32 and b_new is not None
+    x_bar = torch.cat([x, torch.ones(m, 1)], dim=1).double()
+    gram = x_bar @ x_bar.t() if side == "batch" else x_bar.t() @ x_bar
+    eps = 1e-10 * float(gram.trace()) / m
+    rhs = r.double() if side == "batch" else x_bar.t() @ r.double()
+    z = torch.linalg.solve(gram + eps * torch.eye(gram.shape[0], dtype=torch.float64), rhs)
+    step = (z.t() @ x_bar if side == "batch" else z.t()) / 0.5
+    torch.testing.assert_close(w_new.double(), w.double() - step[:, :-1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(b_new.double(), b.double() - step[:, -1], atol=1e-5, rtol=1e-5)
+    op.inverse = None  # the triangular solves of the same factor
+    w_tri, b_tri = op.update(r, w, b, 0.5)
+    assert b_tri is not None
+    torch.testing.assert_close(w_new, w_tri, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(b_new, b_tri, atol=1e-6, rtol=1e-6)
+    assert PinvApply.cholesky(x.double(), True, side, 1e-10, torch.float64).inverse is None
+    assert PinvApply.cholesky(x, True, side, 1e-10, torch.float32).inverse is None
+
+
+@pytest.mark.parametrize("act", ["relu", "tanh"])
+def test_step_loss_and_initial_energy_are_the_reported_loss_and_the_data_term(act):
+    """The step's loss and ``energy_init`` (from one set of squared errors where the targets allow it, ReLU; a
+    tanh output's floored targets take the separate computations) are exactly evaluate_loss and ℓ(X^L, D)."""
+    widths = (6, 9, 4)
+    method = LPOM(chain(widths, act))
+    x, y = batch(widths)
+    with torch.no_grad():
+        out = method.model(x)
+    d = method.prepare_batch(x, y)[1]
+    assert method._floors_targets(y) == (act == "tanh")
+    stats = method.step(x, y)
+    assert stats.loss == float(evaluate_loss("mse", out, y))
+    assert stats.info["energy_init"] == method.lifted.data_loss(out, d)
 
 
 def test_solve_dtype_float32_keeps_the_w_step_close_and_bad_values_fail():

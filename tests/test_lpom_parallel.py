@@ -62,8 +62,9 @@ def test_sync_trains_and_differs_from_gauss_seidel():
 
 
 def test_async_simulator_zero_staleness_gamma_zero_equals_serial_lpom():
-    sim, m_sim = make(LPOMAsync, mode="simulate", staleness=0, gamma=0.0, x_tol=1e-300)
-    serial, m_serial = make(LPOM, x_tol=1e-300)
+    schedule = {"x_sweep_order": "forward", "x_sweeps": 0, "x_iters": 5}  # the same X-schedule for both
+    sim, m_sim = make(LPOMAsync, mode="simulate", staleness=0, gamma=0.0, x_tol=1e-300, **schedule)
+    serial, m_serial = make(LPOM, x_tol=1e-300, **schedule)
     run(sim)
     run(serial)
     assert_same_models(m_sim, m_serial, tol=1e-13)

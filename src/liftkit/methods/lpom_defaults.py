@@ -2,8 +2,10 @@
 
 ``tuned`` (the default preset): μ_j of linear layer j follows the activation φ_j that layer applies, from
 :data:`TUNED_MU` (validation-tuned per activation; docs/methods/lpom.md, "Presets"). A model whose layers all
-use one activation gets a single μ, a mixed model one μ per layer. Every other hyperparameter is the
-:class:`~liftkit.methods.lpom.LPOMConfig` default.
+use one activation gets a single μ, a mixed model one μ per layer. The config default T_x = 3 was validated on
+ReLU nets only: a model with another hidden activation keeps :data:`TUNED_X_ITERS_OTHER` iterations (the
+count its tuning used; the bisection prox of sigmoid, tanh, ELU and softplus converges more slowly). Every other
+hyperparameter is the :class:`~liftkit.methods.lpom.LPOMConfig` default.
 
 ``paper``: TPAMI's published setting (Li et al., IEEE TPAMI 2021): μ = 2 for classification, μ = 20 for
 autoencoders (the journal's sync-LPOM autoencoder experiments), ReLU and MSE being the model's and the loss's
@@ -28,6 +30,7 @@ __all__ = [
     "PAPER_CLASSIFICATION_MU",
     "PAPER_SCHEDULE",
     "TUNED_MU",
+    "TUNED_X_ITERS_OTHER",
     "floor_onehot",
     "preset_values",
 ]
@@ -43,6 +46,11 @@ TUNED_MU: dict[str, float] = {
     "hardtanh": 20.0,
     "identity": 5.0,
 }
+
+#: T_x of a model whose hidden activations are not all ReLU (the config default, 3, was validated on ReLU nets)
+TUNED_X_ITERS_OTHER = 5
+#: hidden activations validated with the config default T_x
+X_ITERS_VALIDATED = frozenset({"relu"})
 
 #: TPAMI's μ for classification (MNIST 784-2048³-10, CIFAR-10, ImageNet32; all with ReLU and MSE)
 PAPER_CLASSIFICATION_MU = 2.0
@@ -92,7 +100,11 @@ def preset_values(preset: str, model: nn.Module) -> dict[str, Any]:
     activations = layer_activations(model)
     if activations is None:
         return {}
-    return {"mu": tuned_mu(activations)}
+    values: dict[str, Any] = {"mu": tuned_mu(activations)}
+    # the hidden X-blocks' solvers work on the activations of every layer but the last
+    if not set(activations[:-1]) <= X_ITERS_VALIDATED:
+        values["x_iters"] = TUNED_X_ITERS_OTHER
+    return values
 
 
 def floor_onehot(onehot: Tensor, low: float) -> Tensor:

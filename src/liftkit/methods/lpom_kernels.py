@@ -79,6 +79,12 @@ class PinvApply:
     then Zᵀ X̄ in the working dtype; :meth:`update` fuses that product with the subtraction from W. Feature side:
     (X̄ᵀX̄ + εI)⁻¹ applied to X̄ᵀR. The guard ε = ridge_rel·tr(X̄ᵀX̄)/m is that of
     :func:`liftkit.solvers.batch_pinv`, which provides the SVD form.
+
+    When the solve dtype is more precise than the batch's (the float64 factor of a float32 model, the CPU
+    default), the guarded Gram's inverse is formed once from the factor and applied as one matrix product:
+    its rounding, about cond(K)·ε₆₄ relative, stays far below the float32 rounding of the result, and a
+    product runs faster than the two triangular solves of ``cholesky_solve`` on a CPU. With
+    equal dtypes (a float64 model, or float32 solves on CUDA) the triangular solves are kept.
     """
 
     def __init__(self, x_in: Tensor, has_bias: bool, pinv: Tensor | None = None) -> None:
@@ -86,6 +92,7 @@ class PinvApply:
         self.has_bias = has_bias
         self.pinv = pinv  # explicit (X̄ᵀ)⁺ (m × (n_j+1)), SVD form
         self.factor: Tensor | None = None
+        self.inverse: Tensor | None = None  # (K + εI)⁻¹ from the factor, see the class docstring
         self.batch_side = True
         self._x_bar: Tensor | None = None
 
@@ -115,24 +122,30 @@ class PinvApply:
             out.pinv = torch.zeros_like(out.x_bar)
             return out
         out.factor = guarded_cholesky(gram, ridge_rel * trace / m, trace)
+        if torch.finfo(dtype).eps < torch.finfo(x_in.dtype).eps:
+            out.inverse = torch.cholesky_inverse(out.factor)
         return out
+
+    def _solve(self, rhs: Tensor) -> Tensor:
+        """(K + εI)⁻¹ rhs in the solve dtype, returned in ``rhs``'s dtype."""
+        assert self.factor is not None
+        wide = rhs.to(self.factor.dtype)
+        z = self.inverse @ wide if self.inverse is not None else torch.cholesky_solve(wide, self.factor)
+        return z.to(rhs.dtype)
 
     def __call__(self, r: Tensor) -> Tensor:
         if self.pinv is not None:
             return r.t() @ self.pinv
-        assert self.factor is not None
         if self.batch_side:
-            z = torch.cholesky_solve(r.to(self.factor.dtype), self.factor).to(r.dtype)
-            return z.t() @ self.x_bar
-        rhs = (self.x_bar.t() @ r).to(self.factor.dtype)
-        return torch.cholesky_solve(rhs, self.factor).to(r.dtype).t()
+            return self._solve(r).t() @ self.x_bar
+        return self._solve(self.x_bar.t() @ r).t()
 
     def update(self, r: Tensor, w: Tensor, b: Tensor | None, beta: float) -> tuple[Tensor, Tensor | None]:
         """(W, b) of W̄ − (1/β)Rᵀ(X̄ᵀ)⁺ᵀ. Batch side: Z = (K + εI)⁻¹R/β, then W − ZᵀX as one product with the
         subtraction folded in, and b − Zᵀ1."""
         if self.factor is None or not self.batch_side:
             return step_update(self(r), w, b, beta)
-        z = torch.cholesky_solve(r.to(self.factor.dtype), self.factor).to(r.dtype)
+        z = self._solve(r)
         if beta != 1.0:
             z = z.div_(beta)
         w_new = torch.addmm(w, z.t(), self.x_in, alpha=-1.0)

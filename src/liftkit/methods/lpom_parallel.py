@@ -88,8 +88,14 @@ class _Pool:
 @dataclass
 class LPOMSyncConfig(LPOMConfig):
     """Serial LPOM's hyperparameters plus ``workers`` (threads) and ``momentum`` β_m of the X moving average;
-    ``x_sweeps`` counts odd–even rounds (0 = L)."""
+    ``x_sweeps`` counts odd–even rounds (0 = L).
 
+    Keeps the X-schedule serial LPOM had before its default became one backward sweep of 3 iterations: L
+    odd–even rounds of 5 FISTA iterations (the sweep order does not apply to the odd–even rounds)."""
+
+    x_iters: int = 5
+    x_sweeps: int = 0
+    x_sweep_order: str = "forward"
     workers: int = 2
     momentum: float = 0.0
     #: under torchrun: 'data' splits every batch over the processes (docs/methods/lpom.md §10); 'layers' gives each
@@ -185,8 +191,12 @@ ORDERS = ("cyclic", "random")
 
 @dataclass
 class LPOMAsyncConfig(LPOMConfig):
-    """Serial LPOM's hyperparameters plus the asynchronous ones (docs/methods/lpom.md §7)."""
+    """Serial LPOM's hyperparameters plus the asynchronous ones (docs/methods/lpom.md §7). Keeps the X-schedule
+    serial LPOM had before its default became one backward sweep: L forward sweeps of 5 FISTA iterations."""
 
+    x_iters: int = 5
+    x_sweeps: int = 0
+    x_sweep_order: str = "forward"
     #: worker threads (mode='threads'); 1 runs the sequence in order (deterministic)
     workers: int = 1
     #: initial proximal weight γ₀
