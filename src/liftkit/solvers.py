@@ -46,7 +46,19 @@ _PINV_SIDES = ("auto", "batch", "feature", "svd")
 
 
 def _spd_solve(K: Tensor, B: Tensor) -> Tensor:
-    """Solve K Z = B for symmetric positive definite float64 K by Cholesky.
+    """Solve K Z = B for symmetric positive definite float64 K by Cholesky."""
+    return torch.cholesky_solve(B, _spd_factor(K))
+
+
+def _spd_solve_by_inverse(K: Tensor, B: Tensor) -> Tensor:
+    """Solve K Z = B as (K⁻¹)B with K⁻¹ from the Cholesky factor: for a small, well-conditioned K (a ridge
+    β > 0 on the diagonal) and many right-hand sides one matrix product is faster than the triangular
+    solves of ``cholesky_solve`` on the CPU, and in float64 the two agree to rounding."""
+    return torch.cholesky_inverse(_spd_factor(K)) @ B
+
+
+def _spd_factor(K: Tensor) -> Tensor:
+    """Lower Cholesky factor of the symmetric positive definite float64 K.
 
     K is positive definite in exact arithmetic for every caller (a ridge or a guard ε > 0 is added), but
     rounding in a nearly singular Gram can still make the factorisation fail; a small diagonal jitter, grown
@@ -64,7 +76,7 @@ def _spd_solve(K: Tensor, B: Tensor) -> Tensor:
             jitter *= 100.0
         else:
             raise torch.linalg.LinAlgError("Cholesky factorisation failed: matrix is not positive definite")
-    return torch.cholesky_solve(B, L)
+    return L
 
 
 # --------------------------------------------------------------------------------------------------
@@ -450,7 +462,9 @@ def push_through_coefficients(
         K += 1.0
     M = K.clone()
     M.diagonal().add_(beta)
-    return _spd_solve(M, G.detach().to(torch.float64)), K
+    # N×N with N the batch and q (a layer's width) right-hand sides: the inverse and one product beat the
+    # triangular solves
+    return _spd_solve_by_inverse(M, G.detach().to(torch.float64)), K
 
 
 def spd_ridge_solve(S: Tensor, R: Tensor, beta: float) -> Tensor:

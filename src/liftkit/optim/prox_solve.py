@@ -289,13 +289,17 @@ class ProxSolver:
         Zc = Z.to(a.dtype)
         gw = Zc.T @ a
         gb = Zc.sum(0) if op.has_bias else None
-        # With KZ = G − βZ (the normal equations): ⟨∇J, g⟩ = ⟨G, KZ⟩, ‖g‖² = ⟨Z, KZ⟩, ‖∇J‖² = ⟨G, KG⟩; only the
-        # last needs an N×N×q product, so the cosine costs far less than a weight gradient.
+        # With KZ = G − βZ (the normal equations): ⟨∇J, g⟩ = ⟨G, KZ⟩, ‖g‖² = ⟨Z, KZ⟩, ‖∇J‖² = ⟨G, KG⟩ = ⟨K, GGᵀ⟩;
+        # only the last needs an N×q×N product, taken in the model's dtype (a diagnostic) and far cheaper than a
+        # weight gradient. The scalars leave the device in one transfer.
         g_flat, z_flat = G64.reshape(-1), Z.reshape(-1)
-        gz = float(torch.dot(g_flat, z_flat))
-        dot = float(torch.dot(g_flat, g_flat)) - beta * gz
-        norm2_dir = gz - beta * float(torch.dot(z_flat, z_flat))
-        norm2_grad = float(torch.dot(g_flat, (K @ G64).reshape(-1))) if self.settings.diagnostics else 1.0
+        sums = [torch.dot(g_flat, z_flat), torch.dot(g_flat, g_flat), torch.dot(z_flat, z_flat)]
+        if self.settings.diagnostics:
+            sums.append(torch.dot(K.reshape(-1), (G2 @ G2.T).to(torch.float64).reshape(-1)))
+        gz, gg, zz, *grad_sq = torch.stack(sums).tolist()
+        dot = gg - beta * gz
+        norm2_dir = gz - beta * zz
+        norm2_grad = grad_sq[0] if grad_sq else 1.0
         residual = 0.0
         if self.settings.residuals:
             residual = float((K @ Z + beta * Z - G64).norm() / G64.norm().clamp_min(1e-300))
