@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from torch.nn.grad import conv2d_weight
 
 from liftkit.distributed import Communicator, LocalComm
-from liftkit.solvers import block_cg, push_through_coefficients, spd_ridge_solve
+from liftkit.solvers import block_cg, push_through_inverse, spd_ridge_solve
 
 __all__ = ["Direction", "ProxSettings", "ProxSolver", "check_prox_module", "resolve_optimizer"]
 
@@ -284,11 +284,12 @@ class ProxSolver:
 
     def _push_through(self, op: LinearOperator, G2: Tensor) -> Direction:
         beta, a = self.beta, op.a
-        G64 = G2.detach().to(torch.float64)
-        Z, K = push_through_coefficients(a, G64, beta, ones_column=op.has_bias)
-        Zc = Z.to(a.dtype)
+        M_inv, K = push_through_inverse(a, beta, ones_column=op.has_bias)
+        # the inverse is formed in float64 and applied in the model's dtype (one N×N×q product)
+        Zc = M_inv.to(a.dtype) @ G2.detach()
         gw = Zc.T @ a
         gb = Zc.sum(0) if op.has_bias else None
+        G64, Z = G2.detach().to(torch.float64), Zc.to(torch.float64)
         # With KZ = G − βZ (the normal equations): ⟨∇J, g⟩ = ⟨G, KZ⟩, ‖g‖² = ⟨Z, KZ⟩, ‖∇J‖² = ⟨G, KG⟩ = ⟨K, GGᵀ⟩;
         # only the last needs an N×q×N product, taken in the model's dtype (a diagnostic) and far cheaper than a
         # weight gradient. The scalars leave the device in one transfer.
