@@ -24,8 +24,8 @@ ProxProp layers' weight gradients (the exact solver never forms them; CG and gra
 Solvers (``solver``):
 
 * ``exact``: Linear layers: Cholesky in float64 on the (n+1)×(n+1) Gram (``form="gram"``) or the N×N
-  push-through system (``"push_through"``, then W.grad = Zᵀa in the model's dtype); ``"auto"`` picks the
-  smaller.
+  push-through system (``"push_through"``: its float64 inverse is applied to G in the model's dtype, then
+  W.grad = Zᵀa in the model's dtype); ``"auto"`` picks the smaller.
   Conv2d layers: one shared Gram of the unfolded input, PᵀP + βI, accumulated in float64 over row chunks, one
   right-hand side per output channel. This conv solve is our addition (derived; in neither paper nor code) and
   is reported as ``ProxProp (exact-unfold)``.

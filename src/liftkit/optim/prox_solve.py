@@ -16,7 +16,8 @@ to the reduction (a mean loss scales G by 1/N).
 Solvers (``solver``):
 
 * ``exact``: Linear layers: Cholesky in float64 on the (n+1)×(n+1) Gram (``form="gram"``) or the N×N
-  push-through system (``"push_through"``); ``"auto"`` picks the smaller. Conv2d layers: one shared Gram of
+  push-through system (``"push_through"``, whose float64 inverse is applied in the model's dtype); ``"auto"``
+  picks the smaller. Conv2d layers: one shared Gram of
   the unfolded input, PᵀP + βI, accumulated in float64 over row chunks, one right-hand side per output channel
   (our addition; in neither the paper nor its code).
 * ``cg`` (``cg_iters``) or ``cgN``: block CG as in the official code: one CG per output neuron of a Linear
