@@ -269,6 +269,22 @@ def test_gn_cg_dual_stays_zero_off_the_mask_at_every_budget() -> None:
         assert torch.equal(step.dual[M == 0], torch.zeros(int((M == 0).sum()), dtype=DT))
 
 
+@pytest.mark.parametrize("solver", ("gn_cg", "gn_exact", "gn_primal_cg"))
+def test_gn_step_row_scaling_and_in_place_update_match_the_formed_step(solver: str) -> None:
+    # the method scales rows (the safeguard's 0 and powers of two) before forming Δw = ΛᵀF and accumulates it
+    # into the weight in place; both must be the formed step, scaled and added afterwards
+    a, E, M, lam = _masked_problem(5)
+    step = masked_gn_step(a, E, M, lam, solver=solver, maxit=4)
+    scale = torch.tensor([1.0, 0.5, 0.0, 0.125, 1.0, 0.25], dtype=DT)
+    assert torch.equal(step.row_scaled_delta_w(scale), step.delta_w * scale.unsqueeze(1))
+    assert torch.equal(step.row_scaled_delta_w(None), step.delta_w)
+    W0 = torch.randn(6, 8, generator=torch.Generator().manual_seed(3), dtype=DT)
+    for s in (None, scale):
+        W = W0.clone()
+        step.add_to(W, s)
+        torch.testing.assert_close(W, W0 + step.row_scaled_delta_w(s), rtol=1e-15, atol=1e-15)
+
+
 # -- oracle 8: masked model gradient at W0 = true gradient; the safeguarded step never raises a row ----------
 
 

@@ -143,6 +143,17 @@ def test_linear_prox_direction_forms_and_relation() -> None:
     torch.testing.assert_close(linear_prox_direction(A, G[:, 0], beta), ref[:, 0], rtol=1e-11, atol=1e-12)
 
 
+def test_push_through_inverse_solve_matches_triangular_solves_on_a_stiff_gram() -> None:
+    # push_through_coefficients applies the Cholesky inverse (one product) instead of two triangular solves;
+    # with a ridge far below the Gram's scale (M = K + βI has condition number ~1e6) both must agree to rounding
+    A, G = randn(30, 25, seed=42) * 3.0, randn(30, 50, seed=43)  # rank 25 < 30: K is singular
+    beta = 1e-3
+    Z, K = push_through_coefficients(A, G, beta)
+    M = K + beta * torch.eye(30, dtype=D)
+    torch.testing.assert_close(Z, torch.cholesky_solve(G, torch.linalg.cholesky(M)), rtol=1e-9, atol=1e-12)
+    assert float((M @ Z - G).norm() / G.norm()) < 1e-10
+
+
 def test_push_through_coefficients_and_spd_ridge_solve() -> None:
     A, G = randn(7, 20, seed=40), randn(7, 3, seed=41)
     beta = 0.3

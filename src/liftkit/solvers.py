@@ -30,6 +30,7 @@ __all__ = [
     "linear_prox_direction",
     "projected_fista",
     "push_through_coefficients",
+    "push_through_inverse",
     "resolve_solve_dtype",
     "ridge_solve",
     "spd_ridge_solve",
@@ -46,7 +47,12 @@ _PINV_SIDES = ("auto", "batch", "feature", "svd")
 
 
 def _spd_solve(K: Tensor, B: Tensor) -> Tensor:
-    """Solve K Z = B for symmetric positive definite float64 K by Cholesky.
+    """Solve K Z = B for symmetric positive definite float64 K by Cholesky."""
+    return torch.cholesky_solve(B, _spd_factor(K))
+
+
+def _spd_factor(K: Tensor) -> Tensor:
+    """Lower Cholesky factor of the symmetric positive definite float64 K.
 
     K is positive definite in exact arithmetic for every caller (a ridge or a guard ε > 0 is added), but
     rounding in a nearly singular Gram can still make the factorisation fail; a small diagonal jitter, grown
@@ -64,7 +70,7 @@ def _spd_solve(K: Tensor, B: Tensor) -> Tensor:
             jitter *= 100.0
         else:
             raise torch.linalg.LinAlgError("Cholesky factorisation failed: matrix is not positive definite")
-    return torch.cholesky_solve(B, L)
+    return L
 
 
 # --------------------------------------------------------------------------------------------------
@@ -432,25 +438,37 @@ def push_through_coefficients(
 
     Ā is ``A`` (N×n), or [A, 1] with ``ones_column=True`` (then ĀĀᵀ = AAᵀ + 11ᵀ, without materialising Ā).
     ``linear_prox_direction(A_bar, G, beta, form="push_through")`` equals ``A_bar.T @ Z``. Callers that apply
-    the final Āᵀ themselves (ProxProp does it in the model's dtype, writing W.grad = Zᵀa directly) or need
-    K for cheap diagnostics (⟨∇J, g⟩ = ⟨G, KZ⟩, ‖∇J‖² = ⟨G, KG⟩) use this. K and Z are float64
-    (docs/methods/conventions.md §4); β > 0. Single process only (docs/methods/distributed.md §1).
+    the final Āᵀ themselves or need K for cheap diagnostics (⟨∇J, g⟩ = ⟨G, KZ⟩, ‖∇J‖² = ⟨G, KG⟩) use this or
+    :func:`push_through_inverse`. K and Z are float64 (docs/methods/conventions.md §4); β > 0. Single process
+    only (docs/methods/distributed.md §1).
     """
-    beta = float(beta)
-    if not beta > 0.0:
-        raise ValueError(f"ridge weight beta must be > 0, got {beta}")
     if A.ndim != 2 or G.ndim != 2 or G.shape[0] != A.shape[0]:
         raise ValueError(
             f"push_through_coefficients: A (N x n) and G (N x q) must share N, got {tuple(A.shape)}, "
             f"{tuple(G.shape)}"
         )
+    M_inv, K = push_through_inverse(A, beta, ones_column=ones_column)
+    return M_inv @ G.detach().to(torch.float64), K
+
+
+def push_through_inverse(A: Tensor, beta: float, *, ones_column: bool = False) -> tuple[Tensor, Tensor]:
+    r"""(ĀĀᵀ + βI_N)⁻¹ and K = ĀĀᵀ, both float64, for Ā = ``A`` (N×n) or [A, 1] (``ones_column=True``).
+
+    The inverse comes from the Cholesky factor (a small diagonal jitter is added only if rounding makes the
+    factorisation fail). With N the batch and a layer's width of right-hand sides, applying it is one
+    matrix product, cheaper on the CPU than the two triangular solves of ``cholesky_solve``; ProxProp forms it
+    in float64 and applies it in the model's dtype. β > 0.
+    """
+    beta = _check_beta(beta)
+    if A.ndim != 2:
+        raise ValueError(f"push_through_inverse: A must be 2-D (N x n), got shape {tuple(A.shape)}")
     A64 = A.detach().to(torch.float64)
     K = A64 @ A64.T
     if ones_column:
         K += 1.0
     M = K.clone()
     M.diagonal().add_(beta)
-    return _spd_solve(M, G.detach().to(torch.float64)), K
+    return torch.cholesky_inverse(_spd_factor(M)), K
 
 
 def spd_ridge_solve(S: Tensor, R: Tensor, beta: float) -> Tensor:

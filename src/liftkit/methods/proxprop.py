@@ -24,8 +24,8 @@ ProxProp layers' weight gradients (the exact solver never forms them; CG and gra
 Solvers (``solver``):
 
 * ``exact``: Linear layers: Cholesky in float64 on the (n+1)×(n+1) Gram (``form="gram"``) or the N×N
-  push-through system (``"push_through"``, then W.grad = Zᵀa in the model's dtype); ``"auto"`` picks the
-  smaller.
+  push-through system (``"push_through"``: its float64 inverse is applied to G in the model's dtype, then
+  W.grad = Zᵀa in the model's dtype); ``"auto"`` picks the smaller.
   Conv2d layers: one shared Gram of the unfolded input, PᵀP + βI, accumulated in float64 over row chunks, one
   right-hand side per output channel. This conv solve is our addition (derived; in neither paper nor code) and
   is reported as ``ProxProp (exact-unfold)``.
@@ -282,6 +282,8 @@ class ProxProp(Method):
                     f"proxprop needs at least one Linear/Conv2d layer besides the explicit last Linear (an "
                     f"nn.Sequential chain of two or more, or a model such as resnet8); got {type(model).__name__}"
                 )
+        self._names = [str(layer.index) for layer in self.layers]
+        self._mode = c.mode  # the config is fixed after construction; read on every step
         if c.mode == "exact" and any(isinstance(lay.module, nn.Conv2d) for lay in self.layers):
             # The per-instance name marks the derived conv solve (docs/methods/conventions.md §1.3).
             self.reporting_name = "ProxProp (exact-unfold)"  # type: ignore[misc]
@@ -357,7 +359,7 @@ class ProxProp(Method):
 
     def _prox_params_needing_grad(self) -> list[Tensor]:
         """The ProxProp layers' parameters whose autograd gradient the solver reads (CG and gradient modes)."""
-        if self.config.mode == "exact" or not self.optimizer.grad_rhs:
+        if self._mode == "exact" or not self.optimizer.grad_rhs:
             return []
         return [p for layer in self.layers if all(q.requires_grad for q in layer.module.parameters())
                 for p in layer.module.parameters()]
@@ -384,9 +386,8 @@ class ProxProp(Method):
         if self.is_chain:
             for p, g in zip(self._explicit, explicit):
                 p.grad = g
-            names = [str(layer.index) for layer in self.layers]
-            self.optimizer.step(signals=[(name, layer.module, a, G)
-                                         for name, layer, (a, G) in zip(names, self.layers, signals)])
+            self.optimizer.step_with_signals([(name, layer.module, a, G)
+                                              for name, layer, (a, G) in zip(self._names, self.layers, signals)])
         else:
             self.optimizer.step()
         self.steps_taken += 1
@@ -409,7 +410,7 @@ class ProxProp(Method):
             if c.diagnostics:
                 min_cos = min(min_cos, stats.cos)
                 info[f"cos_{name}"] = stats.cos
-            if c.mode == "cg":
+            if self._mode == "cg":
                 info[f"cg_iters_{name}"] = float(stats.iterations)
             if c.residuals:
                 info[f"residual_{name}"] = stats.residual

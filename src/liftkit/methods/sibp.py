@@ -82,7 +82,7 @@ from torch import Tensor, nn
 from liftkit.methods.base import Method, MethodConfig, StepStats, evaluate_loss, register
 from liftkit.methods.sibp_fr import QUIRKS, FRResult, Reduce, fr_cg_armijo, prox_gradient, prox_objective, reduce_sum
 from liftkit.models import ChainLayer, as_chain
-from liftkit.solvers import block_cg, ridge_solve, spd_ridge_solve
+from liftkit.solvers import block_cg, linear_prox_direction, spd_ridge_solve
 
 __all__ = [
     "SIBP",
@@ -109,14 +109,46 @@ CG_STOPS = ("tol", "fixed")
 
 @dataclass
 class GNStep:
-    """One masked Gauss–Newton W-step: ``delta_w`` (q×n) and the pre-activation change it causes,
-    ``delta_z = F delta_wᵀ`` (m×q), the number of CG iterations run (0 for the direct solve) and, for the dual
-    solvers, the float64 dual variable Λ (m×q; zero off the mask, so that delta_w = Λᵀ F)."""
+    """One masked Gauss–Newton W-step: the pre-activation change ``delta_z = F delta_wᵀ`` (m×q), the number of
+    CG iterations run (0 for the direct solve) and, for the dual solvers, the dual variable Λ (m×q, in the solve
+    dtype; zero off the mask, so that delta_w = Λᵀ F). The weight step ``delta_w`` (q×n) is formed on request
+    (:meth:`row_scaled_delta_w`), so that a caller who rescales rows first (the safeguard) pays for one q×m×n
+    product and no q×n rescaling."""
 
-    delta_w: Tensor
     delta_z: Tensor
     iterations: int
     dual: Tensor | None = None
+    primal: Tensor | None = None  # delta_w itself, where the solver formed it
+    inputs: Tensor | None = None  # F, for delta_w = ΛᵀF
+
+    @property
+    def delta_w(self) -> Tensor:
+        """The weight step (q×n), computed on each access."""
+        return self.row_scaled_delta_w(None)
+
+    def row_scaled_delta_w(self, scale: Tensor | None) -> Tensor:
+        """``delta_w`` with row j multiplied by ``scale[j]`` (length q; ``None``: unscaled). For the dual solvers
+        the scale is applied to Λ's columns before the product, ΛᵀF; with the safeguard's scales (0 and powers
+        of two) that is bit for bit the product scaled afterwards."""
+        if self.primal is not None:
+            return self.primal if scale is None else self.primal * scale.unsqueeze(1)
+        assert self.dual is not None and self.inputs is not None
+        dual = self.dual.to(self.inputs.dtype)
+        if scale is not None:
+            dual = dual * scale
+        return dual.T @ self.inputs
+
+    def add_to(self, weight: Tensor, scale: Tensor | None = None) -> None:
+        """``weight += row_scaled_delta_w(scale)`` in place; the dual solvers accumulate ΛᵀF into ``weight`` in
+        one fused in-place product (``addmm``) without a q×n temporary (on the CPU BLAS this equals the product added
+        afterwards, bit for bit; elsewhere it may differ in the last bit)."""
+        if self.primal is not None:
+            weight.add_(self.row_scaled_delta_w(scale))
+            return
+        assert self.dual is not None and self.inputs is not None
+        dual = self.dual.to(self.inputs.dtype)
+        # the out= form is the in-place product (addmm_) that the profiler's FLOP counter also sees
+        torch.addmm(weight, (dual if scale is None else dual * scale).T, self.inputs, out=weight)
 
 
 def masked_gn_step(
@@ -169,8 +201,8 @@ def masked_gn_step(
             return out if Ms is None else Ms * out
 
         dual, iterations = block_cg(apply_sharded, rhs, None, maxit, tol=tol, eps=eps, stop=stop, col_sum=reduce)
-        delta_w = reduce(dual.to(dtype).T @ inputs)
-        return GNStep(delta_w, inputs @ delta_w.T, iterations, dual)
+        delta_w = reduce(dual.to(dtype).T @ inputs)  # formed here anyway, for Δz: kept, never reduced twice
+        return GNStep(inputs @ delta_w.T, iterations, dual, primal=delta_w)
     if reduce is not None and solver == "gn_exact":
         raise ValueError("hidden_solver=gn_exact runs in a single process only; use gn_cg under torchrun")
     if solver in ("gn_cg", "gn_exact"):
@@ -183,7 +215,8 @@ def masked_gn_step(
                 out = torch.addmm(lmb, K, lmb, beta=lam)
                 return out if Ms is None else Ms * out
 
-            dual, iterations = block_cg(apply_dual, rhs, torch.zeros_like(rhs), maxit, tol=tol, eps=eps, stop=stop)
+            # from Λ₀ = 0 without the product M·0 (zero, so the iterates are unchanged)
+            dual, iterations = block_cg(apply_dual, rhs, None, maxit, tol=tol, eps=eps, stop=stop)
         else:
             m = K.shape[0]
             eye = torch.eye(m, dtype=torch.float64, device=K.device)
@@ -197,9 +230,7 @@ def masked_gn_step(
                 dual = torch.cholesky_solve(rhs.T.unsqueeze(2), torch.linalg.cholesky(systems)).squeeze(2).T
                 dual = dual * Ms
             iterations = 0
-        delta_w = dual.to(dtype).T @ inputs
-        delta_z = (K @ dual).to(dtype)
-        return GNStep(delta_w, delta_z, iterations, dual)
+        return GNStep((K @ dual).to(dtype), iterations, dual, inputs=inputs)
     if solver == "gn_primal_cg":
         Fs = inputs.to(solve_dtype)
 
@@ -216,7 +247,7 @@ def masked_gn_step(
             apply_primal, primal_rhs, None if reduce is not None else torch.zeros_like(primal_rhs), maxit, tol=tol,
             eps=eps, stop=stop,
         )
-        return GNStep(v.T.to(dtype), (Fs @ v).to(dtype), iterations)
+        return GNStep((Fs @ v).to(dtype), iterations, primal=v.T.to(dtype))
     raise ValueError(f"unknown Gauss–Newton solver {solver!r}; choose gn_cg, gn_exact or gn_primal_cg")
 
 
@@ -471,7 +502,6 @@ class SIBP(Method):
         lam_w, lam_b = self.lambda_w[l], self.lambda_b[l]
         W0 = layer.weight.detach().clone()
         b0 = layer.bias.detach().clone()  # type: ignore[union-attr]
-        ones = torch.ones_like(a[:, :1])
         reduce = self._reduce
         if self.config.output_solver == "exact" and reduce is not None:
             # The primal (n×n) form over the shards (docs/methods/sibp.md §7): Σ_r FᵀF and Σ_r Fᵀ(T − z^k) in float64 in
@@ -484,16 +514,19 @@ class SIBP(Method):
             sums = reduce(torch.cat([(targets - (zw + b0)).sum(dim=0), a.new_full((1,), float(a.shape[0]))]))
             b = b0 + sums[:-1] / (sums[-1] + lam_b)
         elif self.config.output_solver == "exact":
-            # Residual form, solved for the increments from a zero warm start: the residual T − z^k is exactly 0
-            # at η = 0, so the warm start comes back unchanged; z^k is reused from the forward pass.
-            W = W0 + ridge_solve(a, targets - z0, lam_w, torch.zeros_like(W0.T)).T
+            # Residual form, solved for the increments from a zero warm start (ridge_solve with Θ₀ = 0, without
+            # its product AΘ₀): the residual T − z^k is exactly 0 at η = 0, so the warm start comes back
+            # unchanged; z^k is reused from the forward pass.
+            W = W0 + linear_prox_direction(a, targets - z0, lam_w).T
             zw = a @ W.T
-            b = b0 + ridge_solve(ones, targets - (zw + b0), lam_b, torch.zeros_like(b0.unsqueeze(0))).squeeze(0)
+            # the b-prox has A = 1: its (1×1) normal equation (m + λ_b)Δb = Σ_i residual_i, in float64
+            residual = (targets - (zw + b0)).to(torch.float64)
+            b = b0 + (residual.sum(dim=0) / (a.shape[0] + lam_b)).to(b0.dtype)
         else:
             fr_w = self._fr(a, b0.expand_as(z0), targets, W0, lam_w, relu=False)
             W = fr_w.x
             zw = a @ W.T
-            fr_b = self._fr(ones, zw, targets, b0.unsqueeze(1), lam_b, relu=False)
+            fr_b = self._fr(torch.ones_like(a[:, :1]), zw, targets, b0.unsqueeze(1), lam_b, relu=False)
             b = fr_b.x.squeeze(1)
             info[f"fr_steps_{l}"] = float(fr_w.steps_taken + fr_b.steps_taken)
         self._report(info, l, z0, zw + b0, zw + b, targets, W - W0, b - b0, relu=False)
@@ -515,13 +548,11 @@ class SIBP(Method):
     ) -> None:
         """Relative decrease of the layer's W-prox and b-prox objectives (negative: the prox call made it
         worse, e.g. an ``fr_cg`` stall or an inexact solve) and the size of the step."""
-        base_w, fit_w, fit_b = self._sum_scalars(
-            float(_row_objective(z0, targets, relu).sum()),
-            float(_row_objective(z_new_w, targets, relu).sum()),
-            float(_row_objective(z_new, targets, relu).sum()),
-        )
-        step_w = float(delta_w.pow(2).sum())
-        step_b = float(delta_b.pow(2).sum())
+        # one host transfer for the five sums
+        sums = torch.stack([_row_objective(z, targets, relu).sum() for z in (z0, z_new_w, z_new)]
+                           + [delta_w.pow(2).sum(), delta_b.pow(2).sum()]).tolist()
+        base_w, fit_w, fit_b = self._sum_scalars(*sums[:3])
+        step_w, step_b = sums[3:]
         info[f"prox_w_rel_decrease_{l}"] = _rel_decrease(base_w, fit_w + self.lambda_w[l] * step_w)
         info[f"prox_b_rel_decrease_{l}"] = _rel_decrease(fit_w, fit_b + self.lambda_b[l] * step_b)
         info[f"step_norm_w_{l}"] = math.sqrt(step_w)
@@ -584,23 +615,24 @@ class SIBP(Method):
                 reduce=self._reduce,
             )
         reduce = self._reduce
-        delta_w, delta_z = gn.delta_w, gn.delta_z
+        delta_z = gn.delta_z
         # ‖Δw_j‖² = Λ_jᵀKΛ_j = Σ_i Λ_ij Δz_ij in the dual: an m×q product instead of a q×n one.
         if gn.dual is not None:
             step_sq = reduce_sum(reduce, (gn.dual.to(delta_z.dtype) * delta_z).sum(dim=0))
         else:
+            delta_w = gn.delta_w
             step_sq = (delta_w * delta_w).sum(dim=1)
         halvings = reverted = 0
+        row_scale: Tensor | None = None
         if c.safeguard:
             with self.block(f"safeguard[{l}]"):
                 guard = gn_step_safeguard(
                     z0, delta_z, step_sq, targets, lam_w, relu=relu, max_halvings=c.max_halvings, reduce=reduce
                 )
             if guard.halvings:
-                scale = guard.scale
-                delta_w = delta_w * scale.unsqueeze(1)
-                delta_z = delta_z * scale
-                step_sq = step_sq * scale * scale
+                row_scale = guard.scale
+                delta_z = delta_z * row_scale
+                step_sq = step_sq * row_scale * row_scale
             halvings, reverted = guard.halvings, guard.rows_reverted
             base_w, after_w = float(guard.objective_before.sum()), float(guard.objective_after.sum())
         zw = z0 + delta_z  # pre-activations with the new W and the old b
@@ -646,7 +678,8 @@ class SIBP(Method):
         info[f"safeguard_rows_reverted_{l}"] = float(reverted)
         if mask is not None:
             info[f"dead_rows_{l}"] = float((count == 0).sum())
-        layer.weight.add_(delta_w)
+        with self.block(f"w_update[{l}]"):
+            gn.add_to(layer.weight, row_scale)
         layer.bias.add_(delta_b)  # type: ignore[union-attr]
 
 

@@ -16,7 +16,8 @@ to the reduction (a mean loss scales G by 1/N).
 Solvers (``solver``):
 
 * ``exact``: Linear layers: Cholesky in float64 on the (n+1)×(n+1) Gram (``form="gram"``) or the N×N
-  push-through system (``"push_through"``); ``"auto"`` picks the smaller. Conv2d layers: one shared Gram of
+  push-through system (``"push_through"``, whose float64 inverse is applied in the model's dtype); ``"auto"``
+  picks the smaller. Conv2d layers: one shared Gram of
   the unfolded input, PᵀP + βI, accumulated in float64 over row chunks, one right-hand side per output channel
   (our addition; in neither the paper nor its code).
 * ``cg`` (``cg_iters``) or ``cgN``: block CG as in the official code: one CG per output neuron of a Linear
@@ -46,7 +47,7 @@ from torch import Tensor, nn
 from torch.nn.grad import conv2d_weight
 
 from liftkit.distributed import Communicator, LocalComm
-from liftkit.solvers import block_cg, push_through_coefficients, spd_ridge_solve
+from liftkit.solvers import block_cg, push_through_inverse, spd_ridge_solve
 
 __all__ = ["Direction", "ProxSettings", "ProxSolver", "check_prox_module", "resolve_optimizer"]
 
@@ -284,18 +285,23 @@ class ProxSolver:
 
     def _push_through(self, op: LinearOperator, G2: Tensor) -> Direction:
         beta, a = self.beta, op.a
-        G64 = G2.detach().to(torch.float64)
-        Z, K = push_through_coefficients(a, G64, beta, ones_column=op.has_bias)
-        Zc = Z.to(a.dtype)
+        M_inv, K = push_through_inverse(a, beta, ones_column=op.has_bias)
+        # the inverse is formed in float64 and applied in the model's dtype (one N×N×q product)
+        Zc = M_inv.to(a.dtype) @ G2.detach()
         gw = Zc.T @ a
         gb = Zc.sum(0) if op.has_bias else None
-        # With KZ = G − βZ (the normal equations): ⟨∇J, g⟩ = ⟨G, KZ⟩, ‖g‖² = ⟨Z, KZ⟩, ‖∇J‖² = ⟨G, KG⟩; only the
-        # last needs an N×N×q product, so the cosine costs far less than a weight gradient.
+        G64, Z = G2.detach().to(torch.float64), Zc.to(torch.float64)
+        # With KZ = G − βZ (the normal equations): ⟨∇J, g⟩ = ⟨G, KZ⟩, ‖g‖² = ⟨Z, KZ⟩, ‖∇J‖² = ⟨G, KG⟩ = ⟨K, GGᵀ⟩;
+        # only the last needs an N×q×N product, taken in the model's dtype (a diagnostic) and far cheaper than a
+        # weight gradient. The scalars leave the device in one transfer.
         g_flat, z_flat = G64.reshape(-1), Z.reshape(-1)
-        gz = float(torch.dot(g_flat, z_flat))
-        dot = float(torch.dot(g_flat, g_flat)) - beta * gz
-        norm2_dir = gz - beta * float(torch.dot(z_flat, z_flat))
-        norm2_grad = float(torch.dot(g_flat, (K @ G64).reshape(-1))) if self.settings.diagnostics else 1.0
+        sums = [torch.dot(g_flat, z_flat), torch.dot(g_flat, g_flat), torch.dot(z_flat, z_flat)]
+        if self.settings.diagnostics:
+            sums.append(torch.dot(K.reshape(-1), (G2 @ G2.T).to(torch.float64).reshape(-1)))
+        gz, gg, zz, *grad_sq = torch.stack(sums).tolist()
+        dot = gg - beta * gz
+        norm2_dir = gz - beta * zz
+        norm2_grad = grad_sq[0] if grad_sq else 1.0
         residual = 0.0
         if self.settings.residuals:
             residual = float((K @ Z + beta * Z - G64).norm() / G64.norm().clamp_min(1e-300))

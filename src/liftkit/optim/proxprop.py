@@ -214,12 +214,18 @@ class ProxProp(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self.step_with_signals(self._recorded_signals() if signals is None else signals)
+        return loss
+
+    def step_with_signals(self, signals: Iterable[Signal]) -> None:
+        """The work of :meth:`step` for given ``(name, module, a, G)`` signals, without ``torch.optim``'s step
+        wrapper (its profiler record and step hooks): the ``proxprop`` method's chain path calls it once per
+        step, and the base optimizer's own wrapped ``step()`` still runs."""
         with torch.no_grad():
-            self.write_prox_grads(self._recorded_signals() if signals is None else signals)
+            self.write_prox_grads(signals)
             with self._block("optimizer_step"):
                 self.base.step()
         self._records.clear()
-        return loss
 
     # -- hooks -------------------------------------------------------------------------------------------
     def remove_hooks(self) -> None:
