@@ -248,7 +248,8 @@ def test_operator_norm_bounds_the_operator() -> None:
 
 # -- the method ----------------------------------------------------------------------------------------------------
 def test_training_reduces_the_loss_fc_and_lenet() -> None:
-    meth, x, y = _tiny(m=40)
+    # the anchors the threshold below was set with (the tuned MLP preset's stronger ones take smaller steps)
+    meth, x, y = _tiny(m=40, rho_d=10.0, rho_d_output=30.0)
     losses = [meth.step(x, y).loss for _ in range(10)]
     assert all(b < a for a, b in itertools.pairwise(losses))
     assert losses[-1] < 0.85 * losses[0]
