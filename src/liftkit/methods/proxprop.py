@@ -77,7 +77,6 @@ from __future__ import annotations
 import copy
 import inspect
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
@@ -86,13 +85,11 @@ import torch
 from torch import Tensor, nn
 
 from liftkit.methods.base import Method, MethodConfig, StepStats, evaluate_loss, register
-from liftkit.optim.prox_solve import CG_VARIANTS, Direction, ProxSettings, check_prox_module, resolve_optimizer
+from liftkit.optim.prox_solve import Direction, ProxSettings, check_prox_module, resolve_optimizer
 from liftkit.optim.proxprop import ProxProp as ProxPropOptimizer
 
 __all__ = ["ProxProp", "ProxPropConfig"]
 
-_CG_NAME = re.compile(r"^cg(\d+)$")
-_FORMS = ("auto", "gram", "push_through")
 
 
 @dataclass
@@ -131,20 +128,10 @@ class ProxPropConfig(MethodConfig):
     weight_decay: float = 0.0
 
     def validate(self) -> None:
-        match = _CG_NAME.match(self.solver) if isinstance(self.solver, str) else None
-        if match is None and self.solver not in ("exact", "cg", "gradient"):
-            raise ValueError(
-                f"solver must be exact, cg, cgN (e.g. cg3) or gradient; got {self.solver!r}"
-            )
-        self._int_at_least("cg_iters", 1)
-        if match is not None and int(match.group(1)) < 1:
-            raise ValueError(f"solver {self.solver!r} needs at least one CG iteration, e.g. cg1")
-        self._positive("tau_theta", "cg_tol", "lr", "eps")
-        self._nonnegative("cg_eps", "momentum", "weight_decay")
-        self._choice("cg_stop", ("tol", "fixed"))
-        self._choice("cg_variant", CG_VARIANTS)
-        self._choice("form", _FORMS)
-        self._int_at_least("unfold_chunk_rows", 1)
+        # the prox fields are checked once, by the engine's own settings (same messages as the config checks)
+        self.settings().validate()
+        self._positive("lr", "eps")
+        self._nonnegative("momentum", "weight_decay")
         for name in ("beta1", "beta2"):
             v = getattr(self, name)
             if not (isinstance(v, int | float) and 0 <= v < 1):
@@ -169,10 +156,7 @@ class ProxPropConfig(MethodConfig):
 
     def settings(self) -> ProxSettings:
         """The prox settings of :mod:`liftkit.optim.prox_solve`."""
-        return ProxSettings(solver=self.solver, tau_theta=self.tau_theta, cg_iters=self.cg_iters,
-                            cg_tol=self.cg_tol, cg_eps=self.cg_eps, cg_stop=self.cg_stop,
-                            cg_variant=self.cg_variant, form=self.form, unfold_chunk_rows=self.unfold_chunk_rows,
-                            residuals=self.residuals, diagnostics=self.diagnostics)
+        return ProxSettings(**{f.name: getattr(self, f.name) for f in fields(ProxSettings)})
 
     @property
     def iterations(self) -> int:

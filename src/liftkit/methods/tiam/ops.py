@@ -207,37 +207,22 @@ def backtrack(
     ``replicated``: u is a weight block, identical on every rank (its gradient already reduced), so only
     ``objective`` (this rank's share of S) is summed over ranks. Returns (u⁺, θ), or (None, θ) on failure."""
     with env.block("backtracking"):
-        return _backtrack(env, u_tilde, u_hat, grad, s_hat, objective, prox, theta, metric, replicated)
-
-
-def _backtrack(
-    env: Env,
-    u_tilde: Tensor,
-    u_hat: Tensor,
-    grad: Tensor,
-    s_hat: float,
-    objective: Callable[[Tensor], float],
-    prox: Callable[[Tensor, float], Tensor],
-    theta: float,
-    metric: Metric | None,
-    replicated: bool,
-) -> tuple[Tensor | None, float]:
-    c, cnt = env.config, env.cnt
-    direction, sq_norm = (grad, sq) if metric is None else metric
-    for trial in range(c.max_doublings + 1):
-        u_plus = prox(u_tilde - direction / theta, theta)
-        d = u_plus - u_hat
-        if replicated:
-            (s_plus,), grad_d, d_sq = env.sum_scalars(objective(u_plus)), dot(grad, d), sq_norm(d)
-        else:
-            s_plus, grad_d, d_sq = env.sum_scalars(objective(u_plus), dot(grad, d), sq_norm(d))
-        bound = s_hat + grad_d + 0.5 * theta * d_sq
-        # the sums carry rounding of a few ulps of S itself; without slack a tie can read as a rejection
-        slack = 64 * torch.finfo(u_plus.dtype).eps * (abs(s_hat) + abs(s_plus))
-        if s_plus <= bound + slack:
-            cnt.add_trials(trial, theta)
-            return u_plus, theta
-        theta *= c.backtrack_factor
-    cnt.add_trials(c.max_doublings, theta)
-    cnt.backtrack_failures += 1
-    return None, theta
+        c, cnt = env.config, env.cnt
+        direction, sq_norm = (grad, sq) if metric is None else metric
+        for trial in range(c.max_doublings + 1):
+            u_plus = prox(u_tilde - direction / theta, theta)
+            d = u_plus - u_hat
+            if replicated:
+                (s_plus,), grad_d, d_sq = env.sum_scalars(objective(u_plus)), dot(grad, d), sq_norm(d)
+            else:
+                s_plus, grad_d, d_sq = env.sum_scalars(objective(u_plus), dot(grad, d), sq_norm(d))
+            bound = s_hat + grad_d + 0.5 * theta * d_sq
+            # the sums carry rounding of a few ulps of S itself; without slack a tie can read as a rejection
+            slack = 64 * torch.finfo(u_plus.dtype).eps * (abs(s_hat) + abs(s_plus))
+            if s_plus <= bound + slack:
+                cnt.add_trials(trial, theta)
+                return u_plus, theta
+            theta *= c.backtrack_factor
+        cnt.add_trials(c.max_doublings, theta)
+        cnt.backtrack_failures += 1
+        return None, theta
