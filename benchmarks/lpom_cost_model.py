@@ -40,6 +40,7 @@ import argparse
 import json
 import math
 import os
+import platform
 import re
 import time
 from pathlib import Path
@@ -91,7 +92,7 @@ def measure(out: Path, steps: int, data_dir: str | None) -> None:
     calls = {k: v / steps for k, v in counts.items()}
     w_setup = [per_step.get(f"w_setup{j}", 0.0) for j in range(L)]
     constants = {
-        "machine": "2-core x86_64 VM, torch " + torch.__version__ + ", 1 thread, shared with other jobs",
+        "machine": f"{os.cpu_count()}-core {platform.machine()}, torch {torch.__version__}, 1 thread",
         "date": time.strftime("%Y-%m-%d"),
         "model": "784-2048-2048-2048-10",
         "batch": BATCH,
