@@ -2,9 +2,10 @@
 
 ``tuned`` (the default preset): μ_j of linear layer j follows the activation φ_j that layer applies, from
 :data:`TUNED_MU` (validation-tuned per activation; docs/methods/lpom.md, "Presets"). A model whose layers all
-use one activation gets a single μ, a mixed model one μ per layer. The config default T_x = 3 was validated on
-ReLU nets only: a model with another hidden activation keeps :data:`TUNED_X_ITERS_OTHER` iterations (the
-count its tuning used; the bisection prox of sigmoid, tanh, ELU and softplus converges more slowly). Every other
+use one activation gets a single μ, a mixed model one μ per layer. The config default X-schedule (one backward
+sweep, T_x = 3) was validated on ReLU nets only: a model with another hidden activation keeps the schedule its
+tuning used, :data:`TUNED_SCHEDULE_OTHER` (L forward sweeps of T_x = 5; the bisection prox of sigmoid, tanh, ELU
+and softplus converges more slowly). Every other
 hyperparameter is the :class:`~liftkit.methods.lpom.LPOMConfig` default.
 
 ``paper``: TPAMI's published setting (Li et al., IEEE TPAMI 2021): μ = 2 for classification, μ = 20 for
@@ -30,6 +31,7 @@ __all__ = [
     "PAPER_CLASSIFICATION_MU",
     "PAPER_SCHEDULE",
     "TUNED_MU",
+    "TUNED_SCHEDULE_OTHER",
     "TUNED_X_ITERS_OTHER",
     "floor_onehot",
     "preset_values",
@@ -49,7 +51,10 @@ TUNED_MU: dict[str, float] = {
 
 #: T_x of a model whose hidden activations are not all ReLU (the config default, 3, was validated on ReLU nets)
 TUNED_X_ITERS_OTHER = 5
-#: hidden activations validated with the config default T_x
+#: the serial X-schedule of such a model: the one its activation's tuning used (L forward sweeps of 5); the
+#: config default, one backward sweep, was validated on ReLU nets only
+TUNED_SCHEDULE_OTHER: dict[str, Any] = {"x_iters": TUNED_X_ITERS_OTHER, "x_sweep_order": "forward", "x_sweeps": 0}
+#: hidden activations validated with the config default X-schedule
 X_ITERS_VALIDATED = frozenset({"relu"})
 
 #: TPAMI's μ for classification (MNIST 784-2048³-10, CIFAR-10, ImageNet32; all with ReLU and MSE)
@@ -103,7 +108,7 @@ def preset_values(preset: str, model: nn.Module) -> dict[str, Any]:
     values: dict[str, Any] = {"mu": tuned_mu(activations)}
     # the hidden X-blocks' solvers work on the activations of every layer but the last
     if not set(activations[:-1]) <= X_ITERS_VALIDATED:
-        values["x_iters"] = TUNED_X_ITERS_OTHER
+        values.update(TUNED_SCHEDULE_OTHER)
     return values
 
 
