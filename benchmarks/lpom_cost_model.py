@@ -164,8 +164,11 @@ def layer_parallel(c: dict[str, Any], R: int, alpha: float, bw: float) -> tuple[
     for r in range(R):
         lo, hi = shard_bounds(L, r, R)
         groups.append(list(range(lo + 1, hi + 1)))
-    x_round = {k: c["x_seconds_per_round"][str(k)] for k in range(1, L + 1)}
     rounds = c["rounds_per_step"]
+    # a block at its forward-pass minimiser is skipped in a round, so charge each round the block's measured
+    # share of solves (at R = 1 this gives the same X-time as the data-parallel model)
+    x_round = {k: c["x_seconds_per_round"][str(k)] * c["x_solves_per_step"][str(k)] / max(rounds, 1e-9)
+               for k in range(1, L + 1)}
     # pipelined forward (the layers run one after another) and the untimed rest, counted as not parallel
     compute = c["forward_seconds"] + _other(c)
     comm = (R - 1) * (alpha + BATCH * 2048 * 4 / bw) if R > 1 else 0.0
