@@ -451,19 +451,22 @@ def push_through_coefficients(
     return M_inv @ G.detach().to(torch.float64), K
 
 
-def push_through_inverse(A: Tensor, beta: float, *, ones_column: bool = False) -> tuple[Tensor, Tensor]:
+def push_through_inverse(
+    A: Tensor, beta: float, *, ones_column: bool = False, gram_dtype: torch.dtype = torch.float64
+) -> tuple[Tensor, Tensor]:
     r"""(ĀĀᵀ + βI_N)⁻¹ and K = ĀĀᵀ, both float64, for Ā = ``A`` (N×n) or [A, 1] (``ones_column=True``).
 
-    The inverse comes from the Cholesky factor (a small diagonal jitter is added only if rounding makes the
-    factorisation fail). With N the batch and a layer's width of right-hand sides, applying it is one
-    matrix product, cheaper on the CPU than the two triangular solves of ``cholesky_solve``; ProxProp forms it
-    in float64 and applies it in the model's dtype. β > 0.
+    The product ĀĀᵀ (N×n×N, the only O(n) work) is taken in ``gram_dtype``; the N×N factorisation and
+    inverse are always float64. The inverse comes from the Cholesky factor (a small diagonal jitter is added
+    only if rounding makes the factorisation fail). With N the batch and a layer's width of right-hand sides,
+    applying it is one matrix product, cheaper on the CPU than the two triangular solves of
+    ``cholesky_solve``; ProxProp applies it in the model's dtype. β > 0.
     """
     beta = _check_beta(beta)
     if A.ndim != 2:
         raise ValueError(f"push_through_inverse: A must be 2-D (N x n), got shape {tuple(A.shape)}")
-    A64 = A.detach().to(torch.float64)
-    K = A64 @ A64.T
+    Ag = A.detach().to(gram_dtype)
+    K = (Ag @ Ag.T).to(torch.float64)
     if ones_column:
         K += 1.0
     M = K.clone()
