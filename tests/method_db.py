@@ -162,6 +162,7 @@ DATABASE: tuple[MethodInfo, ...] = (
             _v(optimizer="rmsprop", lr=1e-3, momentum=0.5, id="rmsprop"),
             _v(solver="cg", cg_stop="fixed", cg_iters=4, id="cg-fixed"),
             _v(form="push_through", id="push-through"),
+            _v(form="gram", solve_dtype="float64", diagnostics_every=1, id="gram-float64-diagnose-every-step"),
         ),
         (
             _bad("solver must be exact, cg, cgN", solver="lu"),
@@ -172,6 +173,8 @@ DATABASE: tuple[MethodInfo, ...] = (
             _bad(f"cg_iters {_INT1}", cg_iters=0),
             _choice("cg_stop", "never"),
             _choice("form", "qr"),
+            _choice("solve_dtype", "float16"),
+            _bad(f"diagnostics_every {_INT1}", diagnostics_every=0),
             _bad("optimizer 'nope' is not a torch.optim optimizer", optimizer="nope"),
             _bad("optimizer lbfgs needs a loss closure", optimizer="lbfgs"),
             _bad("optimizer adam does not take momentum", momentum=0.9),

@@ -427,3 +427,39 @@ def test_non_finite_input_and_divergence() -> None:
     assert not math.isfinite(stats.loss) and stats.info["diverged"] == 1.0
     for p, b in zip(model.parameters(), before):
         assert torch.equal(p.detach(), b)
+
+
+# -- cost switches: the Gram dtype and the cadence of the cosine ---------------------------------------------
+
+
+@pytest.mark.parametrize("form", ["gram", "push_through"])
+def test_float32_gram_products_match_the_float64_ones_to_float32_accuracy(form: str) -> None:
+    # solve_dtype=auto takes a float32 model's Gram products in float32 (the factorisation stays float64):
+    # the direction must agree with the float64-product solve and the dense float64 solve to float32 accuracy
+    g = torch.Generator().manual_seed(11)
+    model = _mlp((30, 40, 5)).float()
+    x, y = torch.rand(16, 30, generator=g), torch.randint(0, 5, (16,), generator=g)
+    fast = ProxProp(model, form=form, tau_theta=0.3, solve_dtype="auto")
+    exact = ProxProp(model, form=form, tau_theta=0.3, solve_dtype="float64")
+    _, signals, _ = fast.backward_signals(x, y)
+    (a, G), layer = signals[0], fast.layers[0]
+    d32, d64 = fast.direction(layer.module, a, G), exact.direction(layer.module, a, G)
+    assert d32.weight.dtype == torch.float32
+    dense = _dense_direction(a.double(), G.double(), 1 / 0.3)
+    torch.testing.assert_close(_flat_dir(d32).double(), dense, rtol=5e-5, atol=1e-7)
+    torch.testing.assert_close(_flat_dir(d32), _flat_dir(d64), rtol=5e-5, atol=1e-7)
+    assert 0.0 < d32.cos <= 1.0 and d32.cos == pytest.approx(d64.cos, rel=1e-4)
+
+
+def test_the_cosine_is_computed_every_diagnostics_every_steps_without_changing_the_weights() -> None:
+    x, y = _data(8)
+    every = get("proxprop")(_mlp(), form="push_through", diagnostics_every=3)
+    each = get("proxprop")(_mlp(), form="push_through", diagnostics_every=1)
+    for step in range(7):
+        sparse, dense = every.step(x, y), each.step(x, y)
+        for p, q in zip(every.model.parameters(), each.model.parameters()):
+            assert torch.equal(p, q)
+        if step % 3 == 0:
+            assert sparse.info["cos_1"] == dense.info["cos_1"] and sparse.info["min_cos"] == dense.info["min_cos"]
+        else:
+            assert "cos_1" not in sparse.info and "min_cos" not in sparse.info and "cos_1" in dense.info

@@ -261,6 +261,18 @@ def test_gn_solvers_agree_with_dense_masked_ridge() -> None:
     assert torch.equal(masked_gn_step(a, E, M, lam, maxit=3).delta_w[0], torch.zeros(8, dtype=DT))
 
 
+def test_gn_cg_in_float32_agrees_with_the_dense_masked_ridge() -> None:
+    # solve_dtype float32: the Gram K and the CG both in float32, the step to float32 accuracy
+    a, E, M, lam = _masked_problem()
+    dense = torch.zeros(6, 8, dtype=DT)
+    for j in range(6):
+        A_S = a[M[:, j].bool()]
+        dense[j] = torch.linalg.solve(A_S.T @ A_S + lam * torch.eye(8, dtype=DT), A_S.T @ E[M[:, j].bool(), j])
+    step = masked_gn_step(a.float(), E.float(), M.float(), lam, maxit=200, tol=1e-6, solve_dtype=torch.float32)
+    assert step.delta_z.dtype == torch.float32
+    torch.testing.assert_close(step.delta_w.double(), dense, rtol=1e-4, atol=1e-5)
+
+
 def test_gn_cg_dual_stays_zero_off_the_mask_at_every_budget() -> None:
     a, E, M, lam = _masked_problem(11)
     for maxit in (1, 2, 5):

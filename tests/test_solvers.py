@@ -19,6 +19,7 @@ from liftkit.solvers import (
     linear_prox_direction,
     projected_fista,
     push_through_coefficients,
+    push_through_inverse,
     ridge_solve,
     spd_ridge_solve,
     spectral_norm,
@@ -141,6 +142,27 @@ def test_linear_prox_direction_forms_and_relation() -> None:
     torch.testing.assert_close(th0 - ridge_solve(A, A @ th0 - G, beta, th0), ref, rtol=1e-10, atol=1e-11)
     # vector right-hand side
     torch.testing.assert_close(linear_prox_direction(A, G[:, 0], beta), ref[:, 0], rtol=1e-11, atol=1e-12)
+
+
+@pytest.mark.parametrize("form", ["gram", "push_through"])
+def test_linear_prox_direction_with_float32_gram_products(form: str) -> None:
+    # float32 Gram products, float64 factorisation: the float64 answer to float32 accuracy, in float32
+    A, G = randn(15, 40, seed=17), randn(15, 4, seed=18)
+    beta = 2.0
+    ref = torch.linalg.solve(A.T @ A + beta * torch.eye(40, dtype=D), A.T @ G)
+    got = linear_prox_direction(A.float(), G.float(), beta, form=form, gram_dtype=torch.float32)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), ref, rtol=2e-5, atol=1e-6)
+
+
+def test_push_through_inverse_with_float32_gram_product() -> None:
+    A = randn(12, 30, seed=19)
+    beta = 0.5
+    M_inv, K = push_through_inverse(A.float(), beta, ones_column=True, gram_dtype=torch.float32)
+    assert M_inv.dtype == K.dtype == torch.float64
+    K_ref = A @ A.T + 1.0
+    torch.testing.assert_close(K, K_ref, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(M_inv, torch.linalg.inv(K_ref + beta * torch.eye(12, dtype=D)), rtol=1e-5, atol=1e-7)
 
 
 def test_push_through_inverse_solve_matches_triangular_solves_on_a_stiff_gram() -> None:

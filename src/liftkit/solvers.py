@@ -162,7 +162,9 @@ def _shifted_solve(S64: Tensor, R64: Tensor, beta: float) -> Tensor:
     return _spd_solve(M, R64)
 
 
-def linear_prox_direction(A_bar: Tensor, G: Tensor, beta: float, *, form: str = "auto") -> Tensor:
+def linear_prox_direction(
+    A_bar: Tensor, G: Tensor, beta: float, *, form: str = "auto", gram_dtype: torch.dtype = torch.float64
+) -> Tensor:
     r"""ProxProp's direction g = (ĀᵀĀ + βI)⁻¹ĀᵀG = Āᵀ(ĀĀᵀ + βI_N)⁻¹G (docs/methods/conventions.md §7;
     docs/methods/proxprop.md §4.1).
 
@@ -170,7 +172,8 @@ def linear_prox_direction(A_bar: Tensor, G: Tensor, beta: float, *, form: str = 
     the result is p×q (or length p); for ProxProp, W.grad = g[:n]ᵀ and b.grad = g[n]. ``form="gram"``
     factors the p×p matrix ĀᵀĀ + βI, ``"push_through"`` the N×N matrix ĀĀᵀ + βI_N (cheaper when N < p;
     single process only, docs/methods/distributed.md §1), and ``"auto"`` picks push-through when N < p. Both are float64
-    Cholesky solves; β > 0. This is the residual form of :func:`ridge_solve`, which calls it.
+    Cholesky solves; the Gram products (ĀᵀĀ or ĀĀᵀ, and ĀᵀG) are taken in ``gram_dtype``; β > 0. This is the
+    residual form of :func:`ridge_solve`, which calls it.
     """
     beta = _check_beta(beta)
     if A_bar.ndim != 2:
@@ -181,12 +184,13 @@ def linear_prox_direction(A_bar: Tensor, G: Tensor, beta: float, *, form: str = 
     if G2.ndim != 2 or G2.shape[0] != n:
         raise ValueError(f"right-hand side must have {n} rows to match A {tuple(A_bar.shape)}, got {tuple(G.shape)}")
     out_dtype = torch.promote_types(A_bar.dtype, G.dtype)
-    A64 = A_bar.detach().to(torch.float64)
-    G64 = G2.detach().to(torch.float64)
+    Ag = A_bar.detach().to(gram_dtype)
     if _pick_form(form, n, p) == "gram":
-        g = _shifted_solve(A64.T @ A64, A64.T @ G64, beta)
+        g = _shifted_solve((Ag.T @ Ag).to(torch.float64), (Ag.T @ G2.detach().to(gram_dtype)).to(torch.float64), beta)
     else:
-        g = A64.T @ _shifted_solve(A64 @ A64.T, G64, beta)
+        # (ĀĀᵀ + βI)⁻¹G in float64, applied to Āᵀ in the Gram dtype
+        Z = _shifted_solve((Ag @ Ag.T).to(torch.float64), G2.detach().to(torch.float64), beta)
+        g = Ag.T @ Z.to(gram_dtype)
     g = g.to(out_dtype)
     return g.squeeze(1) if vec else g
 
@@ -451,19 +455,22 @@ def push_through_coefficients(
     return M_inv @ G.detach().to(torch.float64), K
 
 
-def push_through_inverse(A: Tensor, beta: float, *, ones_column: bool = False) -> tuple[Tensor, Tensor]:
+def push_through_inverse(
+    A: Tensor, beta: float, *, ones_column: bool = False, gram_dtype: torch.dtype = torch.float64
+) -> tuple[Tensor, Tensor]:
     r"""(ĀĀᵀ + βI_N)⁻¹ and K = ĀĀᵀ, both float64, for Ā = ``A`` (N×n) or [A, 1] (``ones_column=True``).
 
-    The inverse comes from the Cholesky factor (a small diagonal jitter is added only if rounding makes the
-    factorisation fail). With N the batch and a layer's width of right-hand sides, applying it is one
-    matrix product, cheaper on the CPU than the two triangular solves of ``cholesky_solve``; ProxProp forms it
-    in float64 and applies it in the model's dtype. β > 0.
+    The product ĀĀᵀ (N×n×N, the only O(n) work) is taken in ``gram_dtype``; the N×N factorisation and
+    inverse are always float64. The inverse comes from the Cholesky factor (a small diagonal jitter is added
+    only if rounding makes the factorisation fail). With N the batch and a layer's width of right-hand sides,
+    applying it is one matrix product, cheaper on the CPU than the two triangular solves of
+    ``cholesky_solve``; ProxProp applies it in the model's dtype. β > 0.
     """
     beta = _check_beta(beta)
     if A.ndim != 2:
         raise ValueError(f"push_through_inverse: A must be 2-D (N x n), got shape {tuple(A.shape)}")
-    A64 = A.detach().to(torch.float64)
-    K = A64 @ A64.T
+    Ag = A.detach().to(gram_dtype)
+    K = (Ag @ Ag.T).to(torch.float64)
     if ones_column:
         K += 1.0
     M = K.clone()

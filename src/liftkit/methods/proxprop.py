@@ -43,8 +43,9 @@ Solvers (``solver``):
 
 Every direction is a descent direction (paper, Props. 4–5); ``StepStats.info`` reports per layer (key suffix:
 the module index in a Sequential, else the qualified module name) the cosine between the direction and ∇J
-(``cos_i``, positive), CG iterations (``cg_iters_i``) and, with ``residuals=True``, the relative residual of
-the normal equations (``residual_i``). A non-finite batch loss returns ``loss=nan`` with the parameters left unchanged.
+(``cos_i``, positive; for the exact push-through solve every ``diagnostics_every``-th step), CG iterations
+(``cg_iters_i``) and, with ``residuals=True``, the relative residual of the normal equations (``residual_i``).
+A non-finite batch loss returns ``loss=nan`` with the parameters left unchanged.
 
 Data parallelism (docs/methods/proxprop.md §7): J is the global batch's mean (the shard's loss sum over m_global), so a
 rank's a, z and G are its rows of the single-process ones and never move. What is all-reduced per layer: the
@@ -101,7 +102,10 @@ class ProxPropConfig(MethodConfig):
     ``cg`` | ``cgN`` (N iterations, overrides ``cg_iters``) | ``gradient``; ``cg_variant``: ``textbook`` CG or
     the ``official`` code's aliased iteration. ``form`` picks the exact linear
     solve (``auto``: push-through when the batch is smaller than n+1). ``diagnostics=False`` skips the cosine
-    (one N×N×q product per exact push-through layer, noticeable at batch 500). ``unfold_chunk_rows`` bounds
+    (one N×N×q product per exact push-through layer); with it on, the cosines are computed and reported on
+    every ``diagnostics_every``-th step (the first included). ``solve_dtype``: the dtype of the exact solver's
+    Gram products (``auto``: the model's; ``float64``: always float64); the factorisations are float64 either
+    way. ``unfold_chunk_rows`` bounds
     the rows of the unfolded conv input held at once. The optimizer settings (momentum, nesterov, betas, eps,
     weight_decay) are passed to the ``torch.optim`` class named by ``optimizer`` when it accepts them; setting
     one it does not accept is an error.
@@ -118,6 +122,8 @@ class ProxPropConfig(MethodConfig):
     unfold_chunk_rows: int = 65536
     residuals: bool = False
     diagnostics: bool = True
+    solve_dtype: str = "auto"
+    diagnostics_every: int = 10
     optimizer: str = "adam"
     lr: float = 1e-3
     momentum: float = 0.0
@@ -131,6 +137,7 @@ class ProxPropConfig(MethodConfig):
         # the prox fields are checked once, by the engine's own settings (same messages as the config checks)
         self.settings().validate()
         self._positive("lr", "eps")
+        self._int_at_least("diagnostics_every", 1)
         self._nonnegative("momentum", "weight_decay")
         for name in ("beta1", "beta2"):
             v = getattr(self, name)
@@ -255,7 +262,7 @@ class ProxProp(Method):
             model, c.optimizer, lr=c.lr, tau_theta=s.tau_theta, solver=s.solver, explicit=explicit,
             cg_iters=s.cg_iters, cg_tol=s.cg_tol, cg_eps=s.cg_eps, cg_stop=s.cg_stop, cg_variant=s.cg_variant,
             form=s.form, unfold_chunk_rows=s.unfold_chunk_rows, diagnostics=s.diagnostics, residuals=s.residuals,
-            block_hook=self.block, comm=lambda: self.comm, **c.optimizer_kwargs(),
+            solve_dtype=s.solve_dtype, block_hook=self.block, comm=lambda: self.comm, **c.optimizer_kwargs(),
         )
         if self.is_chain:
             self.optimizer.remove_hooks()  # the chain path hands the signals over itself
@@ -367,13 +374,16 @@ class ProxProp(Method):
             if not bool(torch.isfinite(x).all()):
                 raise ValueError("proxprop: the input batch contains NaN or inf; clean the data")
             return StepStats(loss=loss_value, info={"diverged": 1.0})
+        # the cosines feed only the logs: every diagnostics_every-th step (the first included)
+        diagnose = self.config.diagnostics and self.steps_taken % self.config.diagnostics_every == 0
         if self.is_chain:
             for p, g in zip(self._explicit, explicit):
                 p.grad = g
             self.optimizer.step_with_signals([(name, layer.module, a, G)
-                                              for name, layer, (a, G) in zip(self._names, self.layers, signals)])
+                                              for name, layer, (a, G) in zip(self._names, self.layers, signals)],
+                                             diagnostics=diagnose)
         else:
-            self.optimizer.step()
+            self.optimizer.step(diagnostics=diagnose)
         self.steps_taken += 1
         return StepStats(loss=loss_value, info=self._step_info())
 
@@ -389,18 +399,19 @@ class ProxProp(Method):
     def _step_info(self) -> dict[str, float]:
         info: dict[str, float] = {}
         c = self.config
-        min_cos = 1.0
+        # a cosine is nan on the steps where the push-through solve skipped it (see diagnostics_every)
+        cosines = {name: st.cos for name, st in self.optimizer.last_stats.items()
+                   if c.diagnostics and not math.isnan(st.cos)}
         for name, stats in self.optimizer.last_stats.items():
-            if c.diagnostics:
-                min_cos = min(min_cos, stats.cos)
+            if name in cosines:
                 info[f"cos_{name}"] = stats.cos
             if self._mode == "cg":
                 info[f"cg_iters_{name}"] = float(stats.iterations)
             if c.residuals:
                 info[f"residual_{name}"] = stats.residual
-        if c.diagnostics:
-            info["min_cos"] = min_cos
-            info["descent_violation"] = float(min_cos <= 0.0)
+        if cosines:
+            info["min_cos"] = min(cosines.values())
+            info["descent_violation"] = float(info["min_cos"] <= 0.0)
         return info
 
     # -- state --------------------------------------------------------------------------------------------

@@ -30,13 +30,14 @@ Subproblem solvers (docs/methods/sibp.md §4):
 
 * ``output_solver="exact"`` (derived, default): the output prox is the linear ridge problem of
   docs/methods/conventions.md §7 with β = λ, solved W-only then b-only with :func:`liftkit.solvers.ridge_solve`
-  (push-through, float64). ``"fr_cg"``: the official Fletcher–Reeves solver (``FR4``).
+  (push-through; float64 factorisation, its Gram products in ``solve_dtype``). ``"fr_cg"``: the official
+  Fletcher–Reeves solver (``FR4``).
 * ``hidden_solver="gn_cg"`` (assumption, default): one Gauss–Newton step with the old ReLU mask frozen. Row j
   of W then solves a ridge least-squares problem on the samples where M_j = 1; in dual form, with
-  E = T − z^k and K = FFᵀ (m×m, float64, shared by all rows):
+  E = T − z^k and K = FFᵀ (m×m, shared by all rows):
   ``M ⊙ (K (M ⊙ Λ)) + λ_W Λ = M ⊙ E``, ``W = W^k + (M ⊙ Λ)ᵀ F``, solved by
   :func:`liftkit.solvers.block_cg` (warm start 0, ``cg_iters`` iterations, tolerance ``cg_tol``; the m×m Gram
-  is built once per layer in float64, the CG runs in ``solve_dtype``). The b-step of the masked model is
+  is built once per layer; it and the CG are in ``solve_dtype``). The b-step of the masked model is
   closed form: b_j = (Σ_i M'_ij (T − F Wᵀ)_ij + λ_b b_j^k)/(Σ_i M'_ij + λ_b), where M' is the mask after the
   W-step (``b_mask="current"``, assumption: the mask at the b-prox's warm start, which makes the step a
   descent direction of the true b-prox) or the forward pass's mask (``b_mask="old"``).
@@ -174,8 +175,8 @@ def masked_gn_step(
         min_w Σ_{i: M_ij=1} (F_i·(w − w_j^k) − E_ij)² + λ ‖w − w_j^k‖²,
 
     in one of three equivalent ways: ``"gn_cg"`` dual block CG on M ⊙ (K(M ⊙ Λ)) + λΛ = M ⊙ E with K = FFᵀ
-    (the m×m Gram, built in float64); ``"gn_exact"`` batched Cholesky of the same per-neuron m×m systems
-    (float64); ``"gn_primal_cg"`` block CG on V ↦ Fᵀ(M ⊙ (FV)) + λV (n×q unknowns). The CG solves run in
+    (the m×m Gram); ``"gn_exact"`` batched Cholesky of the same per-neuron m×m systems (float64);
+    ``"gn_primal_cg"`` block CG on V ↦ Fᵀ(M ⊙ (FV)) + λV (n×q unknowns). The Gram and the CG solves are in
     ``solve_dtype``; the step is returned in F's dtype.
 
     ``reduce`` (data parallelism, docs/methods/sibp.md §7): the rows of F, E, M are this process's samples and
@@ -206,8 +207,8 @@ def masked_gn_step(
     if reduce is not None and solver == "gn_exact":
         raise ValueError("hidden_solver=gn_exact runs in a single process only; use gn_cg under torchrun")
     if solver in ("gn_cg", "gn_exact"):
-        F64 = inputs.to(torch.float64)
-        K = (F64 @ F64.T).to(solve_dtype)
+        Fg = inputs.to(solve_dtype)
+        K = Fg @ Fg.T
         if solver == "gn_cg":
             # Every CG iterate, residual and direction is zero off the mask (the right-hand side is, and the
             # operator keeps it so), hence M ⊙ (K(M ⊙ X)) + λX = M ⊙ (KX + λX): one fused product and one mask.
@@ -330,8 +331,9 @@ class SIBPConfig(MethodConfig):
     ``b_mask`` (assumption): the ReLU mask of the GN b-step, ``"current"`` (default: 1[z > 0] after the W-step,
     the mask of the b-prox's warm start, as in the official FR3) or ``"old"`` (the forward pass's mask,
     docs/methods/sibp.md §4.3 read literally; the safeguard then has to revert rows whose pattern the W-step changed).
-    ``solve_dtype`` (assumption): dtype of the GN CG iterations, ``"float64"`` or ``"model"`` (the model's
-    dtype); the Gram K is always built in float64 and the exact solves always run in float64.
+    ``solve_dtype`` (assumption): dtype of the GN Gram K and CG iterations and of the exact output prox's
+    Gram products, ``"float64"`` or ``"model"`` (the model's dtype); the exact factorisations (output prox,
+    ``gn_exact``) always run in float64.
     """
 
     #: 0.2: level with 0.3 on the MNIST validation split (98.38 against 98.50 %) and 0.8 points ahead on
@@ -438,6 +440,11 @@ class SIBP(Method):
             )
         return None
 
+    def _gram_dtype(self, like: Tensor) -> torch.dtype:
+        """The dtype of the exact output prox's Gram products: float64, or with ``solve_dtype="model"`` the
+        model's (the factorisation is float64 either way)."""
+        return torch.float64 if self.config.solve_dtype == "float64" else like.dtype
+
     def _is_relu(self, layer: ChainLayer) -> bool:
         return layer.activation is not None and layer.activation.name == "relu"
 
@@ -519,7 +526,7 @@ class SIBP(Method):
             # Residual form, solved for the increments from a zero warm start (ridge_solve with Θ₀ = 0, without
             # its product AΘ₀): the residual T − z^k is exactly 0 at η = 0, so the warm start comes back
             # unchanged; z^k is reused from the forward pass.
-            W = W0 + linear_prox_direction(a, targets - z0, lam_w).T
+            W = W0 + linear_prox_direction(a, targets - z0, lam_w, gram_dtype=self._gram_dtype(a)).T
             zw = a @ W.T
             # the b-prox has A = 1: its (1×1) normal equation (m + λ_b)Δb = Σ_i residual_i, in float64
             residual = (targets - (zw + b0)).to(torch.float64)

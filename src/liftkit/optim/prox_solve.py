@@ -19,7 +19,9 @@ Solvers (``solver``):
   push-through system (``"push_through"``, whose float64 inverse is applied in the model's dtype); ``"auto"``
   picks the smaller. Conv2d layers: one shared Gram of
   the unfolded input, PᵀP + βI, accumulated in float64 over row chunks, one right-hand side per output channel
-  (our addition; in neither the paper nor its code).
+  (our addition; in neither the paper nor its code). The Gram products themselves (ĀᵀĀ, ĀĀᵀ, PᵀP and the
+  right-hand sides, the O(n) work) are taken in ``solve_dtype``: ``auto`` is the model's dtype (float32 or
+  float64), ``float64`` the previous behaviour; the factorisations are float64 either way.
 * ``cg`` (``cg_iters``) or ``cgN``: block CG as in the official code: one CG per output neuron of a Linear
   layer, one CG over all parameters of a Conv2d layer. Solved in difference form from 0, which is the official
   warm start x₀ = θ_old shifted by θ_old. ``cg_variant="textbook"`` (default) is conjugate gradients proper
@@ -47,7 +49,7 @@ from torch import Tensor, nn
 from torch.nn.grad import conv2d_weight
 
 from liftkit.distributed import Communicator, LocalComm
-from liftkit.solvers import block_cg, push_through_inverse, spd_ridge_solve
+from liftkit.solvers import SOLVE_DTYPES, block_cg, push_through_inverse, resolve_solve_dtype, spd_ridge_solve
 
 __all__ = ["Direction", "ProxSettings", "ProxSolver", "check_prox_module", "resolve_optimizer"]
 
@@ -91,6 +93,7 @@ class ProxSettings:
     unfold_chunk_rows: int = 65536
     residuals: bool = False
     diagnostics: bool = False
+    solve_dtype: str = "auto"
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad setting."""
@@ -110,9 +113,17 @@ class ProxSettings:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-        for name, choices in (("cg_stop", ("tol", "fixed")), ("cg_variant", CG_VARIANTS), ("form", FORMS)):
+        for name, choices in (("cg_stop", ("tol", "fixed")), ("cg_variant", CG_VARIANTS), ("form", FORMS),
+                              ("solve_dtype", SOLVE_DTYPES)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {', '.join(choices)}; got {getattr(self, name)!r}")
+
+    def gram_dtype(self, like: Tensor) -> torch.dtype:
+        """The dtype the exact solver forms its Gram products in, for inputs like ``like``: ``auto`` takes a
+        float32 / float64 input's own dtype, else :func:`liftkit.solvers.resolve_solve_dtype` decides."""
+        if self.solve_dtype == "auto" and like.dtype in (torch.float32, torch.float64):
+            return like.dtype
+        return resolve_solve_dtype(self.solve_dtype, like.device)
 
     @property
     def iterations(self) -> int:
@@ -234,12 +245,15 @@ class ProxSolver:
         return comm.all_reduce_sum_ if comm.world_size > 1 else None
 
     def direction(
-        self, module: nn.Linear | nn.Conv2d, a: Tensor, G: Tensor, grad: tuple[Tensor, Tensor | None] | None = None
+        self, module: nn.Linear | nn.Conv2d, a: Tensor, G: Tensor, grad: tuple[Tensor, Tensor | None] | None = None,
+        *, diagnostics: bool | None = None,
     ) -> Direction:
         """θ_old − θ_prox for one layer with input ``a`` and backprop signal ``G`` (the settings' solver).
 
         ``grad``: the layer's (weight, bias) gradient ĀᵀG when the caller already has it (backward formed it);
-        the CG and gradient solvers then skip recomputing it from ``a`` and ``G``."""
+        the CG and gradient solvers then skip recomputing it from ``a`` and ``G``. ``diagnostics`` overrides the
+        settings' for this call (the exact push-through solve computes its cosine only when asked; elsewhere it
+        is a by-product)."""
         mode = self.settings.mode
         op = LinearOperator(module, a)
         if mode in ("gradient", "cg"):
@@ -250,7 +264,7 @@ class ProxSolver:
         if isinstance(module, nn.Linear):
             if self.comm.world_size > 1:
                 return self._exact_linear_gram_reduced(op, G)
-            return self._exact_linear(op, G)
+            return self._exact_linear(op, G, self.settings.diagnostics if diagnostics is None else diagnostics)
         return self._exact_unfold(op, G)
 
     def _reduce_params(self, w: Tensor, b: Tensor | None) -> tuple[Tensor, Tensor | None]:
@@ -270,7 +284,7 @@ class ProxSolver:
         return total[: p * p].view(p, p), total[p * p:].view(R.shape)
 
     # -- exact --------------------------------------------------------------------------------------------
-    def _exact_linear(self, op: LinearOperator, G: Tensor) -> Direction:
+    def _exact_linear(self, op: LinearOperator, G: Tensor, diagnostics: bool) -> Direction:
         a = op.a
         G2 = G.reshape(-1, G.shape[-1])
         N, n = a.shape
@@ -278,25 +292,33 @@ class ProxSolver:
         if form == "auto":
             form = "push_through" if n + (1 if op.has_bias else 0) > N else "gram"
         if form == "push_through":
-            return self._push_through(op, G2)
+            return self._push_through(op, G2, diagnostics)
         A_bar = torch.cat([a, a.new_ones(N, 1)], dim=1) if op.has_bias else a
-        A64 = A_bar.detach().to(torch.float64)
-        return self._gram_direction(op, A64.T @ A64, A64.T @ G2.detach().to(torch.float64), a.dtype)
+        S, R = self._gram_products(A_bar, G2)
+        return self._gram_direction(op, S, R, a.dtype)
 
-    def _push_through(self, op: LinearOperator, G2: Tensor) -> Direction:
+    def _gram_products(self, A_bar: Tensor, G2: Tensor) -> tuple[Tensor, Tensor]:
+        """ĀᵀĀ and ĀᵀG, taken in the settings' Gram dtype and returned in float64."""
+        dt = self.settings.gram_dtype(A_bar)
+        Ag, Gg = A_bar.detach().to(dt), G2.detach().to(dt)
+        return (Ag.T @ Ag).to(torch.float64), (Ag.T @ Gg).to(torch.float64)
+
+    def _push_through(self, op: LinearOperator, G2: Tensor, diagnostics: bool) -> Direction:
         beta, a = self.beta, op.a
-        M_inv, K = push_through_inverse(a, beta, ones_column=op.has_bias)
+        M_inv, K = push_through_inverse(a, beta, ones_column=op.has_bias, gram_dtype=self.settings.gram_dtype(a))
         # the inverse is formed in float64 and applied in the model's dtype (one N×N×q product)
         Zc = M_inv.to(a.dtype) @ G2.detach()
         gw = Zc.T @ a
         gb = Zc.sum(0) if op.has_bias else None
+        if not (diagnostics or self.settings.residuals):
+            return Direction(gw, gb, float("nan"), 0, 0.0)
         G64, Z = G2.detach().to(torch.float64), Zc.to(torch.float64)
         # With KZ = G − βZ (the normal equations): ⟨∇J, g⟩ = ⟨G, KZ⟩, ‖g‖² = ⟨Z, KZ⟩, ‖∇J‖² = ⟨G, KG⟩ = ⟨K, GGᵀ⟩;
         # only the last needs an N×q×N product, taken in the model's dtype (a diagnostic) and far cheaper than a
         # weight gradient. The scalars leave the device in one transfer.
         g_flat, z_flat = G64.reshape(-1), Z.reshape(-1)
         sums = [torch.dot(g_flat, z_flat), torch.dot(g_flat, g_flat), torch.dot(z_flat, z_flat)]
-        if self.settings.diagnostics:
+        if diagnostics:
             sums.append(torch.dot(K.reshape(-1), (G2 @ G2.T).to(torch.float64).reshape(-1)))
         gz, gg, zz, *grad_sq = torch.stack(sums).tolist()
         dot = gg - beta * gz
@@ -305,17 +327,15 @@ class ProxSolver:
         residual = 0.0
         if self.settings.residuals:
             residual = float((K @ Z + beta * Z - G64).norm() / G64.norm().clamp_min(1e-300))
-        return Direction(gw, gb, _cosine(dot, norm2_dir, norm2_grad), 0, residual)
+        return Direction(gw, gb, _cosine(dot, norm2_dir, norm2_grad) if diagnostics else float("nan"), 0, residual)
 
     def _exact_linear_gram_reduced(self, op: LinearOperator, G: Tensor) -> Direction:
         """The exact linear solve under data parallelism: every rank forms its shard's ĀᵀĀ and ĀᵀG in float64,
         one all-reduce sums both, and every rank solves the same system (always the Gram form: push-through
         would need the whole batch's N×N Gram)."""
-        G64 = G.reshape(-1, G.shape[-1]).detach().to(torch.float64)
-        A64 = op.a.detach().to(torch.float64)
-        if op.has_bias:
-            A64 = torch.cat([A64, A64.new_ones(A64.shape[0], 1)], dim=1)
-        S, R = self._reduce_gram(A64.T @ A64, A64.T @ G64)
+        a = op.a
+        A_bar = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1) if op.has_bias else a
+        S, R = self._reduce_gram(*self._gram_products(A_bar, G.reshape(-1, G.shape[-1])))
         return self._gram_direction(op, S, R, op.a.dtype)
 
     def _gram_direction(self, op: LinearOperator, S: Tensor, R: Tensor, dtype: torch.dtype) -> Direction:
@@ -342,14 +362,16 @@ class ProxSolver:
         S = torch.zeros(p, p, dtype=torch.float64, device=a.device)
         R = torch.zeros(p, m.out_channels, dtype=torch.float64, device=a.device)
         per_chunk = max(1, self.settings.unfold_chunk_rows // max(out_hw, 1))
+        dt = self.settings.gram_dtype(a)
         for start in range(0, a.shape[0], per_chunk):
             P = F.unfold(a[start:start + per_chunk], m.kernel_size, m.dilation, _int_padding(m), m.stride)
-            P = P.transpose(1, 2).reshape(-1, P.shape[1]).to(torch.float64)
+            P = P.transpose(1, 2).reshape(-1, P.shape[1]).to(dt)
             if op.has_bias:
                 P = torch.cat([P, P.new_ones(P.shape[0], 1)], dim=1)
             G_c = G[start:start + per_chunk].permute(0, 2, 3, 1).reshape(-1, m.out_channels)
-            S += P.T @ P
-            R += P.T @ G_c.to(torch.float64)
+            # each chunk's products in the Gram dtype, the sum over chunks in float64
+            S += (P.T @ P).to(torch.float64)
+            R += (P.T @ G_c.to(dt)).to(torch.float64)
         return S, R
 
     def _exact_unfold(self, op: LinearOperator, G: Tensor) -> Direction:

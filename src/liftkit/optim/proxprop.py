@@ -122,7 +122,9 @@ class ProxProp(torch.optim.Optimizer):
     reach the loss only through its own forward calls, so set ``grad_rhs=False`` for weights tied elsewhere or
     gradients edited before ``step()``. ``explicit`` lists modules (or their qualified names) that keep the
     ordinary gradient; ``None`` means the last ``nn.Linear``. ``diagnostics`` / ``residuals`` fill
-    ``last_stats`` with each layer's cosine to the gradient / normal-equation residual. ``block_hook``
+    ``last_stats`` with each layer's cosine to the gradient / normal-equation residual. ``solve_dtype``
+    (``auto`` | ``float32`` | ``float64``): the dtype of the exact solver's Gram products (``auto``: the
+    model's); its factorisations are float64 either way. ``block_hook``
     (optional) brackets each layer's solve (``prox[name]``) and the base step (``optimizer_step``) for a
     profiler. ``comm`` (optional) returns the communicator of a data-parallel run (the ``proxprop`` method
     passes its own).
@@ -147,6 +149,7 @@ class ProxProp(torch.optim.Optimizer):
         diagnostics: bool = False,
         residuals: bool = False,
         grad_rhs: bool = True,
+        solve_dtype: str = "auto",
         block_hook: BlockHook | None = None,
         comm: Callable[[], Communicator] | None = None,
         **base_kwargs: Any,
@@ -155,7 +158,8 @@ class ProxProp(torch.optim.Optimizer):
             raise ValueError(f"ProxProp needs an nn.Module, got {type(model).__name__}")
         settings = ProxSettings(solver=solver, tau_theta=tau_theta, cg_iters=cg_iters, cg_tol=cg_tol,
                                 cg_eps=cg_eps, cg_stop=cg_stop, cg_variant=cg_variant, form=form,
-                                unfold_chunk_rows=unfold_chunk_rows, residuals=residuals, diagnostics=diagnostics)
+                                unfold_chunk_rows=unfold_chunk_rows, residuals=residuals, diagnostics=diagnostics,
+                                solve_dtype=solve_dtype)
         self.solver = ProxSolver(settings, comm)
         self.prox_layers: dict[str, nn.Linear | nn.Conv2d] = _select_prox_layers(model, explicit)
         self.base = _make_base(base, model, lr, base_kwargs)
@@ -202,27 +206,29 @@ class ProxProp(torch.optim.Optimizer):
             else:
                 del self._records[module]
 
-    def step(self, closure: Callable[[], Any] | None = None, *, signals: Iterable[Signal] | None = None) -> Any:
+    def step(self, closure: Callable[[], Any] | None = None, *, signals: Iterable[Signal] | None = None,
+             diagnostics: bool | None = None) -> Any:
         """Write θ_old − θ_prox into every proximal layer's ``.grad``, then step the base optimizer.
 
         ``closure`` (as in ``torch.optim``) recomputes the loss with autograd on and is called first.
         ``signals`` replaces what the hooks recorded by ``(name, module, a, G)`` tuples (the ``proxprop``
         method's chain path passes them to avoid forming the proximal layers' weight gradients where the
-        solver does not need them).
+        solver does not need them). ``diagnostics`` overrides the setting for this step.
         """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self.step_with_signals(self._recorded_signals() if signals is None else signals)
+        self.step_with_signals(self._recorded_signals() if signals is None else signals, diagnostics=diagnostics)
         return loss
 
-    def step_with_signals(self, signals: Iterable[Signal]) -> None:
+    def step_with_signals(self, signals: Iterable[Signal], *, diagnostics: bool | None = None) -> None:
         """The work of :meth:`step` for given ``(name, module, a, G)`` signals, without ``torch.optim``'s step
         wrapper (its profiler record and step hooks): the ``proxprop`` method's chain path calls it once per
-        step, and the base optimizer's own wrapped ``step()`` still runs."""
+        step, and the base optimizer's own wrapped ``step()`` still runs. ``diagnostics`` overrides the
+        setting for this step (the method computes the cosines only on some steps)."""
         with torch.no_grad():
-            self.write_prox_grads(signals)
+            self.write_prox_grads(signals, diagnostics=diagnostics)
             with self._block("optimizer_step"):
                 self.base.step()
         self._records.clear()
@@ -259,10 +265,12 @@ class ProxProp(torch.optim.Optimizer):
     def _block(self, name: str) -> AbstractContextManager[None]:
         return _NO_BLOCK if self.block_hook is None else self.block_hook(name)
 
-    def write_prox_grads(self, signals: Iterable[Signal]) -> None:
-        """Set ``.grad = θ_old − θ_prox`` on the layers of ``signals`` and record their :class:`LayerStats`."""
+    def write_prox_grads(self, signals: Iterable[Signal], *, diagnostics: bool | None = None) -> None:
+        """Set ``.grad = θ_old − θ_prox`` on the layers of ``signals`` and record their :class:`LayerStats`.
+        ``diagnostics=False`` lets the exact push-through solve skip its cosine this time (``nan``); the other
+        solvers' cosines are by-products, kept whenever the setting is on."""
         self.last_stats = {}
-        diagnostics = self.solver.settings.diagnostics
+        report = self.solver.settings.diagnostics  # a by-product cosine is kept whenever the setting is on
         for name, module, a, G in signals:
             if not all(p.requires_grad for p in module.parameters()):
                 continue  # frozen by the user: leave it to the base optimizer, which skips it
@@ -272,11 +280,11 @@ class ProxProp(torch.optim.Optimizer):
                                                                       is not None):
                 grad = (module.weight.grad, module.bias.grad if module.bias is not None else None)
             with self._block(f"prox[{name}]"):
-                d = self.solver.direction(module, a, G, grad)
+                d = self.solver.direction(module, a, G, grad, diagnostics=diagnostics)
             module.weight.grad = d.weight
             if module.bias is not None:
                 module.bias.grad = d.bias
-            self.last_stats[name] = LayerStats(d, diagnostics)
+            self.last_stats[name] = LayerStats(d, report)
 
 
 def _make_base(base: str | type, model: nn.Module, lr: float, kwargs: dict[str, Any]) -> torch.optim.Optimizer:
