@@ -115,6 +115,7 @@ DATABASE: tuple[MethodInfo, ...] = (
             _v(x_solver="fista_prox", pinv="svd", id="fista-prox-svd"),
             _v(x_init="persistent", id="persistent"),
             _v(mu=(5.0, 20.0), id="per-layer-mu"),
+            _v(monitor="full", monitor_every=1, id="full-monitor-every-step"),
         ),
         (
             _bad(f"mu {_POSITIVE}", mu=0.0),
@@ -126,6 +127,7 @@ DATABASE: tuple[MethodInfo, ...] = (
             _choice("x_sweep_order", "random"),
             _choice("pinv", "qr"),
             _choice("x_init", "zeros"),
+            _bad(f"monitor_every {_INT1}", monitor_every=0),
             _unknown("lpom"),
         ),
     ),

@@ -223,3 +223,26 @@ def test_layer_parallel_uses_only_the_public_interface_and_no_import_cycle():
     for module in ("lpom_kernels.py", "lpom_chain.py", "lpom_shards.py"):
         assert not any(name.startswith("liftkit.methods.lpom_") and name.endswith(("parallel", "layers"))
                        for name in _imports(METHODS_DIR / module)), module
+
+
+@pytest.mark.parametrize("name", ["lpom", "lpom-sync"])
+def test_energies_every_monitor_every_steps_leave_the_iterates_unchanged(name):
+    """The energies are pure diagnostics: computed every k-th step, the weights and the other diagnostics are
+    those of computing them every step."""
+    from liftkit.methods import get
+
+    widths = (6, 9, 4)
+    x, y = batch(widths)
+    sparse = get(name)(chain(widths, "relu"), monitor="full", monitor_every=3)
+    dense = get(name)(chain(widths, "relu"), monitor="full", monitor_every=1)
+    for step in range(7):
+        a, b = sparse.step(x, y), dense.step(x, y)
+        for p, q in zip(sparse.model.parameters(), dense.model.parameters()):
+            assert torch.equal(p, q)
+        assert a.loss == b.loss
+        energy_keys = {"energy_init", "energy", "energy_w"}
+        assert {k: v for k, v in a.info.items() if k not in energy_keys} == {
+            k: v for k, v in b.info.items() if k not in energy_keys
+        }
+        assert energy_keys <= set(b.info)
+        assert (energy_keys <= set(a.info)) == (step % 3 == 0) and (not energy_keys & set(a.info)) == (step % 3 != 0)

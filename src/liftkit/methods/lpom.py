@@ -70,7 +70,8 @@ Diagnostics (``StepStats.info``): ``energy_init`` (E at the forward initialisati
 X-phase), ``energy_w`` (after the W-phase, ``monitor='full'`` only), per-layer ``x_res_k`` (final inner relative
 change of block k's solver), ``x_iters_k``, ``w_norm_j`` (‖W_j‖₂, warm-started power iteration), ``rho_k``
 (Theorem 2, ``fixed_point`` only), ``sweeps``, ``x_iters_total``, ``w_iters``, and ``x_not_converged`` = 1 when a
-hidden solver ends above ``collapse_tol`` (a one-time warning names the fix).
+hidden solver ends above ``collapse_tol`` (a one-time warning names the fix). The energies are computed on every
+``monitor_every``-th step (the first included), the other diagnostics on every step.
 """
 
 from __future__ import annotations
@@ -156,6 +157,10 @@ class LPOMConfig(MethodConfig):
     collapse_tol: float = 1e-2
     #: 'basic': energy after the X-phase, residuals, norms; 'full': also the energy after the W-phase; 'off'
     monitor: str = "basic"
+    #: the energies (pure diagnostics) are computed every monitor_every-th step, the first included; the
+    #: residuals and ‖W‖₂ every step (the monitored ‖W‖₂ also advances the next step's power iteration). The
+    #: asynchronous variant's energies steer its γ and are computed every step
+    monitor_every: int = 10
     #: dtype of the W-step's Gram and Cholesky factor: 'float64', 'float32', or 'auto' (float64 on the CPU,
     #: float32 on CUDA)
     solve_dtype: str = "auto"
@@ -176,6 +181,7 @@ class LPOMConfig(MethodConfig):
         self._choice("solve_dtype", SOLVE_DTYPES)
         self._choice("onehot_off", ONEHOT_OFF)
         self._int_at_least("x_iters", 1)
+        self._int_at_least("monitor_every", 1)
         self._int_at_least("x_sweeps", 0)
         self._int_at_least("output_iters", 1)
         self._int_at_least("w_iters", 1)
@@ -329,6 +335,10 @@ class LPOM(Method):
                 self.state.power_vectors[j] = v
                 out[j] = sigma
         return out
+
+    def energies_due(self) -> bool:
+        """Whether this step computes the monitored energies (every ``monitor_every``-th, the first included)."""
+        return self.config.monitor != "off" and self.steps_taken % self.config.monitor_every == 0
 
     def monitored_w_norms(self, ws: Sequence[Tensor], layers: Sequence[int]) -> dict[int, float]:
         """‖W_j‖₂ of the given layers for the diagnostics (one more warm power iteration each)."""
@@ -622,7 +632,8 @@ class LPOM(Method):
             loss, data_init = self._forward_loss(out, y, d)
             self.check_finite_input(x0, loss)
             info: dict[str, float] = {}
-            if c.monitor != "off":
+            energies = self.energies_due()
+            if energies:
                 # At the forward initialisation every penalty vanishes (tested), so E = ℓ there.
                 if c.x_init == "persistent":
                     info["energy_init"] = lifted.energy(xs, pre, d)
@@ -633,7 +644,7 @@ class LPOM(Method):
                     ws, bs = lifted.weights(), lifted.biases()
                     pre = [lifted.preact(xs[j], ws[j], bs[j]) for j in range(lifted.L)]
                 self.x_phase(xs, pre, d, ws, bs, info, at_forward=p == 0 and c.x_init == "forward")
-                if c.monitor != "off":
+                if energies:
                     info["energy"] = lifted.energy(xs, pre, d)
                 self.commit(self.w_phase(xs, pre, ws, bs))
             self._finish(xs, d, idx, info)
@@ -644,7 +655,7 @@ class LPOM(Method):
         c = self.config
         lifted = self.lifted
         ws, bs = lifted.weights(), lifted.biases()
-        if c.monitor == "full":
+        if c.monitor == "full" and self.energies_due():
             pre = [lifted.preact(xs[j], ws[j], bs[j]) for j in range(lifted.L)]
             info["energy_w"] = lifted.energy(xs, pre, d)
         if c.monitor != "off":

@@ -80,6 +80,8 @@ class LayerParallelMethod(Protocol):
     def x_groups(self) -> list[list[int]]: ...
     def hidden_w_norms(self, ws: Sequence[Tensor], blocks: Sequence[int]) -> dict[int, float]: ...
     def monitored_w_norms(self, ws: Sequence[Tensor], layers: Sequence[int]) -> dict[int, float]: ...
+
+    def energies_due(self) -> bool: ...
     def power_vectors(self) -> list[Tensor | None]: ...
     def sweep_x(
         self, xs: list[Tensor], pre: list[Tensor], d: Tensor, ws: Sequence[Tensor], bs: Sequence[Tensor | None],
@@ -157,7 +159,8 @@ class LayerParallel:
             info: dict[str, float] = {}
             data_init = lifted.local_data_loss(xs[L], d) if last else 0.0
             loss, data_init = self.comm.sum_scalars(loss, data_init)
-            if c.monitor != "off":
+            energies = method.energies_due()  # the same step on every rank: the energy is a collective
+            if energies:
                 info["energy_init"] = data_init
             for p in range(c.outer_passes):
                 if p > 0:
@@ -165,7 +168,7 @@ class LayerParallel:
                     for j in self.layers:
                         pre[j] = lifted.preact(xs[j], ws[j], bs[j])
                 self._x_phase(method, xs, pre, d, ws, bs, info, at_forward=p == 0)
-                if c.monitor != "off":
+                if energies:
                     info["energy"] = self._energy(lifted, xs, pre, d)
                 method.commit_layers({j: method.solve_w_block(j, xs, pre, ws, bs) for j in self.layers})
             self._finish(method, xs, d, info)
@@ -231,7 +234,7 @@ class LayerParallel:
         c = method.config
         lifted = method.lifted
         ws, bs = lifted.weights(), lifted.biases()
-        if c.monitor == "full":
+        if c.monitor == "full" and method.energies_due():
             pre = [xs[0].new_zeros(0)] * self.L
             for j in self.layers:
                 pre[j] = lifted.preact(xs[j], ws[j], bs[j])
