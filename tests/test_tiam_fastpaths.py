@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
-from torch import nn
+from torch import Tensor, nn
 
+from liftkit.activations import get_activation
 from liftkit.methods.tiam import TIAM
+from liftkit.methods.tiam.ops import SweepMemo
+from liftkit.methods.tiam.sweep import Blocks
 from liftkit.models import mlp
 
 torch.use_deterministic_algorithms(True)
@@ -101,3 +106,64 @@ def test_only_a_shuffled_full_batch_is_reordered(case: str) -> None:
         perm = _perm(n, 0)
         meth.step(x[perm], y[perm], idx=perm)
     assert seen.count("dataset_order") == (1 if case == "shuffled" else 0)
+
+
+# -- values shared between blocks ---------------------------------------------------------------------------------
+
+
+def test_sweep_memo_returns_each_value_once_and_notices_writes() -> None:
+    act = get_activation("relu")
+    g = torch.Generator().manual_seed(2)
+    z, a = torch.randn(5, 3, generator=g), torch.randn(5, 3, generator=g)
+    memo = SweepMemo(size=2)
+    hz = memo.phi(act, z)
+    assert memo.phi(act, z) is hz and torch.equal(hz, torch.relu(z))
+    assert memo.sq_diff(a, hz) == float(torch.linalg.vector_norm(a - torch.relu(z))) ** 2
+    z.add_(1.0)  # a write bumps the version: recomputed
+    assert memo.phi(act, z) is not hz and torch.equal(memo.phi(act, z), torch.relu(z))
+    a.mul_(2.0)
+    assert memo.sq_diff(a, hz) == float(torch.linalg.vector_norm(a - hz)) ** 2
+    for _ in range(3):  # only the last `size` entries are kept
+        memo.phi(act, torch.randn(2, 2, generator=g))
+    assert memo.phi(act, z) is not memo.phi(act, torch.zeros(1)) and len(memo._phi) == 2
+
+
+@pytest.mark.parametrize("hp", [TUNED_LIKE, {**TUNED_LIKE, "output": "penalty"}], ids=["exact", "penalty"])
+def test_shared_values_give_the_steps_of_recomputing_them(hp: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The memo of h(z) and ‖u − w‖² (z, a blocks and objective) and the W_l safeguard's fit reused by the b_l
+    safeguard: the steps are bit for bit those that recompute every value, and the shared values are used."""
+    n = 90
+    x, y = _problem(n)
+    fast, reference = TIAM(_model(), **hp), TIAM(_model(), **hp)
+    hits = {"phi": 0, "sq": 0, "fit": 0}
+    phi, sq_diff, update_b = SweepMemo.phi, SweepMemo.sq_diff, Blocks.update_b
+
+    def counted(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(memo: SweepMemo, *args: Any) -> Any:
+            u, w = args[-2:]  # (act, z) or (u, w)
+            entries = memo._phi if name == "phi" else memo._sq
+            operands = [(e[0], e[1]) if name == "phi" else (e[0], e[2]) for e in entries]
+            hits[name] += any(e_u is u and e_w is w for e_u, e_w in operands)
+            return fn(memo, *args)
+
+        return wrapper
+
+    for k in range(5):
+        with monkeypatch.context() as mp:
+            mp.setattr(SweepMemo, "phi", counted("phi", phi))
+            mp.setattr(SweepMemo, "sq_diff", counted("sq", sq_diff))
+            s1 = fast.step(x, y, idx=torch.arange(n))
+        with monkeypatch.context() as mp:
+            mp.setattr(SweepMemo, "phi", lambda memo, act, z: act.phi(z))
+            mp.setattr(SweepMemo, "sq_diff", lambda memo, u, w: float(torch.linalg.vector_norm(u - w)) ** 2)
+
+            def fresh_fit(blocks: Blocks, *args: Any) -> Tensor:
+                hits["fit"] += blocks._fit is not None
+                blocks._fit = None
+                return update_b(blocks, *args)
+
+            mp.setattr(Blocks, "update_b", fresh_fit)
+            s2 = reference.step(x, y, idx=torch.arange(n))
+        assert s1.loss == s2.loss and s1.info == s2.info, k
+        _assert_same_method(fast, reference)
+    assert hits["phi"] > 0 and hits["sq"] > 0 and hits["fit"] > 0, hits
