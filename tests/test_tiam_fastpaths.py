@@ -10,11 +10,14 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as tF
 from torch import Tensor, nn
 
 from liftkit.activations import get_activation
 from liftkit.methods.tiam import TIAM
-from liftkit.methods.tiam.ops import SweepMemo
+from liftkit.methods.tiam.config import penalties_at
+from liftkit.methods.tiam.ops import Counters, SweepMemo, ce_sum
+from liftkit.methods.tiam.output import OutputFit, exact_b_step, exact_w_step
 from liftkit.methods.tiam.sweep import Blocks
 from liftkit.models import mlp
 
@@ -167,3 +170,27 @@ def test_shared_values_give_the_steps_of_recomputing_them(hp: dict, monkeypatch:
         assert s1.loss == s2.loss and s1.info == s2.info, k
         _assert_same_method(fast, reference)
     assert hits["phi"] > 0 and hits["sq"] > 0 and hits["fit"] > 0, hits
+
+
+@pytest.mark.parametrize("p", [(0.0, 0.0, 0.6), (0.3, 0.0, 0.6), (0.3, 0.3, 0.3)])
+def test_exact_output_safeguard_values_are_the_objective_at_both_points(p: tuple[float, float, float]) -> None:
+    """The exact output's W_L and b_L steps report the local objective at u^{k+1} and u^k (with p2 = 0 the latter is
+    the value at the gradient point, taken from there): each equals a direct evaluation bit for bit."""
+    g = torch.Generator().manual_seed(5)
+    a, W, b = (torch.randn(*shape, generator=g, dtype=torch.float64) for shape in ((40, 4), (3, 4), (3,)))
+    onehot = tF.one_hot(torch.arange(40) % 3, 3).to(torch.float64)
+    meth = TIAM(_model(), output="exact", mu=0.7)
+    meth.m_global = 40  # the batch size the b-step's metric divides by
+    env = Blocks(meth, penalties_at(meth.config, 0), Counters()).env
+    dW, db = 0.1 * torch.randn(3, 4, generator=g, dtype=torch.float64), torch.full((3,), 0.05, dtype=torch.float64)
+
+    def objective_w(u: Tensor) -> float:
+        return float(ce_sum(a @ u.T + b, onehot)) + 0.5 * 0.7 * float(torch.linalg.vector_norm(u)) ** 2
+
+    out, _ = exact_w_step(env, OutputFit(a, onehot, b), W, p, dW, None, 1e3)
+    assert out is not None
+    assert (out.f_new, out.f_old) == (objective_w(out.new), objective_w(W))
+    P = a @ W.T
+    out_b = exact_b_step(env, P, onehot, b, p, db, 0.5)
+    assert out_b is not None
+    assert (out_b.f_new, out_b.f_old) == (float(ce_sum(P + out_b.new, onehot)), float(ce_sum(P + b, onehot)))
