@@ -299,9 +299,10 @@ class TIAM(Method):
         if out is None or out.shape != x.shape or out.dtype != x.dtype or out.device != x.device:
             self._ordered_input = None  # free the old buffer before allocating the new one
             out = self._ordered_input = torch.empty_like(x)
-        out.index_copy_(0, idx, x)
-        ordered_y = torch.empty_like(y).index_copy_(0, idx, y)
-        ordered_onehot = torch.empty_like(onehot).index_copy_(0, idx, onehot)
+        # index_put_ without accumulation: deterministic also under torch.use_deterministic_algorithms on CUDA
+        out.index_put_((idx,), x)
+        ordered_y = torch.empty_like(y).index_put_((idx,), y)
+        ordered_onehot = torch.empty_like(onehot).index_put_((idx,), onehot)
         return out, ordered_onehot, ordered_y, torch.arange(x.shape[0], device=x.device)
 
     def _reused_first_product(self, key: tuple[Any, ...]) -> Tensor | None:
