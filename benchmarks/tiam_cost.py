@@ -3,8 +3,10 @@
 Builds the three methods with the settings of a bench config (default ``configs/tiam-mnist-full.json``), takes one
 warm-up step each (it initialises TIAM's auxiliary variables and the first layer's Gram), then times ``--rounds``
 rounds of one step of each in turn (interleaving keeps a shared machine's load changes out of the ratios) and
-prints the medians and the ratios to GD. The per-block table comes from a ``time.perf_counter`` block hook
-(exclusive time: a nested block's time is charged to it, not to its parent).
+prints the medians and the ratios to GD. ``--sampling shuffle`` (the default, as the trainer's full batch) hands
+every round the training set in a new permutation with its indices, ``ordered`` in dataset order; the gather of the
+permuted batch is not timed. The per-block table comes from a ``time.perf_counter`` block hook (exclusive time: a
+nested block's time is charged to it, not to its parent).
 
     PYTHONPATH=src python benchmarks/tiam_cost.py --rounds 4 --threads 1
 """
@@ -58,13 +60,23 @@ def main() -> None:
     ap.add_argument("--methods", default="tiam,am,sgd@gd", help="labels of the config (name@label)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--sampling", choices=("shuffle", "ordered"), default="shuffle")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     with open(args.config) as f:
         cfg = json.load(f)
     ds = load_dataset(cfg["dataset"])
-    x, y = ds.x_train, ds.y_train
-    idx = torch.arange(x.shape[0])
+    x_train, y_train = ds.x_train, ds.y_train
+    generator = torch.Generator().manual_seed(0)
+    batch: dict[str, torch.Tensor] = {}
+
+    def next_batch() -> None:
+        """The round's full batch: a new permutation (``shuffle``) or dataset order, with its indices."""
+        n = x_train.shape[0]
+        idx = torch.randperm(n, generator=generator) if args.sampling == "shuffle" else torch.arange(n)
+        batch.update(x=x_train[idx], y=y_train[idx], idx=idx)
+
+    next_batch()
     labels = args.methods.split(",")
     steps: dict[str, Callable[[], Any]] = {}
     timers: dict[str, BlockTimer] = {}
@@ -72,13 +84,15 @@ def main() -> None:
         name = label.split("@")[0]
         hp = {k.partition(".")[2]: v for k, v in cfg.get("set", {}).items() if k.partition(".")[0] == label}
         model = build_model(
-            cfg["model"], input_shape=x.shape[1:], num_classes=ds.num_classes, activation=cfg["activation"], seed=0
+            cfg["model"], input_shape=x_train.shape[1:], num_classes=ds.num_classes, activation=cfg["activation"],
+            seed=0,
         )
         method = get(name)(model, **hp)
         # full-batch TIAM/AM keep per-sample state and need the batch's indices
         needs_idx = name in ("tiam", "am")
 
         def one_step(m: Method = method, with_idx: bool = needs_idx) -> object:
+            x, y, idx = batch["x"], batch["y"], batch["idx"]
             return m.step(x, y, idx=idx) if with_idx else m.step(x, y)
 
         steps[label] = one_step
@@ -87,6 +101,7 @@ def main() -> None:
         method.set_block_hook(timers[label])
     times: dict[str, list[float]] = {label: [] for label in labels}
     for _ in range(args.rounds):
+        next_batch()
         for label in labels:
             t0 = time.perf_counter()
             steps[label]()

@@ -104,7 +104,7 @@ def a_gram_step(
         s_hat_local = 0.5 * rho * sq(residual)
         G = rho * (residual @ eig.WQ)
     (s_hat,) = env.sum_scalars(s_hat_local)
-    hz = blk.act.phi(blk.z_l)
+    hz = env.memo.phi(blk.act, blk.z_l)
     U_tilde = a_tilde @ eig.Q
     ex = _Expansion(eig, G, U_tilde if a_hat is a_tilde else a_hat @ eig.Q, s_hat_local, hz, rho, nu)
     nu_h_minus_g = (hz @ eig.Q).mul_(nu).sub_(G)
@@ -144,6 +144,7 @@ def _third_inertia(env: Env, blk: ABlock, ex: _Expansion, a: Tensor, a_plus: Ten
         U_old = ex.U_hat if at_hat else a @ ex.eig.Q
         s_new = ex.quadratic_s((1.0 + p[2]) * U - p[2] * U_old - ex.U_hat)  # (a^{k+1} − â)Q
         s_old = ex.s_hat if at_hat else ex.quadratic_s(U_old - ex.U_hat)
-    penalty_new, penalty_old = 0.5 * ex.nu * sq(a_new - ex.hz), 0.5 * ex.nu * sq(a - ex.hz)
+    # ‖a^k − h(z_l)‖² is the z_l block's, ‖a^{k+1} − h(z_l)‖² the sweep objective's (shared by the memo)
+    penalty_new, penalty_old = 0.5 * ex.nu * env.memo.sq_diff(a_new, ex.hz), 0.5 * ex.nu * env.memo.sq_diff(a, ex.hz)
     f_new, f_old = env.sum_scalars(s_new + penalty_new, s_old + penalty_old)
     return AuxStep(a_new, a_plus, f_new, f_old)

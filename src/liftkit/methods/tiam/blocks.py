@@ -240,7 +240,9 @@ def z_step(
         # an old point outside C_l(ε) (ε just shrank) has F = +inf: any feasible point is a descent
         f_old = 0.5 * rho * sq(z - v) if feasible(act, z, a, eps) else math.inf
     else:
-        f_new = 0.5 * rho * sq(z_new - v) + 0.5 * nu * sq(a - act.phi(z_new))
+        # the memo serves these to the a_l block and the sweep's objective, which need the same terms
+        memo = env.memo
+        f_new = 0.5 * rho * memo.sq_diff(z_new, v) + 0.5 * nu * memo.sq_diff(a, memo.phi(act, z_new))
         f_old = 0.5 * rho * sq(z - v) + 0.5 * nu * sq(a - act.phi(z))
         f_new, f_old = env.sum_scalars(f_new, f_old)
     return AuxStep(z_new, z_plus, f_new, f_old)

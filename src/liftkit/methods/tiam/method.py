@@ -59,6 +59,8 @@ class TIAM(Method):
         # full batch: (the input's fingerprint, W_1, x W_1ᵀ) as left by the last sweep's W_1 block, when that block
         # formed the product exactly; the next step's forward pass reuses it while x and W_1 are unchanged
         self._first_product: tuple[tuple[Any, ...], Tensor, Tensor] | None = None
+        # full batch: the buffer a shuffled full batch is copied into in dataset order (see _is_shuffled_full_batch)
+        self._ordered_input: Tensor | None = None
         self.chain: list[ChainLayer] = as_chain(
             model, method=self.name, allowed_activations=_SUPPORTED_ACTIVATIONS, require_bias=True
         )
@@ -198,6 +200,9 @@ class TIAM(Method):
         self._check_batch(x, y, idx)
         with torch.no_grad():
             x_flat, onehot = self._prepare(x, y)
+            if idx is not None and self._is_shuffled_full_batch(idx, int(x.shape[0])):
+                with self.block("dataset_order"):
+                    x_flat, onehot, y, idx = self._in_dataset_order(x_flat, onehot, y.to(self.device), idx)
             key = self._input_key(x_flat)
             with self.block("forward"):
                 # the declared loss at the start of the step, by the forward pass; x W_1ᵀ is reused by the W_1 block
@@ -265,6 +270,40 @@ class TIAM(Method):
         if not all(math.isfinite(t) for t in sums) and not bool(torch.isfinite(x).all()):
             raise ValueError(f"{self.name}: the input batch contains NaN or inf; clean the data")
         return (n, d, x.dtype, *sums)
+
+    # -- a shuffled full batch, swept in dataset order -----------------------------------------------------------
+    def _is_shuffled_full_batch(self, idx: Tensor, n: int) -> bool:
+        """Whether ``idx`` is a permutation of the dataset indices 0..n−1 other than the identity, in a single
+        process and a mode that sweeps it as the full batch (the trainer's full batch under ``sampling=shuffle``).
+
+        Such a batch is swept in dataset order: its sums only round differently in another order, and in dataset
+        order the stored auxiliary rows are swept in place (not gathered and scattered back) while the input,
+        hence x W_1ᵀ and the first layer's Gram with their bit-exact cache keys, stay the same from step to step."""
+        if self.comm.world_size > 1 or self.config.mode == "minibatch" or n == 0 or idx.numel() != n:
+            return False
+        if int(idx.min()) != 0 or int(idx.max()) != n - 1:
+            return False
+        idx = idx.long()
+        if torch.equal(idx, torch.arange(n, device=idx.device)):
+            return False
+        return bool(torch.zeros(n, dtype=torch.bool, device=idx.device).index_fill_(0, idx, True).all())
+
+    def _in_dataset_order(
+        self, x: Tensor, onehot: Tensor, y: Tensor, idx: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """A full batch given in the order ``idx`` (a permutation: row i is sample idx[i]) in dataset order: (x,
+        onehot, y, 0..N−1), each by one scatter out[idx[i]] = t[i]. The input's copy is written into the buffer of
+        the last step: a fresh allocation of its size would be mapped anew, page by page, in every step."""
+        idx = idx.to(device=x.device, dtype=torch.long)
+        out = self._ordered_input
+        if out is None or out.shape != x.shape or out.dtype != x.dtype or out.device != x.device:
+            self._ordered_input = None  # free the old buffer before allocating the new one
+            out = self._ordered_input = torch.empty_like(x)
+        # index_put_ without accumulation: deterministic also under torch.use_deterministic_algorithms on CUDA
+        out.index_put_((idx,), x)
+        ordered_y = torch.empty_like(y).index_put_((idx,), y)
+        ordered_onehot = torch.empty_like(onehot).index_put_((idx,), onehot)
+        return out, ordered_onehot, ordered_y, torch.arange(x.shape[0], device=x.device)
 
     def _reused_first_product(self, key: tuple[Any, ...]) -> Tensor | None:
         """x W_1ᵀ as the last sweep left it, when the input (``key``) and W_1 are unchanged; else None."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as tF
@@ -25,6 +25,7 @@ __all__ = [
     "AuxStep",
     "Counters",
     "Env",
+    "SweepMemo",
     "ce_sum",
     "dot",
     "feasible",
@@ -64,6 +65,37 @@ class AuxStep:
     f_old: float
 
 
+class SweepMemo:
+    """h(z) and ‖u − w‖² of one sweep's row tensors, each computed once however many blocks need it.
+
+    A sweep replaces its auxiliary rows but never writes into them, so a value is keyed by its operands' identity
+    and version counter (which an in-place write bumps); an entry holds its operands, so their ids cannot be reused.
+    Only the last few entries are kept (each holds N-row tensors)."""
+
+    def __init__(self, size: int = 8) -> None:
+        self.size = size
+        self._phi: list[tuple[Activation, Tensor, int, Tensor]] = []
+        self._sq: list[tuple[Tensor, int, Tensor, int, float]] = []
+
+    def phi(self, act: Activation, z: Tensor) -> Tensor:
+        """h(z) (the returned tensor is shared: never write into it)."""
+        for a, t, version, out in self._phi:
+            if a is act and t is z and version == z._version:
+                return out
+        out = act.phi(z)
+        self._phi = [*self._phi, (act, z, z._version, out)][-self.size :] if self.size else []
+        return out
+
+    def sq_diff(self, u: Tensor, w: Tensor) -> float:
+        """‖u − w‖² (this process's rows)."""
+        for t1, v1, t2, v2, value in self._sq:
+            if t1 is u and t2 is w and v1 == u._version and v2 == w._version:
+                return value
+        value = sq(u - w)
+        self._sq = [*self._sq, (u, u._version, w, w._version, value)][-self.size :] if self.size else []
+        return value
+
+
 @dataclass
 class Env:
     """What a block step reads besides its operands: ``config`` for the static switches (backtracking,
@@ -77,6 +109,7 @@ class Env:
     m_global: int
     cnt: Counters
     block: Callable[[str], AbstractContextManager[None]]
+    memo: SweepMemo = field(default_factory=SweepMemo)
 
     def sum_scalars(self, *values: float) -> tuple[float, ...]:
         """Sums of per-process scalars over all processes (the values themselves in one process)."""

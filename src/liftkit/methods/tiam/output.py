@@ -106,12 +106,16 @@ def exact_w_step(
             return w_metric.sq_norm(d, ad_sq)
 
         in_metric = (w_metric.precondition(G), sq_norm_m)
-    (s_hat,) = env.sum_scalars(objective(W_hat))
+    s_hat_local = objective(W_hat)
+    (s_hat,) = env.sum_scalars(s_hat_local)
     W_plus, theta = backtrack(env, W_tilde, W_hat, G, s_hat, objective, _identity_prox, theta, in_metric, True)
     if W_plus is None:
         return None, theta
     W_new = W_plus + p[2] * (W_plus - W)
-    f_new, f_old = env.sum_scalars(objective(W_new), objective(W)) if any(p) else (0.0, 0.0)
+    if not any(p):
+        return AuxStep(W_new, W_plus, 0.0, 0.0), theta
+    # with p2 = 0 the gradient point is W^k itself, whose objective is known
+    f_new, f_old = env.sum_scalars(objective(W_new), s_hat_local if p[1] == 0.0 else objective(W))
     return AuxStep(W_new, W_plus, f_new, f_old), theta
 
 
@@ -129,11 +133,15 @@ def exact_b_step(
     def objective(u: Tensor) -> float:
         return float(ce_sum(P + u, onehot))
 
-    (s_hat,) = env.sum_scalars(objective(b_hat))
+    s_hat_local = objective(b_hat)
+    (s_hat,) = env.sum_scalars(s_hat_local)
     metric = (G / half_n, lambda d: half_n * sq(d))
     b_plus, _ = backtrack(env, b_tilde, b_hat, G, s_hat, objective, _identity_prox, c.theta0, metric, True)
     if b_plus is None:
         return None
     b_new = b_plus + p[2] * (b_plus - b)
-    f_new, f_old = env.sum_scalars(objective(b_new), objective(b)) if any(p) else (0.0, 0.0)
+    if not any(p):
+        return AuxStep(b_new, b_plus, 0.0, 0.0)
+    # with p2 = 0 the gradient point is b^k itself, whose objective is known
+    f_new, f_old = env.sum_scalars(objective(b_new), s_hat_local if p[1] == 0.0 else objective(b))
     return AuxStep(b_new, b_plus, f_new, f_old)

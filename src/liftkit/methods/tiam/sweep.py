@@ -113,6 +113,8 @@ class Blocks:
         #: x W_1ᵀ at the final W_1 of the sweep when the W_1 block computed it as one product (else None)
         self.first_product: Tensor | None = None
         self._exact_product = False
+        #: (l, P, z, ‖z − P − b_l‖² summed over ranks) as the W_l safeguard left it, for the b_l safeguard
+        self._fit: tuple[int, Tensor, Tensor, float] | None = None
         self.config = host.config
         self.chain = host.chain
         self.state = host.state
@@ -187,6 +189,7 @@ class Blocks:
         result = self.w_block(l, a_in, z, P0, p, metric)
         if result is None and (p[0] or p[1]):
             result = self.w_block(l, a_in, z, P0, (0.0, 0.0, p[2]), metric)
+        self._fit = None
         if result is not None and c.safeguard and any(p):
             fit_old, fit_new = env.sum_scalars(sq(z - P0 - b), sq(z - result.product - b))
             old = 0.5 * rho * fit_old + 0.5 * c.mu * sq(W_old)
@@ -194,6 +197,8 @@ class Blocks:
             if risen(new, old, z.dtype):
                 env.cnt.safeguard_restarts += 1
                 result = self.w_block(l, a_in, z, P0, _ZERO, metric)
+            else:
+                self._fit = (l, result.product, z, fit_new)
         W_new, P_new, W_raw = (W_old, P0, W_old) if result is None else result
         if l == 0:  # P0 is always a product (x W_1ᵀ), so a kept W_1 keeps an exact product
             self.first_product = P_new if (result is None or self._exact_product) else None
@@ -214,7 +219,12 @@ class Blocks:
         b_old = _bias(layer).detach().clone()
         b_new, b_raw = self.b_step(l, P, z, p, b_old)
         if self.config.safeguard and any(p):
-            old, new = self.env.sum_scalars(sq(z - P - b_old), sq(z - P - b_new))
+            fit = self._fit
+            if fit is not None and fit[0] == l and fit[1] is P and fit[2] is z:
+                # the W_l safeguard's new fit ‖z − P − b‖² is the b-step's old one (the same tensors, b unchanged)
+                old, (new,) = fit[3], self.env.sum_scalars(sq(z - P - b_new))
+            else:
+                old, new = self.env.sum_scalars(sq(z - P - b_old), sq(z - P - b_new))
             if risen(new, old, z.dtype):
                 self.env.cnt.safeguard_restarts += 1
                 b_new, b_raw = self.b_step(l, P, z, _ZERO, b_old)
@@ -259,7 +269,9 @@ class Blocks:
         when the block's local objective rises), then advance its inertia anchors."""
         c = self.config
         anchor = hist.raw if (c.history == "raw" and hist.raw is not None) else u
-        delta = anchor - hist.prev
+        # Δ enters a step only as p1·Δ and p2·Δ: with p1 = p2 = 0 (also in its retry and safeguard) a zero scalar
+        # stands in for it, sparing a pass over the rows (u + 0·0 is u, as u + 0·Δ was)
+        delta = anchor - hist.prev if (p[0] or p[1]) else anchor.new_zeros(())
         out = step(u, p, delta)
         if out is None and (p[0] or p[1]):
             out = step(u, (0.0, 0.0, p[2]), delta)
@@ -418,11 +430,12 @@ def sweep_info(blocks: Blocks, sw: SweepData, v: list[Tensor]) -> dict[str, floa
     z, a = sw.rows.z, sw.rows.a
     n_samples = sw.x.shape[0]
     ce = float(ce_sum(z[-1], sw.onehot))
-    residuals = [sq(z_l - v_l) for z_l, v_l in zip(z, v)]
+    memo = blocks.env.memo  # the z_l and a_l blocks' safeguards have most of these terms already
+    residuals = [memo.sq_diff(z_l, v_l) for z_l, v_l in zip(z, v)]
     residual_linear = sum(residuals)
     penalty_linear = sum(blocks.rho_of(l) * r for l, r in enumerate(residuals))  # Σ_l ρ_l‖z_l − v_l‖²
     weights = sum(sq(layer.weight.detach()) for layer in blocks.chain)
-    residual_act = sum(sq(a[l] - blocks.acts[l].phi(z[l])) for l in range(len(a)))
+    residual_act = sum(memo.sq_diff(a[l], memo.phi(blocks.acts[l], z[l])) for l in range(len(a)))
     if comm.world_size > 1:
         ce, residual_linear, penalty_linear, residual_act, total = comm.sum_scalars(
             ce, residual_linear, penalty_linear, residual_act, float(n_samples)
