@@ -345,10 +345,10 @@ def box_fista(
         project_(x_new)
         s_new = 0.5 * (1.0 + math.sqrt(1.0 + 4.0 * s * s))
         dx = x_new - x
-        v = torch.add(x_new, dx, alpha=(s - 1.0) / s_new)
         dnorm, xnorm = step_change_norms(dx, x, sq_sum)
-        x, s = x_new, s_new
-        it += 1
+        x, it = x_new, it + 1
         if dnorm <= tol * xnorm:
-            break
+            break  # before the extrapolation, which a last iteration would only throw away
+        v = torch.add(x_new, dx, alpha=(s - 1.0) / s_new)
+        s = s_new
     return x, it
