@@ -188,10 +188,10 @@ def test_chunked_conv_data_gradient_matches_autograd(monkeypatch: pytest.MonkeyP
 
 
 def test_conv_w_blocks_take_the_same_steps_in_both_forms(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Unfolded and convolution-kernel pre-activations in a conv ``mm`` W-block give the same weights."""
+    """The unfolded (matrix) form and the convolution-kernel form of a conv ``mm`` W-block give the same weights."""
     solved = []
-    for widest in (0, 10**6):  # every conv block's U by the kernel, then every conv block's U unfolded
-        monkeypatch.setattr(fenchel_wblocks, "_UNFOLDED_MAX_COLUMNS", widest)
+    for widest in (0, 10**6):  # every conv block by kernels, then every conv block unfolded
+        monkeypatch.setattr(fenchel_wblocks, "_MATRIX_FORM_MAX_COLUMNS", widest)
         torch.manual_seed(0)
         meth = Fenchel(lenet5().to(DT), w_iters=4, w_tol=1e-14, rho_d=0.5, rho=0.2)
         x = torch.rand(3, 1, 28, 28, dtype=DT)

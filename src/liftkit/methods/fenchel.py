@@ -59,8 +59,8 @@ with its weights written once per step); the power iterations of the X-block ste
 step's vectors (``power_iters_warm``; kept in :meth:`Fenchel.extra_state`); ReLU / hardtanh X-blocks use a fused
 projected FISTA (:func:`liftkit.methods.fenchel_ops.box_fista`). ``solve_dtype`` (``auto``: the model's dtype) is
 the dtype of the ``mm`` factorisations; the products run in the model's dtype. A conv ``mm`` W-block keeps its
-patches transposed and forms ``GᵀP̄`` from them by a plain product each iteration (its ``U`` by unfolded products
-for narrow patches, by the convolution kernel for wide ones). The post-step objective terms,
+patches transposed; narrow ones iterate by plain products with them (``U = P̄θᵀ``, ``GᵀP̄``), wide ones by the
+convolution kernels. The post-step objective terms,
 which only feed the logs, are computed every ``monitor_every`` steps.
 
 Data parallelism (docs/methods/fenchel.md §7): the lifted X_l are per sample and stay on each process's shard; the

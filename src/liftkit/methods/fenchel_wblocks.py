@@ -88,29 +88,10 @@ def _conv_data_grad(act: Activation, P_cols: Tensor, target: Tensor, weight: flo
     return data_grad
 
 
-def _conv_kernel_data_grad(
-    op: LayerOperator, P: Tensor, act: Activation, P_cols: Tensor, target: Tensor, weight: float
-) -> Callable[[Tensor], Tensor]:
-    """θ ↦ ``weight·GᵀP̄`` as :func:`_conv_data_grad`, with the pre-activation from the convolution kernel on the
-    glued input P: for wide patches (LeNet-5's conv2, 151 columns) the direct convolution costs a fraction of
-    the unfolded product, while ``GᵀP̄`` (one product with P̄ᵀ, the ones row giving the bias gradient) stays
-    cheaper than the kernel's weight gradient plus a separate bias sum."""
-    shape_W = op.linear.weight.shape
-    out = shape_W[0]
-
-    def data_grad(theta: Tensor) -> Tensor:
-        U = op.linear_apply(P, theta[:, :-1].reshape(shape_W), theta[:, -1])
-        G_cols = act.grad_u(U, target).transpose(0, 1).reshape(out, -1)  # rows in the column order of P̄ᵀ
-        return torch.mm(G_cols, P_cols.T).mul_(weight)
-
-    return data_grad
-
-
 #: elements of P̄ᵀ per block of :func:`_conv_data_grad` (1M float32 = 4 MB, about one core's share of L3)
 _CHUNK_ELEMENTS = 1 << 20
-#: the widest P̄ (fan-in + 1 columns) whose conv W-block forms its pre-activations as unfolded products
-#: (:func:`_conv_data_grad`); wider ones use the convolution kernel (:func:`_conv_kernel_data_grad`)
-_UNFOLDED_MAX_COLUMNS = 64
+#: the widest P̄ (fan-in + 1 columns) whose conv W-block iterates in the unfolded form (see :meth:`_w_block_mm`)
+_MATRIX_FORM_MAX_COLUMNS = 64
 
 
 class FenchelWBlocks:
@@ -428,20 +409,17 @@ class FenchelWBlocks:
         out = lin.weight.shape[0]
         last = l == self.L
         P_bar, precondition = self._mm_metric(l, op, P, key)
-        # Conv blocks run on the unfolded (im2col) patches: ∇ = GᵀP̄ + 2ρ_d(θ − θ⁰) + 2ρ[W, 0], a plain matmul in
-        # place of the kernel's weight gradient; U = P̄θᵀ is an unfolded product too where P̄ is narrow (about 2x
-        # cheaper than conv2d for LeNet-5's conv1, one input channel, on the CPU), else the convolution kernel.
-        matrix_form = isinstance(lin, nn.Conv2d) and not last
+        # Conv blocks with few patch columns run in the unfolded (im2col) form: U = P̄θᵀ row by row,
+        # ∇ = GᵀP̄ + 2ρ_d(θ − θ⁰) + 2ρ[W, 0]; two plain matmuls replace a conv2d / conv2d_weight pair per iteration
+        # (about 2x cheaper for LeNet-5's conv1, one input channel, on the CPU). For wider patches (conv2: 151
+        # columns) the convolution kernels are the cheaper pair, and the patches only serve the metric.
+        matrix_form = isinstance(lin, nn.Conv2d) and not last and P_bar.shape[1] <= _MATRIX_FORM_MAX_COLUMNS
         shape_W = lin.weight.shape
 
         if matrix_form:
             assert target is not None
             P_cols = P_bar.T  # contiguous (:meth:`_mm_metric`)
-            act, weight = self._act(l), 2.0 * self.lambdas[l]
-            if P_cols.shape[0] <= _UNFOLDED_MAX_COLUMNS:
-                data_grad = _conv_data_grad(act, P_cols, target, weight)
-            else:
-                data_grad = _conv_kernel_data_grad(op, P, act, P_cols, target, weight)
+            data_grad = _conv_data_grad(self._act(l), P_cols, target, 2.0 * self.lambdas[l])
             theta0 = torch.cat([W0.reshape(out, -1), b0.reshape(out, 1)], dim=1)
             ridge_mask = torch.ones_like(theta0)
             ridge_mask[:, -1] = 0.0
