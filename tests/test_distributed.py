@@ -71,7 +71,8 @@ CASES: dict[str, tuple[str, dict[str, Any], int, int, str]] = {
     "fenchel": ("fenchel", {}, 200, 1, "64-16-16-10"),
     "fenchel-lbfgs-pgd": ("fenchel", {"w_solver": "lbfgs", "x_solver": "pgd", "monitor": "full"}, 300, 1, "64-16-10"),
     "fenchel-fista": ("fenchel", {"w_solver": "fista"}, 300, 1, "64-16-10"),
-    # conv blocks take the unfolded (im2col) W-step path, whose data-term gradient is all-reduced on its own
+    # conv1 takes the unfolded (im2col) W-step path, whose data-term gradient is all-reduced on its own; conv2 the
+    # convolution-kernel path
     "fenchel-lenet5": ("fenchel", {"x_iters": 3, "w_iters": 3}, 400, 1, "lenet5"),
     "lpom": ("lpom", {}, 100, 1, "64-16-16-10"),
     "lpom-batch-side-ce": ("lpom", {"loss": "ce", "mu": 20.0}, 40, 1, "64-128-10"),

@@ -1,5 +1,5 @@
-"""Fenchel's cost switches: the monitor cadence (``monitor_every``), the factorisation dtype of ``solve_dtype=auto``
-and the float32 Cholesky's float64 fallback; each against the path it shortcuts."""
+"""Fenchel's cost switches: the monitor cadence (``monitor_every``), the factorisation dtype of ``solve_dtype=auto``,
+the float32 Cholesky's float64 fallback and the conv W-blocks' fast paths; each against the path it shortcuts."""
 
 from __future__ import annotations
 
@@ -7,13 +7,17 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as tF
+from torch import nn
 
 import liftkit
+from liftkit.activations import get_activation
 from liftkit.data import load_dataset
-from liftkit.methods import get
+from liftkit.methods import fenchel_wblocks, get
 from liftkit.methods.fenchel import Fenchel
 from liftkit.methods.fenchel_mm import spd_cholesky, spd_inverse
-from liftkit.models import build_model, mlp
+from liftkit.methods.fenchel_ops import _patch_columns, _patch_matrix
+from liftkit.models import build_model, lenet5, mlp
 
 DT = torch.float64
 MONITORED = ("relaxed_objective", "loss_after", "penalty_l0", "penalty_l1")
@@ -136,3 +140,63 @@ def test_float32_cholesky_falls_back_to_float64_where_it_breaks_down() -> None:
     assert torch.allclose(inverse.double(), torch.linalg.inv(well_posed), atol=1e-5)
     with pytest.raises(torch.linalg.LinAlgError):
         spd_cholesky(-well_posed, torch.float64)
+
+
+# -- the conv W-blocks' fast paths ---------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "conv, shape",
+    [
+        (nn.Conv2d(1, 6, 5, padding=2), (3, 1, 12, 12)),
+        (nn.Conv2d(6, 4, 5), (2, 6, 9, 9)),
+        (nn.Conv2d(3, 4, 3, stride=2, padding=1), (3, 3, 9, 8)),
+        (nn.Conv2d(4, 4, 3, dilation=2), (2, 4, 9, 9)),
+    ],
+)
+def test_patch_columns_are_the_transposed_patch_matrix(conv: nn.Conv2d, shape: tuple[int, ...]) -> None:
+    conv = conv.to(DT)
+    P = torch.randn(*shape, dtype=DT)
+    cols = _patch_columns(conv, P)
+    assert cols.is_contiguous()
+    assert torch.equal(cols, _patch_matrix(conv, P, with_ones=True).T)
+    buffer = torch.full_like(cols, float("nan"))
+    assert _patch_columns(conv, P, out=buffer) is buffer and torch.equal(buffer, cols)
+    offset = torch.randn(shape[0] + 1, *shape[1:], dtype=DT)[1:]  # a view that does not start its storage
+    assert torch.equal(_patch_columns(conv, offset), _patch_matrix(conv, offset, with_ones=True).T)
+
+
+def test_patch_columns_need_ungrouped_convs() -> None:
+    with pytest.raises(ValueError, match="groups=1"):
+        _patch_columns(nn.Conv2d(4, 4, 3, groups=2), torch.randn(1, 4, 5, 5))
+
+
+@pytest.mark.parametrize("chunk_elements", [7 * 26, 1 << 20])
+def test_chunked_conv_data_gradient_matches_autograd(monkeypatch: pytest.MonkeyPatch, chunk_elements: int) -> None:
+    """weight·GᵀP̄ over column blocks of P̄ᵀ (ragged last block) is the autograd gradient of the penalty."""
+    monkeypatch.setattr(fenchel_wblocks, "_CHUNK_ELEMENTS", chunk_elements)
+    torch.manual_seed(0)
+    conv = nn.Conv2d(1, 3, 5, padding=2).to(DT)
+    act = get_activation("relu")
+    P = torch.randn(3, 1, 10, 10, dtype=DT)
+    target = torch.relu(torch.randn(3, 3, 10, 10, dtype=DT))
+    W = conv.weight.detach().clone().requires_grad_(True)
+    b = conv.bias.detach().clone().requires_grad_(True)
+    value = 1.7 * act.penalty(tF.conv2d(P, W, b, padding=2), target).sum()
+    gW, gb = torch.autograd.grad(value, (W, b))
+    data_grad = fenchel_wblocks._conv_data_grad(act, _patch_columns(conv, P), target, 1.7)
+    g = data_grad(torch.cat([W.detach().reshape(3, -1), b.detach()[:, None]], dim=1))
+    assert torch.allclose(g, torch.cat([gW.reshape(3, -1), gb[:, None]], dim=1), rtol=1e-12, atol=1e-12)
+
+
+def test_conv_w_blocks_take_the_same_steps_in_both_forms(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The unfolded (matrix) form and the convolution-kernel form of a conv ``mm`` W-block give the same weights."""
+    solved = []
+    for widest in (0, 10**6):  # every conv block by kernels, then every conv block unfolded
+        monkeypatch.setattr(fenchel_wblocks, "_MATRIX_FORM_MAX_COLUMNS", widest)
+        torch.manual_seed(0)
+        meth = Fenchel(lenet5().to(DT), w_iters=4, w_tol=1e-14, rho_d=0.5, rho=0.2)
+        x = torch.rand(3, 1, 28, 28, dtype=DT)
+        y = torch.randint(0, 10, (3,))
+        meth.step(x, y)
+        solved.append([meth.chain[l].linear.weight.detach().clone() for l in (0, 1)])
+    for a, b in zip(*solved):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)

@@ -278,6 +278,38 @@ def _patch_matrix(conv: nn.Conv2d, P: Tensor, with_ones: bool = False, out: Tens
     return out
 
 
+def _patch_columns(conv: nn.Conv2d, P: Tensor, out: Tensor | None = None) -> Tensor:
+    """P̄ᵀ for ``conv`` on P: the transpose of ``_patch_matrix(conv, P, with_ones=True)``, stored contiguously as
+    (C·kh·kw + 1) × (samples · output positions), the ones row last (groups=1).
+
+    Row (c, i, j) of P̄ᵀ is the input channel c shifted by kernel offset (i, j) and sampled at every output position,
+    so the copy reads and writes whole image rows at once; the row layout of :func:`_patch_matrix` copies runs of
+    only kw elements and cost several times more on the CPU for LeNet-5's shapes. Products with P̄ run as well from
+    this layout (BLAS takes either orientation), and a column slice of it is the P̄ of a block of rows.
+    ``out`` may pass a buffer of the right shape to fill (see :func:`_patch_matrix`).
+    """
+    if conv.groups != 1:
+        raise ValueError(f"the column patch layout needs groups=1, got groups={conv.groups}")
+    kh, kw = _pair(conv.kernel_size)
+    sh, sw = _pair(conv.stride)
+    ph, pw = _pair(conv.padding)
+    dh, dw = _pair(conv.dilation)
+    if ph or pw:
+        P = tF.pad(P, (pw, pw, ph, ph))
+    P = P.contiguous()
+    m, C, H, W = P.shape
+    Ho, Wo = (H - dh * (kh - 1) - 1) // sh + 1, (W - dw * (kw - 1) - 1) // sw + 1
+    fan_in = C * kh * kw
+    shape = (fan_in + 1, m * Ho * Wo)
+    if out is None or tuple(out.shape) != shape or out.dtype != P.dtype or out.device != P.device:
+        out = torch.empty(shape, dtype=P.dtype, device=P.device)
+    out[fan_in] = 1.0
+    # element (c, i, j, n, a, b) of the source is P[n, c, a·sh + i·dh, b·sw + j·dw]
+    src = P.as_strided((C, kh, kw, m, Ho, Wo), (H * W, dh * W, dw, C * H * W, sh * W, sw), P.storage_offset())
+    out[:fan_in].view(C, kh, kw, m, Ho, Wo).copy_(src)
+    return out
+
+
 def _gram64(A: Tensor, chunk: int = 16384) -> Tensor:
     """AᵀA in float64 for a tall A: row chunks multiplied in A's dtype, accumulated in float64 (no float64 copy)."""
     return gram(A, torch.float64, chunk=chunk)
@@ -313,10 +345,10 @@ def box_fista(
         project_(x_new)
         s_new = 0.5 * (1.0 + math.sqrt(1.0 + 4.0 * s * s))
         dx = x_new - x
-        v = torch.add(x_new, dx, alpha=(s - 1.0) / s_new)
         dnorm, xnorm = step_change_norms(dx, x, sq_sum)
-        x, s = x_new, s_new
-        it += 1
+        x, it = x_new, it + 1
         if dnorm <= tol * xnorm:
-            break
+            break  # before the extrapolation, which a last iteration would only throw away
+        v = torch.add(x_new, dx, alpha=(s - 1.0) / s_new)
+        s = s_new
     return x, it

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from liftkit.activations import Activation
 from liftkit.methods.fenchel_mm import KernelMM, gram, spd_cholesky
-from liftkit.methods.fenchel_ops import LayerOperator, _patch_matrix
+from liftkit.methods.fenchel_ops import LayerOperator, _patch_columns
 from liftkit.models import ChainLayer
 from liftkit.solvers import projected_fista, resolve_solve_dtype
 
@@ -62,6 +62,36 @@ def _h_inverse_map(H: Tensor, dtype: torch.dtype, work_dtype: torch.dtype, rhs: 
         return lambda g: torch.cholesky_solve(g.T.to(factor.dtype), factor).T.to(work_dtype)
     H_inv = torch.cholesky_inverse(factor).to(work_dtype)
     return lambda g: g @ H_inv
+
+
+def _conv_data_grad(act: Activation, P_cols: Tensor, target: Tensor, weight: float) -> Callable[[Tensor], Tensor]:
+    """θ ↦ ``weight·GᵀP̄``, the data-term gradient of a conv penalty block in the unfolded form, with
+    ``G = ∂B/∂U(P̄θᵀ, X_{l+1})`` (one row per sample and output position) and ``P_cols = P̄ᵀ``.
+
+    P̄ is walked in blocks of rows (column blocks of P̄ᵀ of a few MB): each block's pre-activation, residual and
+    gradient contribution are formed while the block is still in cache, so P̄ is read from memory once per
+    evaluation instead of twice and no full-size U or G is allocated. The sum is the same up to rounding.
+    """
+    out = target.shape[1]
+    T_cols = target.transpose(0, 1).reshape(out, -1)  # X_{l+1} in the column order of P̄ᵀ
+    rows = P_cols.shape[1]
+    chunk = max(1, _CHUNK_ELEMENTS // P_cols.shape[0])
+
+    def data_grad(theta: Tensor) -> Tensor:
+        g = theta.new_zeros(theta.shape)
+        for start in range(0, rows, chunk):
+            block = P_cols[:, start:start + chunk]
+            G = act.grad_u(theta @ block, T_cols[:, start:start + chunk])
+            g.addmm_(G, block.T, alpha=weight)
+        return g
+
+    return data_grad
+
+
+#: elements of P̄ᵀ per block of :func:`_conv_data_grad` (1M float32 = 4 MB, about one core's share of L3)
+_CHUNK_ELEMENTS = 1 << 20
+#: the widest P̄ (fan-in + 1 columns) whose conv W-block iterates in the unfolded form (see :meth:`_w_block_mm`)
+_MATRIX_FORM_MAX_COLUMNS = 64
 
 
 class FenchelWBlocks:
@@ -336,8 +366,10 @@ class FenchelWBlocks:
             return hit[1], hit[2]
         lin = op.linear
         if isinstance(lin, nn.Conv2d):
-            P_bar = _patch_matrix(lin, P, with_ones=True, out=self._patch_buffers.get(l))
-            self._patch_buffers[l] = P_bar  # scratch reused by the next step (not state)
+            # stored as P̄ᵀ (:func:`_patch_columns`: a cheaper copy), used through its transposed view
+            P_cols = _patch_columns(lin, P, out=self._patch_buffers.get(l))
+            self._patch_buffers[l] = P_cols  # scratch reused by the next step (not state)
+            P_bar = P_cols.T
         else:
             P2 = P.reshape(-1, P.shape[-1])
             P_bar = torch.cat([P2, torch.ones_like(P2[:, :1])], dim=1)
@@ -376,25 +408,24 @@ class FenchelWBlocks:
         assert lin.bias is not None
         out = lin.weight.shape[0]
         last = l == self.L
-        # Conv blocks run in the unfolded (im2col) form: U = P̄θᵀ row by row, ∇ = GᵀP̄ + 2ρ_d(θ − θ⁰) + 2ρ[W, 0];
-        # two plain matmuls replace a conv2d / conv2d_weight pair per iteration (about 2x cheaper for conv1 on the
-        # CPU).
-        matrix_form = isinstance(lin, nn.Conv2d) and not last
         P_bar, precondition = self._mm_metric(l, op, P, key)
+        # Conv blocks with few patch columns run in the unfolded (im2col) form: U = P̄θᵀ row by row,
+        # ∇ = GᵀP̄ + 2ρ_d(θ − θ⁰) + 2ρ[W, 0]; two plain matmuls replace a conv2d / conv2d_weight pair per iteration
+        # (about 2x cheaper for LeNet-5's conv1, one input channel, on the CPU). For wider patches (conv2: 151
+        # columns) the convolution kernels are the cheaper pair, and the patches only serve the metric.
+        matrix_form = isinstance(lin, nn.Conv2d) and not last and P_bar.shape[1] <= _MATRIX_FORM_MAX_COLUMNS
         shape_W = lin.weight.shape
 
         if matrix_form:
             assert target is not None
-            act = self._act(l)
-            T2 = target.permute(0, 2, 3, 1).reshape(-1, out)
-            weight = 2.0 * self.lambdas[l]
+            P_cols = P_bar.T  # contiguous (:meth:`_mm_metric`)
+            data_grad = _conv_data_grad(self._act(l), P_cols, target, 2.0 * self.lambdas[l])
             theta0 = torch.cat([W0.reshape(out, -1), b0.reshape(out, 1)], dim=1)
             ridge_mask = torch.ones_like(theta0)
             ridge_mask[:, -1] = 0.0
 
             def grad(theta: Tensor) -> Tensor:
-                G2 = weight * act.grad_u(P_bar @ theta.T, T2)
-                g = G2.T @ P_bar
+                g = data_grad(theta)
                 if self._reduce is not None:
                     # the data term is a sum over samples (docs/methods/fenchel.md §7), as in value_grad
                     self._reduce(g)
