@@ -151,6 +151,7 @@ def _cli(capsys, *argv):
         (["bench", "--methods", "adam", "--dataset", "digits", "--model", "64-10", "--set", "lr=1"], "METHOD.KEY"),
         (["bench", "--methods", "adam", "--dataset", "digits", "--model", "64-10", "--set", "sgd.lr=1"], "sgd"),
         (["bench", "--config", "/nonexistent.json"], "not found"),
+        (["bench", "--methods", "adam", "--dataset", "digits", "--model", "64-10", "--repeat", "0"], "repeat"),
     ],
 )
 def test_cli_usage_errors_are_one_line_exit_2(tmp_path, capsys, argv, needle):
@@ -233,6 +234,27 @@ def test_bench_writes_results_table_and_plots(tmp_path, capsys):
     table = (tmp_path / "results.md").read_text()
     assert "| adam@1e.2 |" in table and "s to 50%" in table
     assert (tmp_path / "accuracy.png").stat().st_size > 0 and (tmp_path / "loss.png").stat().st_size > 0
+
+
+def test_bench_repeat_reports_the_median_seconds_of_every_run(tmp_path, capsys):
+    code, _out, err = _cli(
+        capsys, "bench", "--methods", "adam,sgd", "--dataset", "digits", "--model", "64-16-10", "--epochs", "1",
+        "--repeat", "3", "--out", str(tmp_path),
+    )
+    assert code == 0, err
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["machine"]["repeat"] == 3
+    # each repetition is a fresh run in its own directory; the order rotates (sgd ran first in the second one)
+    assert err.index("runs/sgd.rep2") < err.index("runs/adam.rep2") < err.index("runs/adam.rep3") < err.index(
+        "runs/sgd.rep3")
+    for run in results["runs"]:
+        label = run["label"]
+        reps = [json.loads((tmp_path / "runs" / name / "summary.json").read_text())
+                for name in (label, f"{label}.rep2", f"{label}.rep3")]
+        assert run["seconds_per_epoch_repeats"] == [r["seconds_per_epoch"] for r in reps]
+        assert run["seconds_per_epoch"] == sorted(run["seconds_per_epoch_repeats"])[1]
+        # deterministic training: every repetition ends at the same accuracy, and the first one's is reported
+        assert {r["test_accuracy"] for r in reps} == {run["test_accuracy"]} and "repeat_accuracy_mismatch" not in run
 
 
 def test_bench_methods_narrow_a_config_and_drop_its_other_runs_settings(tmp_path, capsys):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -55,6 +56,8 @@ class BenchSpec(RunSettings):
     out: str = "bench-out"
     target_accuracy: float | None = None
     command: str | None = None  # the command line, kept in results.json's record for `liftkit report`
+    #: timed repetitions of every run (each from scratch, in a rotated order); seconds per epoch is their median
+    repeat: int = 1
 
 
 def _cpu_model() -> str:
@@ -103,6 +106,8 @@ def _validate(spec: BenchSpec) -> None:
         raise LiftkitError("a method label appears twice in --methods; use name@label to run a method twice")
     for label in spec.methods:
         get(_split_label(label))  # unknown method -> ValueError listing the valid names
+    if isinstance(spec.repeat, bool) or not isinstance(spec.repeat, int) or spec.repeat < 1:
+        raise LiftkitError(f"repeat must be an integer >= 1, got {spec.repeat!r}")
     for label in spec.settings:
         if label not in spec.methods:
             raise LiftkitError(
@@ -283,8 +288,58 @@ def _plot(results: dict[str, Any], out: Path) -> list[Path]:
     return written
 
 
+def _run_one(spec: BenchSpec, label: str, out: Path, rep: int, echo: bool) -> dict[str, Any]:
+    """One training run of ``label`` (repetition ``rep``, from 0) in its own process: its summary, or an error
+    record."""
+    name = label.replace("/", "_") + (f".rep{rep + 1}" if rep else "")
+    run_dir = out / "runs" / name
+    cmd = _train_command(spec, label, run_dir)
+    if echo:
+        print(f"[bench] {label}: {' '.join(cmd[2:])}", file=sys.stderr, flush=True)
+    proc = subprocess.run(cmd, check=False)
+    summary_path = run_dir / "summary.json"
+    if proc.returncode == 0 and summary_path.exists():
+        with open(summary_path, encoding="utf-8") as fh:
+            summary: dict[str, Any] = json.load(fh)
+        return summary
+    failed = run_dir / "failed.json"
+    message = f"exit code {proc.returncode}"
+    if failed.exists():
+        with open(failed, encoding="utf-8") as fh:
+            message = json.load(fh).get("error", message)
+    if proc.returncode == 2 and rep == 0 and label == spec.methods[0]:
+        # An input error (bad dataset, model or hyperparameter) would fail every run alike.
+        raise LiftkitError(message)
+    return {"label": label, "method": _split_label(label), "error": message}
+
+
+def _merge_repeats(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The first repetition's summary with the median seconds over the repetitions that finished."""
+    first = runs[0]
+    done = [r for r in runs if "error" not in r and r.get("seconds_per_epoch") is not None]
+    if "error" in first or len(runs) == 1:
+        return first
+    merged = dict(first)
+    per_epoch = [float(r["seconds_per_epoch"]) for r in done]
+    merged["seconds_per_epoch_repeats"] = per_epoch
+    merged["seconds_per_epoch"] = statistics.median(per_epoch)
+    merged["train_seconds"] = statistics.median(float(r["train_seconds"]) for r in done)
+    accuracies = [r.get("test_accuracy") for r in done]
+    if any(a != accuracies[0] for a in accuracies):
+        merged["repeat_accuracy_mismatch"] = accuracies
+    return merged
+
+
 def run_bench(spec: BenchSpec, *, echo: bool = True) -> dict[str, Any]:
-    """Run every method of ``spec`` in turn and write the results; returns ``results.json``'s content."""
+    """Run every method of ``spec`` in turn and write the results; returns ``results.json``'s content.
+
+    With ``spec.repeat = n > 1`` the whole set runs n times, each repetition from scratch into its own run
+    directory (``runs/LABEL``, then ``runs/LABEL.rep2``, ...) and in an order rotated by one, so that no method
+    always runs first; every run reports its first repetition's results with ``seconds_per_epoch`` (and
+    ``train_seconds``) replaced by the median over the repetitions, which are listed in
+    ``seconds_per_epoch_repeats``. A repetition whose final test accuracy differs from the first is reported in
+    ``repeat_accuracy_mismatch`` (training is deterministic on the CPU, so it should not).
+    """
     _validate(spec)
     out = Path(spec.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -294,27 +349,17 @@ def run_bench(spec: BenchSpec, *, echo: bool = True) -> dict[str, Any]:
         results["record"]["command"] = spec.command
     if spec.threads is not None:
         results["machine"]["torch_threads"] = spec.threads
-    for label in spec.methods:
-        run_dir = out / "runs" / label.replace("/", "_")
-        cmd = _train_command(spec, label, run_dir)
-        if echo:
-            print(f"[bench] {label}: {' '.join(cmd[2:])}", file=sys.stderr, flush=True)
-        proc = subprocess.run(cmd, check=False)
-        summary_path = run_dir / "summary.json"
-        if proc.returncode == 0 and summary_path.exists():
-            with open(summary_path, encoding="utf-8") as fh:
-                results["runs"].append(json.load(fh))
-        else:
-            failed = run_dir / "failed.json"
-            message = f"exit code {proc.returncode}"
-            if failed.exists():
-                with open(failed, encoding="utf-8") as fh:
-                    message = json.load(fh).get("error", message)
-            if proc.returncode == 2 and len(results["runs"]) == 0 and label == spec.methods[0]:
-                # An input error (bad dataset, model or hyperparameter) would fail every run alike.
-                raise LiftkitError(message)
-            results["runs"].append({"label": label, "method": _split_label(label), "error": message})
-        atomic_write_json(out / "results.json", results)
+    if spec.repeat > 1:
+        results["machine"]["repeat"] = spec.repeat
+    repeats: dict[str, list[dict[str, Any]]] = {}
+    for rep in range(spec.repeat):
+        shift = rep % len(spec.methods)
+        for label in spec.methods[shift:] + spec.methods[:shift]:
+            if rep > 0 and "error" in repeats[label][0]:
+                continue
+            repeats.setdefault(label, []).append(_run_one(spec, label, out, rep, echo))
+            results["runs"] = [_merge_repeats(repeats[lb]) for lb in spec.methods if lb in repeats]
+            atomic_write_json(out / "results.json", results)
     table = render_table(results, spec.target_accuracy)
     atomic_write_text(out / "results.md", table)
     plots = _plot(results, out)

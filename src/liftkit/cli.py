@@ -112,6 +112,8 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--config", help="JSON file with bench settings, or the name of a shipped config such as "
                        "demo (CLI options override it)")
     bench.add_argument("--target-accuracy", type=float, help="report seconds to reach this test accuracy")
+    bench.add_argument("--repeat", type=int, help="run the whole set N times (rotating the order) and report the "
+                       "median seconds per epoch of each run (default 1)")
     _common(bench, bench=True)
 
     report = sub.add_parser("report", help="write the results record (DIR.md) from the bench outputs under DIR")
@@ -266,7 +268,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from liftkit.bench import BenchSpec, render_table, run_bench
 
     config = _load_config(args.config) if args.config else {}
-    known = {"methods", "set", "target_accuracy", "out", "dataset", "model", "description", "log", *_DEFAULTS}
+    known = {"methods", "set", "target_accuracy", "repeat", "out", "dataset", "model", "description", "log",
+             *_DEFAULTS}
     unknown = sorted(set(config) - known)
     if unknown:
         raise LiftkitError(f"unknown key {unknown[0]!r} in {args.config}; valid keys: {', '.join(sorted(known))}")
@@ -313,6 +316,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         settings=settings,
         out=pick("out", "bench-out"),
         target_accuracy=pick("target_accuracy"),
+        repeat=pick("repeat", 1),
         command=_command_line(args.argv),
         log=_log_names(args, config),
         **{k: pick(k, v) for k, v in _DEFAULTS.items()},
