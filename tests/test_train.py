@@ -247,14 +247,15 @@ def test_bench_repeat_reports_the_median_seconds_of_every_run(tmp_path, capsys):
     # each repetition is a fresh run in its own directory; the order rotates (sgd ran first in the second one)
     assert err.index("runs/sgd.rep2") < err.index("runs/adam.rep2") < err.index("runs/adam.rep3") < err.index(
         "runs/sgd.rep3")
-    for run in results["runs"]:
-        label = run["label"]
+    for entry in results["runs"]:
+        label = entry["label"]
         reps = [json.loads((tmp_path / "runs" / name / "summary.json").read_text())
                 for name in (label, f"{label}.rep2", f"{label}.rep3")]
-        assert run["seconds_per_epoch_repeats"] == [r["seconds_per_epoch"] for r in reps]
-        assert run["seconds_per_epoch"] == sorted(run["seconds_per_epoch_repeats"])[1]
+        assert entry["seconds_per_epoch_repeats"] == [r["seconds_per_epoch"] for r in reps]
+        assert entry["seconds_per_epoch"] == sorted(entry["seconds_per_epoch_repeats"])[1]
         # deterministic training: every repetition ends at the same accuracy, and the first one's is reported
-        assert {r["test_accuracy"] for r in reps} == {run["test_accuracy"]} and "repeat_accuracy_mismatch" not in run
+        assert {r["test_accuracy"] for r in reps} == {entry["test_accuracy"]}
+        assert "repeat_accuracy_mismatch" not in entry
 
 
 def test_bench_methods_narrow_a_config_and_drop_its_other_runs_settings(tmp_path, capsys):
