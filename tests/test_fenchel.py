@@ -285,6 +285,22 @@ def test_unsupported_models_raise(model: nn.Module, message: str) -> None:
         Fenchel(model)
 
 
+def test_an_inf_input_that_the_forward_pass_hides_still_raises_and_leaves_the_weights() -> None:
+    # +inf on an input whose first-layer weights are all negative: every unit it feeds is ReLU(−inf) = 0, so
+    # the forward loss is finite and only the step's own blocks meet the inf
+    meth, x, y = _tiny()
+    with torch.no_grad():
+        meth.model[1].weight[:, 0] = -1.0
+    before = [p.detach().clone() for p in meth.model.parameters()]
+    x = x.clone()
+    x[3, 0] = math.inf
+    with torch.no_grad():
+        assert math.isfinite(float(tF.cross_entropy(meth.model(x), y)))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        meth.step(x, y)
+    assert all(torch.equal(p, q) for p, q in zip(meth.model.parameters(), before))
+
+
 def test_bad_inputs_raise() -> None:
     meth, x, y = _tiny()
     with pytest.raises(ValueError, match="NaN"):

@@ -565,11 +565,16 @@ class Fenchel(FenchelWBlocks, Method):
             raise ValueError(f"fenchel: x has {x.shape[0]} samples but y has {y.shape[0]}; pass matching batches")
         if y.dtype.is_floating_point or y.ndim != 1:
             raise ValueError("fenchel trains classifiers: y must be a 1-D tensor of integer class labels")
-        if not bool(torch.isfinite(x).all()):
-            raise ValueError("fenchel: the input batch contains NaN or inf; clean the data")
         n_classes = self.chain[-1].linear.weight.shape[0]
         if y.numel() and (int(y.min()) < 0 or int(y.max()) >= n_classes):
             raise ValueError(f"fenchel: labels must lie in [0, {n_classes}); got {int(y.min())}..{int(y.max())}")
+
+    @staticmethod
+    def _check_finite_input(x: Tensor) -> None:
+        # A scan of the whole batch, run only after something came out non-finite (the lifted loss, or the
+        # step's weights): a NaN input always reaches the loss, an inf one at the latest the first W-block.
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("fenchel: the input batch contains NaN or inf; clean the data")
 
     def step(self, x: Tensor, y: Tensor, *, idx: Tensor | None = None) -> StepStats:
         self._check_batch(x, y)
@@ -587,7 +592,14 @@ class Fenchel(FenchelWBlocks, Method):
                 with self.block("lift"):
                     xs = self.lift(x)
                     loss = float(tF.cross_entropy(self._preact(self.L, xs), y))
-                x_iters, w_iters, relaxed_after_x = self._sweeps(xs, y, anchors, monitored)
+                if not math.isfinite(loss):
+                    self._check_finite_input(x)
+                try:
+                    x_iters, w_iters, relaxed_after_x = self._sweeps(xs, y, anchors, monitored)
+                except (ArithmeticError, RuntimeError):  # a factorisation that met an inf input, among others
+                    if not bool(torch.isfinite(x).all()):
+                        self._restore(anchors, x)  # raises the input error
+                    raise
                 with self.block("monitor"):
                     if monitored:
                         terms = self._objective_terms(xs, y)
@@ -597,7 +609,7 @@ class Fenchel(FenchelWBlocks, Method):
         finally:
             self._cache = None
         if not finite:
-            self._restore(anchors)
+            self._restore(anchors, x)
         self.steps_taken += 1
         info: dict[str, float] = {}
         if terms is not None:
@@ -623,13 +635,14 @@ class Fenchel(FenchelWBlocks, Method):
             total += float(layer.linear.weight.detach().sum()) + float(layer.linear.bias.detach().sum())  # type: ignore[union-attr]
         return math.isfinite(total)
 
-    def _restore(self, anchors: Sequence[tuple[Tensor, Tensor]]) -> None:
-        """Put the batch-start weights back and raise: the relaxed problem diverged."""
+    def _restore(self, anchors: Sequence[tuple[Tensor, Tensor]], x: Tensor) -> None:
+        """Put the batch-start weights back and raise: the input was not finite, or the relaxed problem diverged."""
         with torch.no_grad():
             for l, (layer, (W0, b0)) in enumerate(zip(self.chain, anchors)):
                 layer.linear.weight.copy_(W0)
                 layer.linear.bias.copy_(b0)  # type: ignore[union-attr]
                 self._weights_changed(l)
+        self._check_finite_input(x)
         raise FloatingPointError(
             "fenchel: the relaxed problem produced non-finite values (weights restored to the batch start); "
             "increase rho_d or lower lbd_coef/lambdas"
