@@ -4,14 +4,14 @@ For before/after comparisons of a cost switch on a loaded machine (the switch's 
 ``--before KEY=VALUE``, e.g. ``--before solve_dtype=float64 --before monitor_every=1``): a change in load hits the
 three alike. A change inside ``liftkit/methods/fenchel_wblocks.py`` that no hyperparameter switches is compared with
 ``--before-wblocks FILE``: 'before' then takes its W-block methods from that file (another revision's, e.g.
-``git show main:src/liftkit/methods/fenchel_wblocks.py > /tmp/w.py``), everything else from this checkout.
+``git show main:src/liftkit/methods/fenchel_wblocks.py > main_wblocks.py``), everything else from this checkout.
 ``--check N`` runs N steps of both Fenchels instead and prints how far their weights and iteration counts drift
 apart. Usage::
 
     PYTHONPATH=src python benchmarks/fenchel_ab.py --model 784-300-10 --batch-size 500 --steps 20 \\
         --before solve_dtype=float64 --before monitor_every=1
     PYTHONPATH=src python benchmarks/fenchel_ab.py --model lenet5 --adam-lr 0.03 --threads 2 --steps 15 \\
-        --before-wblocks /tmp/w.py
+        --before-wblocks main_wblocks.py
 """
 
 from __future__ import annotations
