@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from liftkit.solvers import resolve_solve_dtype
+from liftkit.solvers import resolve_solve_dtype, solve_dtype_like
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "liftkit"
 
@@ -134,3 +134,12 @@ def test_solve_dtype_auto_is_float64_on_cpu_and_float32_on_cuda():
     assert resolve_solve_dtype("float64", "cuda") is torch.float64
     with pytest.raises(ValueError, match="solve_dtype must be one of float64, float32, auto"):
         resolve_solve_dtype("half", "cpu")
+
+
+def test_solve_dtype_like_follows_a_float32_or_float64_input_under_auto():
+    assert solve_dtype_like("auto", torch.zeros(2, dtype=torch.float32)) is torch.float32
+    assert solve_dtype_like("auto", torch.zeros(2, dtype=torch.float64)) is torch.float64
+    assert solve_dtype_like("auto", torch.zeros(2, dtype=torch.bfloat16)) is torch.float64  # as resolve_solve_dtype
+    assert solve_dtype_like("float64", torch.zeros(2, dtype=torch.float32)) is torch.float64
+    with pytest.raises(ValueError, match="solve_dtype must be one of"):
+        solve_dtype_like("half", torch.zeros(2))

@@ -33,6 +33,7 @@ __all__ = [
     "push_through_inverse",
     "resolve_solve_dtype",
     "ridge_solve",
+    "solve_dtype_like",
     "spd_ridge_solve",
     "spectral_norm",
     "spectral_norm_op",
@@ -525,3 +526,12 @@ def resolve_solve_dtype(choice: str, device: torch.device | str) -> torch.dtype:
     if choice == "auto":
         return torch.float32 if torch.device(device).type == "cuda" else torch.float64
     raise ValueError(f"solve_dtype must be one of {', '.join(SOLVE_DTYPES)}; got {choice!r}")
+
+
+def solve_dtype_like(choice: str, like: Tensor) -> torch.dtype:
+    """The dtype of an inner factorisation or Gram product for inputs like ``like``, for the methods whose
+    ``auto`` follows the model: ``auto`` takes a float32 or float64 input's own dtype; anything else (and
+    ``auto`` for other dtypes) resolves as :func:`resolve_solve_dtype`."""
+    if choice == "auto" and like.dtype in (torch.float32, torch.float64):
+        return like.dtype
+    return resolve_solve_dtype(choice, like.device)

@@ -22,7 +22,7 @@ from liftkit.activations import Activation
 from liftkit.methods.fenchel_mm import KernelMM, gram, spd_cholesky
 from liftkit.methods.fenchel_ops import LayerOperator, _patch_columns
 from liftkit.models import ChainLayer
-from liftkit.solvers import projected_fista, resolve_solve_dtype
+from liftkit.solvers import projected_fista, solve_dtype_like
 
 if TYPE_CHECKING:
     from liftkit.distributed import Communicator
@@ -132,9 +132,7 @@ class FenchelWBlocks:
         otherwise resolves as :func:`liftkit.solvers.resolve_solve_dtype`; ``float64`` / ``float32`` are taken as
         named.
         """
-        if self.config.solve_dtype == "auto" and P.dtype in (torch.float32, torch.float64):
-            return P.dtype
-        return resolve_solve_dtype(self.config.solve_dtype, P.device)
+        return solve_dtype_like(self.config.solve_dtype, P)
 
     def w_block_objective(
         self, l: int, xs: Sequence[Tensor], y: Tensor, W: Tensor, b: Tensor, W0: Tensor, b0: Tensor

@@ -49,7 +49,7 @@ from torch import Tensor, nn
 from torch.nn.grad import conv2d_weight
 
 from liftkit.distributed import Communicator, LocalComm
-from liftkit.solvers import SOLVE_DTYPES, block_cg, push_through_inverse, resolve_solve_dtype, spd_ridge_solve
+from liftkit.solvers import SOLVE_DTYPES, block_cg, push_through_inverse, solve_dtype_like, spd_ridge_solve
 
 __all__ = ["Direction", "ProxSettings", "ProxSolver", "check_prox_module", "resolve_optimizer"]
 
@@ -121,9 +121,7 @@ class ProxSettings:
     def gram_dtype(self, like: Tensor) -> torch.dtype:
         """The dtype the exact solver forms its Gram products in, for inputs like ``like``: ``auto`` takes a
         float32 / float64 input's own dtype, else :func:`liftkit.solvers.resolve_solve_dtype` decides."""
-        if self.solve_dtype == "auto" and like.dtype in (torch.float32, torch.float64):
-            return like.dtype
-        return resolve_solve_dtype(self.solve_dtype, like.device)
+        return solve_dtype_like(self.solve_dtype, like)
 
     @property
     def iterations(self) -> int:
